@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .ffn import adapter_for
+from .hooks import Hooks
 
 TINY_FAMILIES = ("llama", "qwen2", "gemma3", "bloom", "gpt2")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -107,7 +108,20 @@ def _load(spec: str, dtype: torch.dtype):
     model.eval()
     model.requires_grad_(False)
     adapter_for(model)  # fail early on an unsupported FFN family
+    contiguous_head_input(model)
     return model, tokenizer
+
+
+def contiguous_head_input(model: nn.Module) -> None:
+    """Make the output projection's input contiguous, for the lifetime of ``model``.
+
+    With ``logits_to_keep`` the LM head gets a strided slice of the hidden states; on CPU, a
+    3-D strided input turns ``F.linear`` into a batched matmul over a copy of the weight per row
+    (16 s instead of 0.1 s for Gemma's 262k x 640 head at 32 rows in bf16, 4x slower in fp32).
+    """
+    head = model.get_output_embeddings()
+    if head is not None:
+        Hooks().on_input(head, lambda x: None if x.is_contiguous() else x.contiguous())
 
 
 @lru_cache(maxsize=4)
