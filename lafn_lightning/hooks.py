@@ -30,7 +30,8 @@ class Hooks(AbstractContextManager):
     """Register forward hooks for the duration of a ``with`` block.
 
     ``on_output(module, fn)``: ``fn(output) -> new output or None`` (None keeps the output).
-    ``on_input(module, fn)``: ``fn(first_positional_input) -> new input or None``.
+    ``on_input(module, fn)``: ``fn(first input) -> new input or None`` (the first positional
+    argument, else ``hidden_states=`` or the first keyword argument).
     """
 
     def __init__(self) -> None:
@@ -44,11 +45,15 @@ class Hooks(AbstractContextManager):
         return self
 
     def on_input(self, module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor | None]) -> "Hooks":
-        def hook(_mod, args):
-            new = fn(args[0])
-            return None if new is None else (new, *args[1:])
+        def hook(_mod, args, kwargs):
+            if args:
+                new = fn(args[0])
+                return None if new is None else ((new, *args[1:]), kwargs)
+            name = "hidden_states" if "hidden_states" in kwargs else next(iter(kwargs))  # called by keyword
+            new = fn(kwargs[name])
+            return None if new is None else (args, {**kwargs, name: new})
 
-        self._handles.append(module.register_forward_pre_hook(hook))
+        self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
         return self
 
     def remove(self) -> None:

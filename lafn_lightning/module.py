@@ -16,6 +16,7 @@ that reached it and leaves the batch; the fit ends when every group has stopped 
 from __future__ import annotations
 
 import inspect
+from contextlib import ExitStack
 
 import lightning as L
 import torch
@@ -25,6 +26,7 @@ from torch import nn
 from .backbones import load_backbone
 from .ffn import SITES, adapter_for
 from .injection import delta_hooks
+from .lower_layers import LowerLayers
 
 
 class LafnEditModule(L.LightningModule):
@@ -38,6 +40,9 @@ class LafnEditModule(L.LightningModule):
         lambda_target, lambda_kl: loss weights (paper 1 and 0.0625).
         stop_loss: a group stops once its L_target is below this (mean token NLL; 0.05 ~ p(token) 0.95).
         site: where ΔV is added: ``value`` (input of the down-projection) or ``activation``.
+        cache_lower_layers: compute the hidden states below the first edited layer once (they do
+            not depend on ΔV) and run only the upper layers at every step. Same loss as the full
+            forward; costs rows x sequence x d_model activations of memory.
     """
 
     def __init__(
@@ -50,6 +55,7 @@ class LafnEditModule(L.LightningModule):
         lambda_kl: float = 0.0625,
         stop_loss: float = 0.05,
         site: str = "value",
+        cache_lower_layers: bool = True,
     ) -> None:
         super().__init__()
         if site not in SITES:
@@ -62,6 +68,9 @@ class LafnEditModule(L.LightningModule):
         self._takes_position_ids = "position_ids" in inspect.signature(model.forward).parameters
         self.layers = [int(i) for i in layers]
         self.delta_v: nn.Parameter | None = None
+        first = min(self.layers)
+        self.lower = LowerLayers(model, self.adapter, first) if cache_lower_layers and first > 0 else None
+        self._lower_states: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # ---- state -------------------------------------------------------------------------------
     def allocate(self, n_groups: int) -> None:
@@ -100,6 +109,11 @@ class LafnEditModule(L.LightningModule):
         with torch.no_grad():
             logits = self._run(b["kl_input_ids"].to(self.device), b["kl_attention_mask"].to(self.device), keep=1)
         self.kl_reference = logits[:, -1].float().log_softmax(-1)  # log P_orig at each anchor's last position
+        self._lower_states = {}
+        if self.lower is not None:
+            for key in ("", "kl_"):
+                ids, att = b[f"{key}input_ids"].to(self.device), b[f"{key}attention_mask"].to(self.device)
+                self._lower_states[key] = (ids, self.lower.capture(lambda: self._run(ids, att, keep=1)))
 
     def configure_optimizers(self):
         return torch.optim.Adam([self.delta_v], lr=self.hparams.lr)
@@ -115,11 +129,29 @@ class LafnEditModule(L.LightningModule):
             kwargs["position_ids"] = (att.cumsum(-1) - 1).clamp(min=0)
         return self.backbone(input_ids=ids, attention_mask=att, **kwargs).logits
 
-    def _forward(self, ids, att, groups, positions, keep: int):
+    def _forward(self, ids, att, groups, positions, keep: int, lower: torch.Tensor | None = None,
+                 head_at: torch.Tensor | None = None):
+        """Logits with ΔV of ``groups`` at ``positions``; from cached lower-layer states if given;
+        ``head_at`` ([rows, keep] bool): project only those positions (logits [n, vocab])."""
         values = self.effective_delta()[groups]
         rows = torch.arange(len(groups), device=ids.device)
-        with delta_hooks(self.backbone, self.adapter, self.layers, self.hparams.site, rows, positions, values):
+        with ExitStack() as stack:
+            hooks = stack.enter_context(delta_hooks(self.backbone, self.adapter, self.layers, self.hparams.site,
+                                                    rows, positions, values))
+            if head_at is not None:
+                hooks.on_input(self.backbone.get_output_embeddings(), lambda x: x[head_at])
+            if lower is not None:
+                stack.enter_context(self.lower.skipping(lower))
             return self._run(ids, att, keep)
+
+    def _cached_lower(self, key: str, ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor | None:
+        """Captured lower-layer states of ``ids[rows]`` if ``ids`` is the batch they were captured for."""
+        if key not in self._lower_states:
+            return None
+        cached_ids, states = self._lower_states[key]
+        if cached_ids.shape != ids.shape or not torch.equal(cached_ids, ids.to(cached_ids.device)):
+            return None
+        return states[rows]
 
     def losses(self, batch: dict, active: torch.Tensor | None = None) -> dict:
         """Per-group L_target and L_kl (and per-row answer log-probabilities) for the active groups."""
@@ -128,23 +160,26 @@ class LafnEditModule(L.LightningModule):
         rows = active[batch["group"]].nonzero().squeeze(1)
         ids, att, tmask = batch["input_ids"][rows], batch["attention_mask"][rows], batch["target_mask"][rows]
         groups = batch["group"][rows]
-        # Rows are left-padded: every answer ends at the last position, so only the last
-        # `keep` positions need logits (the vocabulary projection dominates small models).
+        # Rows are left-padded: every answer ends at the last position, so only the last `keep`
+        # positions can predict answer tokens, and the vocabulary projection (which dominates
+        # small models) runs only at the positions that do (`answer_at`).
         width = ids.shape[1]
         first = int(tmask.any(0).nonzero().min()) if tmask.any() else width - 1
-        keep = width - first
-        logits = self._forward(ids, att, groups, batch["subject_pos"][rows], keep)
-        logp = logits[:, :-1].float().log_softmax(-1)
-        gold = ids[:, first + 1:]
-        tmask = tmask[:, first:-1]
-        tok_lp = logp.gather(-1, gold.unsqueeze(-1)).squeeze(-1) * tmask
-        n_tok = tmask.sum(1).clamp(min=1)
-        row_nll = -tok_lp.sum(1) / n_tok                      # mean token NLL of the answer
-        row_logprob = tok_lp.sum(1)                           # log P(answer | prompt)
+        answer_at = tmask[:, first:]                          # [rows, keep]: logits at t predict token t + 1
+        logits = self._forward(ids, att, groups, batch["subject_pos"][rows], width - first,
+                               self._cached_lower("", batch["input_ids"], rows), head_at=answer_at)
+        row_of, t = answer_at.nonzero(as_tuple=True)
+        gold = ids[row_of, first + t + 1]
+        tok_nll = F.cross_entropy(logits.float(), gold, reduction="none")      # one per answer token
+        zeros = torch.zeros(len(rows), device=ids.device)
+        n_tok = zeros.index_add(0, row_of, torch.ones_like(tok_nll)).clamp(min=1)
+        row_logprob = -zeros.index_add(0, row_of, tok_nll)    # log P(answer | prompt)
+        row_nll = -row_logprob / n_tok                        # mean token NLL of the answer
 
         a_rows = active[batch["kl_group"]].nonzero().squeeze(1)
         a_logits = self._forward(batch["kl_input_ids"][a_rows], batch["kl_attention_mask"][a_rows],
-                                 batch["kl_group"][a_rows], batch["kl_subject_pos"][a_rows], keep=1)
+                                 batch["kl_group"][a_rows], batch["kl_subject_pos"][a_rows], keep=1,
+                                 lower=self._cached_lower("kl_", batch["kl_input_ids"], a_rows))
         edited = a_logits[:, -1].float().log_softmax(-1)
         ref = self.kl_reference[a_rows]
         kl = F.kl_div(edited, ref, log_target=True, reduction="none").sum(-1)
