@@ -185,10 +185,15 @@ class EditedModel(nn.Module):
         self._deltas: OrderedDict[str, torch.Tensor] = OrderedDict()
 
     @classmethod
-    def from_cache(cls, cache_dir: str | Path, backbone: str = "demo", dtype: str = "float32", **kwargs) -> "EditedModel":
-        """Load the backbone (shared per process) and wrap it with the cache in ``cache_dir``."""
-        model, tokenizer = load_backbone(backbone, dtype)
-        return cls(model, tokenizer, cache_dir, **kwargs)
+    def from_cache(cls, cache_dir: str | Path, backbone: str = "demo", dtype: str | None = None, **kwargs) -> "EditedModel":
+        """Load the backbone (shared per process) and wrap it with the cache in ``cache_dir``.
+
+        ``dtype``: the backbone's dtype; default: the one the cache's edits were trained with (a
+        cache trained in bf16 needs the bf16 backbone: the fingerprint includes the dtype).
+        """
+        cache = EditCache.open(cache_dir)
+        model, tokenizer = load_backbone(backbone, dtype or cache.fingerprint.get("dtype", "float32"))
+        return cls(model, tokenizer, cache, **kwargs)
 
     # ---- HF-like surface ------------------------------------------------------------------------
     @property

@@ -75,3 +75,13 @@ def test_fingerprint_mismatch_is_refused(cache_dir):
     other = tiny_model("llama", seed=1)
     with pytest.raises(FingerprintMismatch, match="layers_hash"):
         EditedModel(other, tiny_tokenizer(), cache_dir)
+
+
+def test_from_cache_loads_the_backbone_in_the_dtype_the_edits_were_trained_in(tmp_path):
+    fit(tmp_path, "--data.groups", "0:1", "--trainer.max_steps", "2", "--model.dtype", "bfloat16")
+    em = EditedModel.from_cache(tmp_path / "cache", backbone="tiny-llama")
+    assert next(em.model.parameters()).dtype == torch.bfloat16
+    enc = em.tokenizer([QUERY], return_tensors="pt")
+    assert em.find_sites(enc.input_ids, enc.attention_mask)          # the edit applies
+    with pytest.raises(FingerprintMismatch, match="dtype"):
+        EditedModel.from_cache(tmp_path / "cache", backbone="tiny-llama", dtype="float32")
