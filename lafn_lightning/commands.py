@@ -39,6 +39,15 @@ def edit_dataset(argv: list[str]) -> None:
     print(f"[lafn] {len(groups)} groups selected, {len(groups) - len(todo)} already in {cache_dir}, "
           f"{len(todo)} to edit in batches of {own.edit_batch_size}", file=sys.stderr)
     batches = [todo[i:i + own.edit_batch_size] for i in range(0, len(todo), own.edit_batch_size)]
+    world = probe.trainer.num_devices * probe.trainer.num_nodes
+    if own.edit_batch_size < world:
+        raise ValueError(f"--edit_batch_size {own.edit_batch_size} is below the {world} devices: every device "
+                         "trains groups of each edit batch")
+    if batches and len(batches[-1]) < world:  # every device needs a group of each edit batch
+        if len(batches) == 1:
+            raise ValueError(f"{len(todo)} group(s) to edit cannot be split over {world} devices: "
+                             "select more data.groups or lower trainer.devices")
+        batches[-2:] = [batches[-2] + batches[-1]]
     for batch in tqdm(batches, desc="edit batches", unit="batch"):
         make_cli(["fit", *rest, "--data.groups", json.dumps(batch)])
 
