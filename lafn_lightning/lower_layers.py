@@ -38,8 +38,9 @@ class LowerLayers:
         self.model, self.adapter, self.first = model, adapter, first
         self._as_tuple: bool | None = None
 
-    def capture(self, run: Callable[[], object]) -> torch.Tensor:
-        """Call ``run()`` (a full forward) and return the hidden states entering layer ``first``."""
+    def capture(self, run: Callable[[], object]) -> tuple[torch.Tensor, object]:
+        """Call ``run()`` (a full forward); return the hidden states entering layer ``first`` and
+        what ``run()`` returned."""
         seen: dict[str, torch.Tensor] = {}
 
         def grab(x):
@@ -51,8 +52,8 @@ class LowerLayers:
         with torch.no_grad(), Hooks() as hooks:
             hooks.on_input(self.adapter.layer_module(self.model, self.first), grab)
             hooks.on_output(self.adapter.layer_module(self.model, self.first - 1), kind)
-            run()
-        return seen["h"]
+            out = run()
+        return seen["h"], out
 
     @contextmanager
     def skipping(self, hidden: torch.Tensor) -> Iterator[None]:

@@ -106,14 +106,22 @@ class LafnEditModule(L.LightningModule):
         mine[self.trainer.datamodule.mine] = True
         self.stopped |= ~mine  # groups of other processes are never trained here
         b = self.trainer.datamodule.batch
-        with torch.no_grad():
-            logits = self._run(b["kl_input_ids"].to(self.device), b["kl_attention_mask"].to(self.device), keep=1)
-        self.kl_reference = logits[:, -1].float().log_softmax(-1)  # log P_orig at each anchor's last position
+
+        def unedited(key: str) -> torch.Tensor:
+            """One unedited forward of the ``key`` rows; keeps their lower-layer states if cached."""
+            ids, att = b[f"{key}input_ids"].to(self.device), b[f"{key}attention_mask"].to(self.device)
+            if self.lower is None:
+                return self._run(ids, att, keep=1)
+            states, logits = self.lower.capture(lambda: self._run(ids, att, keep=1))
+            self._lower_states[key] = (ids, states)
+            return logits
+
         self._lower_states = {}
-        if self.lower is not None:
-            for key in ("", "kl_"):
-                ids, att = b[f"{key}input_ids"].to(self.device), b[f"{key}attention_mask"].to(self.device)
-                self._lower_states[key] = (ids, self.lower.capture(lambda: self._run(ids, att, keep=1)))
+        with torch.no_grad():
+            if self.lower is not None:
+                unedited("")                                   # answer rows: only their states are kept
+            logits = unedited("kl_")
+        self.kl_reference = logits[:, -1].float().log_softmax(-1)  # log P_orig at each anchor's last position
 
     def configure_optimizers(self):
         return torch.optim.Adam([self.delta_v], lr=self.hparams.lr)
