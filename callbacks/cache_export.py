@@ -4,8 +4,9 @@ from __future__ import annotations
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
-from lafn_lightning.backbones import fingerprint
-from lafn_lightning.cache import CacheEntry, write_shard
+from lafn_lightning.backbone.fingerprint import fingerprint
+from lafn_lightning.cache import CacheEntry, check_target, write_shard
+from lafn_lightning.editing.record import edit_record
 
 
 class CacheExport(L.Callback):
@@ -27,16 +28,13 @@ class CacheExport(L.Callback):
 
     def entries(self, trainer: L.Trainer, pl_module) -> list[CacheEntry]:
         dm = trainer.datamodule
-        locator = next((cb for cb in trainer.callbacks if type(cb).__name__ == "NeuronLocator"), None)
-        settings = {"site": pl_module.hparams.site, "lr": pl_module.hparams.lr,
-                    "lambda_kl": pl_module.hparams.lambda_kl, "languages": list(dm.languages),
-                    "beta": getattr(locator, "beta", None), "strategy": getattr(locator, "strategy", None),
-                    "paraphrases": dm.hparams.paraphrases}
         delta = pl_module.final_delta().float().cpu()
         mask = pl_module.mask.cpu()
         out = []
         for k in dm.mine:  # each process exports its own shard; the cache's lock merges them
             group = dm.groups[k]
+            if int(pl_module.steps[k]) == 0:  # never trained: nothing to export (edit-dataset will redo it)
+                continue
             meta = {
                 "index": group.index,
                 "steps": int(pl_module.steps[k]),
@@ -44,11 +42,25 @@ class CacheExport(L.Callback):
                 "converged": bool(pl_module.stopped[k]),
                 "located": [int(n) for n in mask[k].sum(-1)],
                 "dataset": str(dm.dataset),
-                "settings": settings,
             }
             out.append(CacheEntry(group_id=group.group_id, subjects={l: e.subject for l, e in group.edits.items()},
                                   layers=tuple(pl_module.layers), mask=mask[k], delta=delta[k], meta=meta))
         return out
+
+    def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
+        """Refuse a cache this fit could not write into before any compute (one line)."""
+        if stage == "fit" and not trainer.fast_dev_run:
+            check_target(self.cache_dir, fingerprint(pl_module.backbone, pl_module.layers), self.record(trainer, pl_module))
+
+    @staticmethod
+    def record(trainer: L.Trainer, pl_module) -> dict:
+        """How this fit makes its edits (stored once per cache; see :mod:`lafn_lightning.editing.record`)."""
+        dm = trainer.datamodule
+        locator = next((cb for cb in trainer.callbacks if type(cb).__name__ == "NeuronLocator"), None)
+        return edit_record(pl_module.hparams, languages=dm.languages, num_prefixes=dm.hparams.num_prefixes,
+                           prefix_length=dm.hparams.prefix_length, seed=dm.hparams.seed,
+                           paraphrases=dm.hparams.paraphrases, beta=getattr(locator, "beta", None),
+                           strategy=getattr(locator, "strategy", None), max_steps=trainer.max_steps)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module) -> None:
         if trainer.fast_dev_run or trainer.interrupted:
@@ -57,8 +69,12 @@ class CacheExport(L.Callback):
         import torch
 
         entries = self.entries(trainer, pl_module)
+        if not entries:
+            rank_zero_info("[lafn] no group was trained: nothing exported")
+            return
         fp = fingerprint(pl_module.backbone, pl_module.layers)
-        self.last_written = write_shard(self.cache_dir, entries, fp, value_dtype=getattr(torch, self.value_dtype))
+        self.last_written = write_shard(self.cache_dir, entries, fp, value_dtype=getattr(torch, self.value_dtype),
+                                        settings=self.record(trainer, pl_module))
         for e in entries:
             rank_zero_info(f"[lafn] {e.group_id}: {e.meta['steps']} steps, target loss {e.meta['target_loss']:.3f}"
                            f"{'' if e.meta['converged'] else ' (not converged)'}, neurons {e.meta['located']}")

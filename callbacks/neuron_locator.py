@@ -8,7 +8,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from tqdm.auto import tqdm
 
-from lafn_lightning.locate import STRATEGIES, locate_group
+from lafn_lightning.editing.locate import STRATEGIES, locate_group
 
 
 class NeuronLocator(L.Callback):

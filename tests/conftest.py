@@ -9,19 +9,20 @@ CONFIGS = REPO / "configs"
 
 @pytest.fixture(scope="session")
 def dev_data() -> Path:
-    path = Path(os.environ.get("LAFN_MZSRE_DEV", REPO.parent / "shared/data/mzsre-dev"))
-    assert path.is_dir(), f"MzsRE dev data not found at {path} (set LAFN_MZSRE_DEV)"
-    return path
+    """The MzsRE dev records shipped inside the package (never ../shared)."""
+    from lafn_lightning.data import default_dataset
+
+    return Path(default_dataset())
 
 
 def fit(tmp_path: Path, *overrides: str, config: str = "tiny.yaml"):
     """Run ``lafn fit`` in-process on a config with overrides; return the LightningCLI object."""
-    from lafn_lightning.cli import make_cli
+    from lafn_lightning.api.settings import LafnCLI
 
     args = ["fit", "-c", str(CONFIGS / config), "--cache_dir", str(tmp_path / "cache"),
             "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
             "--trainer.enable_model_summary", "false", "--trainer.default_root_dir", str(tmp_path), *overrides]
-    return make_cli(args)
+    return LafnCLI(args)
 
 
 @pytest.fixture(autouse=True)

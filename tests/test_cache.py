@@ -123,7 +123,7 @@ def test_manifest_text_unicode_ids_and_empty_cache(tmp_path):
     write_shard(tmp_path, [e], fp)
     text = (tmp_path / MANIFEST_NAME).read_text(encoding="utf-8")
     assert "北京" in text  # stored as UTF-8, readable
-    assert len(text.split("\n")) == 9  # braces, one line per field and per group, final newline
+    assert len(text.split("\n")) == 10  # braces, one line per field (settings included) and per group, final newline
     c = EditCache.open(tmp_path)
     assert c.subjects(e.group_id) == e.subjects
     assert_matches(c.entry(e.group_id), e)
@@ -451,6 +451,21 @@ def test_merge_round_trip(tmp_path):
     assert [p.name for p in m3.gc()] == ["part.safetensors"]
     assert m3.verify() == []
     assert_matches(m3.entry("c"), make_entry("c", seed=5))
+
+
+def test_no_pickle_in_the_package_source():
+    """No module of the package or its callbacks pickles: no pickle import, no torch.save, and
+    every torch.load is weights_only."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    for path in [*root.joinpath("lafn_lightning").rglob("*.py"), *root.joinpath("callbacks").rglob("*.py")]:
+        text = path.read_text(encoding="utf-8")
+        assert not re.search(r"^\s*(import|from)\s+(c?pickle|dill|joblib)\b", text, re.M), path
+        assert "torch.save(" not in text, path
+        for call in re.findall(r"torch\.load\([^)]*\)", text):
+            assert "weights_only=True" in call, (path, call)
 
 
 def test_no_pickle_anywhere(tmp_path):

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
 import time
 from pathlib import Path
 
-import datasets
 import pytest
 
+from lafn_lightning.data import default_dataset
 from lafn_lightning.data import (
     LANGUAGE_ALIASES,
     MZSRE_LANGUAGES,
@@ -25,12 +24,10 @@ from lafn_lightning.data import (
     read_bizsre,
     read_jsonl,
     read_mzsre,
-    to_dataset,
     write_jsonl,
 )
 
-DEV = Path(os.environ.get("LAFN_MZSRE_DEV",
-                          Path(__file__).resolve().parents[2] / "shared/data/mzsre-dev"))
+DEV = Path(default_dataset())
 FIXTURES = Path(__file__).parent / "fixtures"
 BIZSRE = FIXTURES / "bizsre_test.json"
 PAIR = "mzsre_test_duplicate_en{}.json"
@@ -183,15 +180,6 @@ def test_select_forms(select, expected):
     groups = read_mzsre(DEV, languages=["en", "zh"], select=select)
     assert [g.index for g in groups] == expected
     assert [g.group_id for g in groups] == [f"mzsre:{i}" for i in expected]
-
-
-def test_to_dataset_is_one_row_per_group_and_language(dev_groups):
-    ds = to_dataset(dev_groups[:4])
-    assert isinstance(ds, datasets.Dataset)
-    assert ds.num_rows == 4 * 12
-    assert ds[13]["group_id"] == "mzsre:1" and ds[13]["language"] == "cz"
-    assert ds[13]["target"] == dev_groups[1].edits["cz"].target
-    assert ds.features["paraphrases"] == datasets.List(datasets.Value("string"))
 
 
 # ----------------------------------------------------------------------- Bi-ZsRE

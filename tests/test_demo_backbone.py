@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from lafn_lightning.demo_backbone import (
+from lafn_lightning.backbone.demo import (
     DEMO_NAME,
     MARKER,
     OFFSET_SAMPLE,

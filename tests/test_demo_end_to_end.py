@@ -5,7 +5,7 @@ import torch
 from conftest import fit
 from lafn_lightning import EditedModel
 from lafn_lightning.data import load_groups
-from lafn_lightning.metrics import teacher_forced_predictions
+from lafn_lightning.evaluation.metrics import teacher_forced_predictions
 
 pytestmark = pytest.mark.demo
 

@@ -4,9 +4,9 @@ import torch
 
 from conftest import fit
 from lafn_lightning import EditedModel
-from lafn_lightning.backbones import load_backbone, tiny_model, tiny_tokenizer
+from lafn_lightning.backbone.tiny import tiny_model, tiny_tokenizer
 from lafn_lightning.cache import EditCache, FingerprintMismatch
-from lafn_lightning.hooks import Hooks, add_at_positions
+from lafn_lightning.backbone.hooks import Hooks, add_at_positions
 
 
 @pytest.fixture(scope="module")
@@ -83,5 +83,5 @@ def test_from_cache_loads_the_backbone_in_the_dtype_the_edits_were_trained_in(tm
     assert next(em.model.parameters()).dtype == torch.bfloat16
     enc = em.tokenizer([QUERY], return_tensors="pt")
     assert em.find_sites(enc.input_ids, enc.attention_mask)          # the edit applies
-    with pytest.raises(FingerprintMismatch, match="dtype"):
+    with pytest.raises(ValueError, match="dtype='bfloat16', but dtype='float32'"):
         EditedModel.from_cache(tmp_path / "cache", backbone="tiny-llama", dtype="float32")

@@ -6,13 +6,16 @@ import pytest
 import torch
 
 from conftest import CONFIGS
-from lafn_lightning import evaluation
-from lafn_lightning.backbones import fingerprint, load_backbone
+from lafn_lightning.evaluation import protocol as evaluation
+from lafn_lightning.backbone.fingerprint import fingerprint
+from lafn_lightning.backbone.loading import load_backbone
 from lafn_lightning.cache import CacheEntry, EditCache, write_shard
 from lafn_lightning.data import read_jsonl
-from lafn_lightning.edited_model import EditedModel
-from lafn_lightning.evaluation import SETTINGS, aggregate, evaluate, group_probes, score_group
-from lafn_lightning.metrics import METRICS
+from lafn_lightning.inference.edited_model import EditedModel
+from lafn_lightning.api import scoring as evaluate_api
+from lafn_lightning.cli import run_command
+from lafn_lightning.evaluation.protocol import SETTINGS, aggregate, group_probes, score_group
+from lafn_lightning.evaluation.metrics import METRICS
 
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 
@@ -21,7 +24,7 @@ def run_evaluate(tmp_path, *extra, output="out/results.json", cache="cache", ste
     args = ["-c", str(CONFIGS / "tiny.yaml"), "--cache_dir", str(tmp_path / cache), "--output", str(tmp_path / output),
             "--trainer.max_steps", steps, "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path),
             *QUIET, *extra]
-    evaluate(args)
+    run_command("evaluate", args)
     return json.loads((tmp_path / output).read_text())
 
 
@@ -120,7 +123,7 @@ def test_edit_one_test_one_and_all_cached_differ_where_another_subject_occurs(st
 
 def test_identical_edit_sites_reuse_predictions_and_give_the_same_cells(strong_cache, monkeypatch):
     groups, cache, model, tok = strong_cache
-    from lafn_lightning import metrics
+    from lafn_lightning.evaluation import metrics
 
     calls = []
     for name in ("teacher_forced_predictions", "greedy_predictions"):
@@ -180,6 +183,15 @@ def test_results_files_schema_and_tensorboard(tmp_path):
                         assert cell == {"f1": None, "em": None}
                     else:
                         assert all(isinstance(v, float) and 0.0 <= v <= 100.0 for v in cell.values())
+    # the edits were applied: the edited predictions of the edit questions are not the unedited ones
+    progress = [json.loads(x) for x in (tmp_path / "out/results.progress.jsonl").read_text().splitlines()[1:]]
+    preds = {(c[1], c[3]): [] for r in progress for c in r["cells"]}
+    for r in progress:
+        for view, setting, metric, lang, _, _, text in r["cells"]:
+            if view == "teacher_forced" and metric == "reliability":
+                preds[(setting, lang)].append(text)
+    for lang in ("en", "zh"):
+        assert preds[("edit_one_test_one", lang)] != preds[("pre_edit", lang)]
     # MzsRE locality questions name no edited subject: exactly the unedited model's answers
     for block in (res, res["generation"]):
         for setting in ("edit_one_test_one", "all_cached"):
@@ -202,7 +214,7 @@ def test_results_files_schema_and_tensorboard(tmp_path):
 
 
 def test_interrupted_evaluation_resumes_without_redoing_groups(tmp_path, monkeypatch):
-    selection = ["--data.groups", "0:3", "--no-generation"]
+    selection = ["--data.groups", "0:3", "--generation", "false"]
     real = evaluation.score_group
     calls = []
 
@@ -212,7 +224,7 @@ def test_interrupted_evaluation_resumes_without_redoing_groups(tmp_path, monkeyp
             raise RuntimeError("simulated crash")
         return real(model, tok, group, *a, **k)
 
-    monkeypatch.setattr(evaluation, "score_group", crash_on_third)
+    monkeypatch.setattr(evaluate_api, "score_group", crash_on_third)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_evaluate(tmp_path, *selection)
     progress = tmp_path / "out/results.progress.jsonl"
@@ -222,7 +234,7 @@ def test_interrupted_evaluation_resumes_without_redoing_groups(tmp_path, monkeyp
         f.write('{"run": "multilingual", "group_id": "mzsre:2", "cel')
 
     calls.clear()
-    monkeypatch.setattr(evaluation, "score_group", lambda *a, **k: (calls.append(a[2].group_id), real(*a, **k))[1])
+    monkeypatch.setattr(evaluate_api, "score_group", lambda *a, **k: (calls.append(a[2].group_id), real(*a, **k))[1])
     resumed = run_evaluate(tmp_path, *selection)
     assert calls == ["mzsre:2"]                                     # finished groups are not recomputed
     assert len(progress.read_text().splitlines()) == 1 + 3
@@ -241,13 +253,13 @@ def test_interrupted_evaluation_resumes_without_redoing_groups(tmp_path, monkeyp
         run_evaluate(tmp_path, *selection, "--data.languages", "[en]", output="en/results.json")
     with pytest.raises(ValueError, match="different evaluation.*generation"):
         run_evaluate(tmp_path, "--data.groups", "0:3")              # same output, other settings
-    restarted = run_evaluate(tmp_path, *selection, "--restart")
+    restarted = run_evaluate(tmp_path, *selection, "--restart", "true")
     assert restarted == resumed
 
 
 def test_monolingual_and_cross_lingual_modes(tmp_path):
     data = write_groups(tmp_path / "g.jsonl")
-    common = ["--data.dataset", str(data), "--data.format", "jsonl", "--data.languages", "[en,de]", "--no-generation"]
+    common = ["--data.dataset", str(data), "--data.format", "jsonl", "--data.languages", "[en,de]", "--generation", "false"]
     mono = run_evaluate(tmp_path, *common, "--mode", "monolingual", output="mono/results.json")
     runs = mono["meta"]["runs"]
     assert set(runs) == {"en", "de"} and runs["en"]["test_languages"] == ["en"]

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import fit
-from lafn_lightning.hooks import Hooks
+from lafn_lightning.backbone.hooks import Hooks
 
 
 def _loss_and_grad(module, batch):
@@ -57,7 +57,7 @@ def test_switch_off_and_first_layer_zero_run_the_full_model(tmp_path):
 
 
 def test_lm_head_gets_a_contiguous_input_with_logits_to_keep():
-    from lafn_lightning.backbones import load_backbone
+    from lafn_lightning.backbone.loading import load_backbone
 
     model, _ = load_backbone("tiny-gemma3")
     seen = []

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from conftest import fit
-from lafn_lightning.backbones import load_backbone
+from lafn_lightning.backbone.loading import load_backbone
 from lafn_lightning.cache import EditCache
 
 
@@ -54,13 +54,27 @@ def test_loss_decreases_and_groups_are_independent(tmp_path):
     assert (trained < untrained - 0.05).all()
 
 
-def test_stopped_group_keeps_the_delta_that_converged(tmp_path):
-    cli = fit(tmp_path, "--trainer.max_steps", "5", "--model.stop_loss", "100.0")
-    module = cli.model
-    # Every group is under the threshold at the first step: stopped with ΔV = 0, and the fit ended.
-    assert bool(module.stopped.all()) and int(module.steps.max()) == 1
-    assert torch.equal(module.final_delta(), torch.zeros_like(module.delta_v))
-    assert cli.trainer.global_step == 1
+def test_stopped_group_keeps_the_delta_that_converged(tmp_path, monkeypatch):
+    """Group 0 reaches the stop loss at its 3rd step (its loss is forced to 0 there), group 1 never
+    does: group 0's ΔV is frozen at the value that converged while Adam goes on for group 1."""
+    from lafn_lightning.editing.module import LafnEditModule
+
+    real, seen = LafnEditModule.losses, []
+
+    def losses(self, batch, active=None):
+        out = real(self, batch, active)
+        if int(self.steps[0]) == 2:                     # group 0's 3rd step: converged here
+            seen.append(self.delta_v.detach()[0].clone())
+            out["target"] = torch.stack([out["target"][0] * 0, out["target"][1]])
+        return out
+
+    monkeypatch.setattr(LafnEditModule, "losses", losses)
+    module = fit(tmp_path, "--trainer.max_steps", "6", "--data.groups", "0:2").model
+    assert module.stopped.tolist() == [True, False] and module.steps.tolist() == [3, 6]
+    assert seen[0].abs().sum() > 0                                   # trained for two steps
+    assert torch.equal(module.final_delta()[0], seen[0] * module.mask[0])   # what converged is exported
+    assert torch.equal(module.delta_v.detach()[0], seen[0])          # Adam's momentum did not move it after
+    assert not torch.equal(module.delta_v.detach()[1] * module.mask[1], torch.zeros_like(seen[0]))
 
 
 def test_export_writes_a_cache_each_fit_adds_to(tmp_path):
@@ -76,7 +90,7 @@ def test_export_writes_a_cache_each_fit_adds_to(tmp_path):
 def test_interrupted_fit_leaves_cache_as_before(tmp_path, monkeypatch):
     fit(tmp_path, "--data.groups", "0:1", "--trainer.max_steps", "2")
     manifest = (tmp_path / "cache" / "manifest.json").read_bytes()
-    from lafn_lightning.module import LafnEditModule
+    from lafn_lightning.editing.module import LafnEditModule
 
     original = LafnEditModule.training_step
 
@@ -87,7 +101,7 @@ def test_interrupted_fit_leaves_cache_as_before(tmp_path, monkeypatch):
 
     monkeypatch.setattr(LafnEditModule, "training_step", crash)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        fit(tmp_path, "--data.groups", "1:3", "--trainer.max_steps", "3")
+        fit(tmp_path, "--data.groups", "1:3", "--trainer.max_steps", "2")
     assert (tmp_path / "cache" / "manifest.json").read_bytes() == manifest
     assert EditCache.open(tmp_path / "cache").group_ids == ["mzsre:0"]
 

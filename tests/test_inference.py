@@ -5,11 +5,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from lafn_lightning.backbones import fingerprint, load_backbone, tiny_model, tiny_tokenizer
+from lafn_lightning.backbone.fingerprint import fingerprint
+from lafn_lightning.backbone.loading import load_backbone
+from lafn_lightning.backbone.tiny import tiny_model, tiny_tokenizer
 from lafn_lightning.cache import CacheEntry, CacheError, EditCache, FingerprintMismatch, write_shard
-from lafn_lightning.edited_model import EditedModel, token_spans
-from lafn_lightning.hooks import Hooks, add_at_positions
-from lafn_lightning.prompts import last_token_of_span
+from lafn_lightning.inference.edited_model import EditedModel, token_spans
+from lafn_lightning.backbone.hooks import Hooks, add_at_positions
+from lafn_lightning.editing.prompts import last_token_of_span
 
 LAYERS = [1, 2]
 SUBJECTS = {

@@ -2,8 +2,8 @@
 import torch
 from torch import nn
 
-from lafn_lightning.ffn import adapter_for
-from lafn_lightning.locate import agnostic_neurons, count_activations, language_neurons, locate_group, random_like
+from lafn_lightning.backbone.ffn import adapter_for
+from lafn_lightning.editing.locate import agnostic_neurons, count_activations, language_neurons, locate_group, random_like
 
 
 class _Cfg:

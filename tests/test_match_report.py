@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 from lafn_lightning.data import load_groups
-from lafn_lightning.match_report import coverage_report, match_report, measure
+from lafn_lightning.cli import main
+from lafn_lightning.evaluation.match_report import coverage_report, measure
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -93,10 +94,10 @@ def test_command_reads_the_config_and_writes_json(dataset, tmp_path, capsys):
     config.write_text(f"model:\n  backbone: tiny-llama\ndata:\n  dataset: {dataset}\n  format: jsonl\n"
                       f"  languages: [en, ru]\n  groups: '0:1'\n", encoding="utf-8")
     out = tmp_path / "reports" / "coverage.json"
-    match_report(["-c", str(config), "--matchers", "exact,fuzzy", "--output", str(out)])
+    main(["match-report", "-c", str(config), "--data.groups", "null", "--matchers", "[exact,fuzzy]", "--output", str(out)])
     report = json.loads(out.read_text(encoding="utf-8"))
     assert_schema(report, ("exact", "fuzzy"), ("en", "ru"))  # the config's languages
-    # every record is registered (the config's data.groups is one fit's batch, not the report's):
+    # every record is registered (--data.groups null):
     # the en locality question of "tolstoy" falsely matches "paris"
     for mode in ("exact", "fuzzy"):
         for lang in ("en", "ru"):
@@ -113,22 +114,26 @@ def test_options_override_the_config(dataset, tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("data:\n  dataset: /nonexistent/data.jsonl\n  languages: [en]\n", encoding="utf-8")
     out = tmp_path / "coverage.json"
-    match_report(["-c", str(config), "--dataset", str(dataset), "--languages", "zh", "--groups", "1:2",
-                  "--matchers", "exact", "--output", str(out)])
+    main(["match-report", "-c", str(config), "--data.dataset", str(dataset), "--data.format", "jsonl",
+          "--data.languages", "[zh]", "--data.groups", "1:2", "--matchers", "[exact]", "--output", str(out)])
     # only "tolstoy" is registered, only Chinese is read: its rephrase lacks the middle dot
     assert json.loads(out.read_text()) == {"exact": {"zh": {"found": 0.5, "false_match": 0.0}}}
-    match_report(["--dataset", str(dataset), "--groups", "[0]", "--languages", "en,ru",
-                  "--matchers", "normalized", "--output", str(out)])
+    main(["match-report", "--data.dataset", str(dataset), "--data.groups", "[0]", "--data.languages", "[en,ru]",
+          "--matchers", "[normalized]", "--output", str(out)])
     report = json.loads(out.read_text())
     assert report["normalized"]["en"] == {"found": 1.0, "false_match": 0.0}  # Paris Hilton: group 1 not cached
     assert report["normalized"]["ru"] == {"found": 0.5, "false_match": 0.0}
 
 
-def test_bad_arguments(dataset, tmp_path):
-    with pytest.raises(SystemExit):
-        match_report(["--dataset", str(dataset), "--matchers", "exact,regex"])
-    with pytest.raises(FileNotFoundError, match="missing.yaml"):
-        match_report(["-c", str(tmp_path / "missing.yaml")])
+def test_bad_arguments_give_one_line_and_exit_2(dataset, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["match-report", "--data.dataset", str(dataset), "--matchers", "[exact,regex]"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lafn: error: ") and "regex" in err and "Traceback" not in err
+    with pytest.raises(SystemExit) as exit_:
+        main(["match-report", "-c", str(tmp_path / "missing.yaml")])
+    assert exit_.value.code == 2 and "missing.yaml" in capsys.readouterr().err
 
 
 def test_language_without_locality_questions_is_null(tmp_path):

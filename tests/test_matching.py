@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lafn_lightning.matching import MATCHERS, Match, SubjectMatcher
+from lafn_lightning.text.matching import MATCHERS, Match, SubjectMatcher
 
 
 def spans(matcher: SubjectMatcher, text: str) -> list[tuple[str, str]]:

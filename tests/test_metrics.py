@@ -15,7 +15,7 @@ from torch import nn
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from lafn_lightning.metrics import (
+from lafn_lightning.evaluation.metrics import (
     METRICS,
     EditScores,
     ScoreTable,
@@ -475,12 +475,18 @@ def test_locality_scores_compare_edited_with_unedited_predictions():
     assert f1 == pytest.approx(2 / 3) and em == 0.0
     assert locality_scores([], [], tok) == (1.0, 1.0)
     assert locality_scores([], same, tok) == (0.0, 0.0)
-    # the gold answer plays no role: only the two predictions are compared
-    model = table_lm()
-    edited = teacher_forced_predictions(model, tok, ["Who is"], ["the president"])
-    unedited = teacher_forced_predictions(model, tok, ["Who is"], ["the president"])
-    assert locality_scores(edited[0][0], unedited[0][0], tok) == (1.0, 1.0)
-    assert edited[0][0] != edited[0][1]
+    # the gold answer plays no role: only the two models' predictions are compared
+    unedited_model = table_lm()
+    edited_model = table_lm()
+    edited_model.next_of = {**edited_model.next_of, wid("is"): wid("City")}   # the "edit"
+    edited = teacher_forced_predictions(edited_model, tok, ["Who is"], ["the president"])
+    unedited = teacher_forced_predictions(unedited_model, tok, ["Who is"], ["the president"])
+    assert edited[0][0] != unedited[0][0]
+    f1, em = locality_scores(edited[0][0], unedited[0][0], tok)
+    expected_f1, _ = score_predictions(tok, [edited[0][0]], [unedited[0][0]])
+    assert (f1, em) == (expected_f1[0], 0.0) and f1 < 1.0
+    assert locality_scores(unedited[0][0], unedited[0][0], tok) == (1.0, 1.0)
+    assert unedited[0][0] != unedited[0][1]            # ... though it differs from the gold answer
 
 
 # ------------------------------------------------------------------------------------------

@@ -5,13 +5,14 @@ import pytest
 
 from conftest import CONFIGS
 from lafn_lightning.data import attach_paraphrases, load_groups, read_jsonl
-from lafn_lightning.paraphrase import (
+from lafn_lightning.editing.paraphrase import (
     DEFAULT_INSTRUCTION,
     build_instruction,
     parse_paraphrases,
-    paraphrase,
     select_paraphrases,
 )
+from lafn_lightning.api import Settings, paraphrase
+from lafn_lightning.cli import main
 
 GROUP = {"id": "tower", "edits": {
     "en": {"subject": "Gustave Tower", "prompt": "Which city has the Gustave Tower?", "target": "Rome",
@@ -84,10 +85,14 @@ def fake_model(calls):
 
 def test_command_writes_the_corpus_attach_reads_it_and_resumes(tmp_path, data):
     out = tmp_path / "para.jsonl"
-    argv = ["--model", str(tmp_path / "unused"), "--output", str(out), "--data.dataset", str(data),
-            "--data.format", "jsonl", "--data.languages", "[en,de]", "--num", "5", "--rounds", "2"]
+    settings = Settings.from_config(overrides={"data.dataset": str(data), "data.format": "jsonl",
+                                               "data.languages": ["en", "de"], "data.groups": None})
+
+    def run(generate):
+        paraphrase(settings, instruct_model=str(tmp_path / "unused"), output=str(out), num=5, rounds=2, generate=generate)
+
     calls = []
-    paraphrase(argv, generate=fake_model(calls))
+    run(fake_model(calls))
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     assert [(x["group_id"], x["language"]) for x in lines] == [("tower", "en"), ("tower", "de"), ("base", "en"),
                                                                 ("base", "de")]
@@ -103,12 +108,12 @@ def test_command_writes_the_corpus_attach_reads_it_and_resumes(tmp_path, data):
 
     # resume: nothing to do, nothing generated
     calls.clear()
-    paraphrase(argv, generate=fake_model(calls))
+    run(fake_model(calls))
     assert calls == [] and len(out.read_text().splitlines()) == 4
     # a crash mid-line and a missing line: only the missing question is generated again
     kept = out.read_text().splitlines()[:2]
     out.write_text("\n".join(kept) + "\n" + '{"group_id": "base", "lang', encoding="utf-8")
-    paraphrase(argv, generate=fake_model(calls))
+    run(fake_model(calls))
     assert len(calls) == 4 and all("Apollo" in c for c in calls)
     again = [json.loads(x) for x in out.read_text().splitlines()]
     assert again == lines
@@ -117,7 +122,7 @@ def test_command_writes_the_corpus_attach_reads_it_and_resumes(tmp_path, data):
 def test_command_with_a_real_local_model(tmp_path, data):
     """A tiny random chat model from a local folder: its replies are noise, so this checks plumbing only
     (local loading, chat template, batching, resume and the file format)."""
-    from lafn_lightning.backbones import tiny_model, tiny_tokenizer
+    from lafn_lightning.backbone.tiny import tiny_model, tiny_tokenizer
 
     folder = tmp_path / "instruct"
     tok = tiny_tokenizer()
@@ -126,9 +131,10 @@ def test_command_with_a_real_local_model(tmp_path, data):
     tiny_model("llama").save_pretrained(folder)
     tok.save_pretrained(folder)
     out = tmp_path / "para.jsonl"
-    argv = ["--model", str(folder), "--output", str(out), "--data.dataset", str(data), "--data.format", "jsonl",
-            "--num", "3", "--rounds", "2", "--max_new_tokens", "12", "--batch_size", "3", "--keep_any"]
-    paraphrase(argv)
+    argv = ["paraphrase", "--instruct_model", str(folder), "--output", str(out), "--data.dataset", str(data),
+            "--data.format", "jsonl", "--data.languages", "null", "--num", "3", "--rounds", "2", "--max_new_tokens", "12",
+            "--batch_size", "3", "--keep_any", "true"]
+    main(argv)
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     assert [(x["group_id"], x["language"]) for x in lines] == [("tower", "en"), ("tower", "de"), ("base", "en"),
                                                                 ("base", "de")]
@@ -136,8 +142,8 @@ def test_command_with_a_real_local_model(tmp_path, data):
     assert all(len(x["paraphrases"]) <= 3 for x in lines)
     attach_paraphrases(load_groups(data, format="jsonl"), out)          # the readers accept the file
     before = out.read_bytes()
-    paraphrase(argv)
+    main(argv)
     assert out.read_bytes() == before
     with pytest.raises(FileNotFoundError, match="not a local model folder"):
-        paraphrase(["--model", str(tmp_path / "nowhere"), "--output", str(tmp_path / "x.jsonl"),
-                    "-c", str(CONFIGS / "tiny.yaml"), "--data.groups", "0:1"])
+        paraphrase(Settings.from_config(CONFIGS / "tiny.yaml", overrides={"data.groups": "0:1"}),
+                   instruct_model=str(tmp_path / "nowhere"), output=str(tmp_path / "x.jsonl"))

@@ -5,10 +5,12 @@ import pytest
 import torch
 
 from conftest import CONFIGS
-from lafn_lightning.backbones import load_backbone
-from lafn_lightning.ffn import adapter_for
-from lafn_lightning.locate import locate_group
-from lafn_lightning.plots import difference_matrix, factual_neuron_counts, neuron_set_difference, plots
+from lafn_lightning.backbone.loading import load_backbone
+from lafn_lightning.backbone.ffn import adapter_for
+from lafn_lightning.editing.locate import locate_group
+from lafn_lightning.api import Settings, plots
+from lafn_lightning.cli import main
+from lafn_lightning.evaluation.plots import difference_matrix, factual_neuron_counts, neuron_set_difference
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -60,7 +62,7 @@ def test_counts_per_layer_match_locating():
 
 
 def test_plots_command_writes_figures_numbers_and_tensorboard(tmp_path):
-    plots(["-c", str(CONFIGS / "tiny.yaml"), "--data.groups", "0:4", "--data.languages", "[en,zh,de]",
+    main(["plots", "-c", str(CONFIGS / "tiny.yaml"), "--data.groups", "0:4", "--data.languages", "[en,zh,de]",
            "--layer", "2", "--beta", "0.5", "--out", str(tmp_path / "fig"), "--log_dir", str(tmp_path / "tb")])
     for name in ("factual_neurons_per_layer.png", "neuron_difference_layer2.png"):
         data = (tmp_path / "fig" / name).read_bytes()
@@ -81,4 +83,4 @@ def test_plots_command_writes_figures_numbers_and_tensorboard(tmp_path):
 
 def test_plots_refuses_a_layer_out_of_range(tmp_path):
     with pytest.raises(ValueError, match="--layer: layer index"):
-        plots(["-c", str(CONFIGS / "tiny.yaml"), "--data.groups", "0:1", "--layer", "9", "--out", str(tmp_path)])
+        plots(Settings.from_config(CONFIGS / "tiny.yaml", overrides={"data.groups": "0:1"}), out=str(tmp_path), layer=9)

@@ -1,6 +1,6 @@
 """Which token an edit attaches to, and which tokens are the answer."""
-from lafn_lightning.backbones import tiny_tokenizer
-from lafn_lightning.prompts import ANCHOR_TEMPLATES, encode_edit_text, join_prompt_target, subject_span
+from lafn_lightning.backbone.loading import tiny_tokenizer
+from lafn_lightning.editing.prompts import ANCHOR_TEMPLATES, encode_edit_text, join_prompt_target, subject_span
 from lafn_lightning.data import MZSRE_LANGUAGES
 
 

@@ -1,0 +1,111 @@
+"""``lafn match-report`` and ``lafn plots``: analysis commands over a config's groups.
+
+    match_report(Settings.from_config("demo", overrides={"data.groups": None}), output="coverage.json")
+    plots(Settings.from_config("demo"), out="runs/plots")
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+from ..backbone.ffn import adapter_for
+from ..backbone.loading import load_backbone
+from ..editing.datamodule import locating_corpus
+from ..evaluation.match_report import coverage_report, format_table
+from ..evaluation.plots import _pyplot, difference_matrix, factual_neuron_counts, plot_difference_heatmap, plot_layer_counts
+from ..files import atomic_write
+from ..text.matching import MATCHERS
+from .settings import Settings
+
+__all__ = ["match_report", "plots"]
+
+
+def match_report(settings: Settings, matchers: list[str] = list(MATCHERS), output: str | None = None) -> dict:
+    """How often each group's own subject is found in its edit/rephrase/portability questions, and
+    how often locality questions match any group, per matcher and language, with every group that
+    ``data.groups`` selects registered at once (``--data.groups null``: the whole dataset).
+
+    Args:
+        settings: the parsed config; ``data.*`` selects the groups.
+        matchers: matchers to compare, among exact, normalized, fuzzy.
+        output: write the JSON report (``{matcher: {language: {"found", "false_match"}}}``) here.
+    """
+    unknown = [m for m in matchers if m not in MATCHERS]
+    if unknown or not matchers:
+        raise ValueError(f"matchers: unknown matcher(s) {unknown}; choose from {', '.join(MATCHERS)}")
+    groups = settings.load_groups()
+    if not groups:
+        raise ValueError(f"data.groups={settings.data.get('groups')!r} selects no group")
+    report, counts = coverage_report(groups, matchers)
+    print(f"subject matching coverage: {len(groups)} groups registered, languages {','.join(groups[0].languages)}")
+    print(format_table(counts))
+    if output:
+        out = Path(output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(out, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+        print(f"wrote {out}", file=sys.stderr)
+    return report
+
+
+def _label(group, width: int = 22) -> str:
+    edit = group.edits.get("en") or next(iter(group.edits.values()))
+    subject = edit.subject if len(edit.subject) <= width else edit.subject[: width - 1] + "…"
+    return f"{group.index}: {subject}"
+
+
+def plots(settings: Settings, out: str, layer: int | None = None, beta: float | None = None, max_groups: int = 30,
+          log_dir: str | None = None) -> dict:
+    """Figure 1 (factual neurons per layer, per language and their intersection) and Figure 4
+    (neuron-set difference between groups in one layer) for the groups ``data.groups`` selects.
+
+    Args:
+        settings: the parsed config (backbone, groups, ``locate.beta``).
+        out: output directory (two PNG files and neurons.json).
+        layer: layer of the Figure-4 heatmap (default: the first edited layer).
+        beta: threshold (default: the config's ``locate.beta``).
+        max_groups: groups in the heatmap (the first N).
+        log_dir: also write the figures to TensorBoard here.
+    """
+    opt = SimpleNamespace(out=out, layer=layer, beta=beta, max_groups=max_groups, log_dir=log_dir)
+    hp = SimpleNamespace(**settings.model)
+    model, tokenizer = load_backbone(hp.backbone, hp.dtype)
+    adapter = adapter_for(model)
+    beta = float(settings.locate["beta"]) if opt.beta is None else opt.beta
+    layer = int(hp.layers[0]) if opt.layer is None else opt.layer
+    adapter.check_layers([layer], key="--layer")
+    out = Path(opt.out)
+    out.mkdir(parents=True, exist_ok=True)
+    groups = settings.load_groups()
+    counts = factual_neuron_counts(model, adapter, tokenizer, [locating_corpus(g) for g in groups], beta=beta,
+                                   progress=True)
+    name = getattr(model.config, "name_or_path", "") or type(model).__name__
+    fig1 = plot_layer_counts(counts, out / "factual_neurons_per_layer.png", d_ff=adapter.d_ff,
+                             title=f"{name}: factual neurons per layer (beta={beta}, {len(groups)} group(s), "
+                                   f"mean per group)")
+    shown = groups[: max(opt.max_groups, 1)]
+    layer_masks = [m[layer] for m in counts["masks"][: len(shown)]]
+    matrix = difference_matrix(layer_masks)
+    fig4 = plot_difference_heatmap(matrix, [_label(g) for g in shown], out / f"neuron_difference_layer{layer}.png",
+                                   title=f"{name}: neuron-set difference in layer {layer} (beta={beta})")
+    summary = {k: v for k, v in counts.items() if k != "masks"}
+    summary.update({"beta": beta, "d_ff": adapter.d_ff, "backbone": name, "groups": [g.group_id for g in groups],
+                    "heatmap": {"layer": layer, "groups": [g.group_id for g in shown],
+                                "located": [int(m.sum()) for m in layer_masks], "difference": matrix.tolist()}})
+    atomic_write(out / "neurons.json", json.dumps(summary, ensure_ascii=False, indent=1) + "\n")
+    if opt.log_dir:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(opt.log_dir)
+        writer.add_figure("plots/factual_neurons_per_layer", fig1, 0)
+        writer.add_figure(f"plots/neuron_difference_layer{layer}", fig4, 0)
+        for i, lay in enumerate(counts["layers"]):
+            writer.add_scalar("plots/intersection", counts["intersection"][i], lay)
+            for lang in counts["languages"]:
+                writer.add_scalar(f"plots/neurons_{lang}", counts["per_language"][lang][i], lay)
+        writer.close()
+    _pyplot().close("all")
+    print(f"[lafn] wrote {out / 'factual_neurons_per_layer.png'}, {out / f'neuron_difference_layer{layer}.png'}, "
+          f"{out / 'neurons.json'}", file=sys.stderr)
+    return summary

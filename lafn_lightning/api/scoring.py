@@ -1,0 +1,341 @@
+"""``lafn evaluate``: edit what is missing, then score Reliability, Generality, Locality, Portability.
+
+    results = evaluate(Settings.from_config("demo", overrides={"data.groups": "0:50"}), output="runs/r.json")
+
+The protocol lives in :mod:`lafn_lightning.evaluation.protocol`; settings, modes and file
+formats: docs/evaluation-protocol.md.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Iterable, Mapping
+
+from ..backbone.fingerprint import fingerprint
+from ..backbone.loading import load_backbone
+from ..cache import CacheError, EditCache
+from ..data import EditGroup, default_dataset, normalize_language, write_jsonl
+from ..evaluation.protocol import (MODES, PROGRESS_VERSION, SETTINGS, ProgressLog, _json_numbers, _markdown,
+                                   _matrix_markdown, _section, aggregate, score_group, _MODE_ALIASES)
+from ..files import atomic_write
+from ..inference.edited_model import EditedModel
+from ..text.matching import MATCHERS
+from .edit import edit_dataset
+from .settings import Settings
+
+__all__ = ["evaluate"]
+
+@dataclass
+class _Run:
+    name: str                       # "multilingual" or the edit language
+    cache_dir: Path
+    test_languages: list[str]
+    groups: list[EditGroup]         # editable groups, in selection order (all loaded languages)
+    skipped: list[str]              # group ids that cannot be edited in this run
+    edit_groups: list[EditGroup] = dataclasses.field(default_factory=list)  # one-language runs: what is edited
+
+
+def _mode(value: str) -> str:
+    mode = _MODE_ALIASES.get(value.strip().lower(), value.strip().lower())
+    if mode not in MODES:
+        raise ValueError(f"mode={value!r}: one of {', '.join(MODES)}")
+    return mode
+
+
+def _alone(group: EditGroup, lang: str) -> EditGroup | None:
+    """The group reduced to ``lang`` for a one-language edit, or None if it cannot be edited so.
+
+    The language's own subject is kept when it occurs in its edit question; else the longest
+    subject of the whole group that occurs there (MzsRE questions often carry another language's
+    form, e.g. the English name inside a Thai question) becomes the subject; with neither, the
+    group cannot be edited in ``lang`` alone."""
+    e = group.edits[lang]
+    found = [s for s in (e.subject, *group.subjects) if s and s in e.prompt]
+    if not found:
+        return None
+    return dataclasses.replace(group, edits={lang: dataclasses.replace(e, subject=found[0])})
+
+
+def _tensorboard_dir(config) -> Path | None:
+    logger = config.get("trainer", {}).get("logger") if hasattr(config, "get") else None
+    if not logger or logger is True:
+        return Path("lightning_logs") / "evaluate" if logger is True else None
+    loggers = logger if isinstance(logger, list) else [logger]
+    for lg in loggers:
+        cls = str(lg.get("class_path", "")) if hasattr(lg, "get") else ""
+        if "TensorBoard" in cls:
+            init = lg.get("init_args", {}) or {}
+            return Path(init.get("save_dir") or ".") / str(init.get("name") or "lightning_logs") / "evaluate"
+    return None
+
+
+def _digest(items: Iterable[str]) -> str:
+    return hashlib.sha256("\n".join(items).encode()).hexdigest()[:16]
+
+
+def _write_tensorboard(log_dir: Path, results: Mapping[str, Any], markdown: str) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    def scalars(prefix: str, section: Mapping[str, Any]):
+        for view, block in (("teacher_forced", section), ("generation", section.get("generation"))):
+            if not block:
+                continue
+            for setting in SETTINGS:
+                for metric, row in block[setting].items():
+                    for lang, cell in row.items():
+                        for k, v in cell.items():
+                            if v is not None:
+                                yield f"{prefix}{view}/{setting}/{metric}/{lang}/{k}", v
+
+    with contextlib.closing(SummaryWriter(str(log_dir))) as writer:
+        for tag, value in scalars("", results):
+            writer.add_scalar(tag, value, 0)
+        for x, section in results.get("by_edit_language", {}).items():
+            for tag, value in scalars(f"by_edit_language/{x}/", section):
+                writer.add_scalar(tag, value, 0)
+        writer.add_text("evaluation", markdown, 0)
+
+
+def evaluate(settings: Settings, output: str, mode: str = "multilingual", edit_languages: list[str] | None = None,
+             edit_batch_size: int = 4, generation: bool = True, margin: int = 0, matcher: str = "exact",
+             batch_size: int = 16, log_dir: str | None = None, restart: bool = False, no_edit: bool = False) -> dict:
+    """Edit every selected group not yet in the cache (:func:`edit_dataset`), then score the edits.
+
+    Writes OUTPUT (JSON), OUTPUT with suffix .md (the tables), OUTPUT with suffix .progress.jsonl
+    (per-group scores; resume) and TensorBoard scalars; returns the results. Settings, modes and
+    file formats: docs/evaluation-protocol.md.
+
+    Args:
+        settings: the parsed config; ``data.groups`` selects the groups, ``cache_dir`` the cache
+            (monolingual/cross-lingual: one subfolder per edit language).
+        output: the results JSON file.
+        mode: ``multilingual`` (edit all languages at once), ``monolingual`` or ``cross-lingual``.
+        edit_languages: monolingual/cross-lingual: the languages to edit in (default: every selected one).
+        edit_batch_size: groups per fit when editing (K).
+        generation: also score free greedy generation.
+        margin: generation: tokens decoded beyond the answer's length (0: exactly its length, so EM is meaningful).
+        matcher: subject matcher of the edited model: exact (the paper's), normalized or fuzzy.
+        batch_size: probes per forward.
+        log_dir: TensorBoard directory (default: the config's logger directory + /evaluate).
+        restart: discard the progress file of an earlier run.
+        no_edit: do not edit; evaluate the groups already in the cache.
+    """
+    mode = _mode(mode)
+    if edit_batch_size < 1 or batch_size < 1 or margin < 0:
+        raise ValueError("edit_batch_size and batch_size must be >= 1, margin >= 0")
+    if matcher not in MATCHERS:
+        raise ValueError(f"matcher={matcher!r}: one of {', '.join(MATCHERS)}")
+    if edit_languages and mode == "multilingual":
+        raise ValueError("edit_languages applies to mode monolingual or cross-lingual; multilingual edits every "
+                         "language of data.languages")
+    own = SimpleNamespace(mode=mode, edit_languages=edit_languages, edit_batch_size=edit_batch_size,
+                          generation=generation, margin=margin, matcher=matcher, batch_size=batch_size,
+                          log_dir=log_dir, restart=restart, no_edit=no_edit, cache_dir=str(settings.cache_dir),
+                          output=output)
+    from tqdm.auto import tqdm
+
+    started = time.perf_counter()
+    cache_dir = Path(own.cache_dir)
+    output = Path(own.output)
+    hp = SimpleNamespace(**settings.model)
+    groups = settings.load_groups()
+    if not groups:
+        raise ValueError(f"data.groups={settings.data.get('groups')!r} selects no group")
+    languages = list(groups[0].languages)
+
+    # ---- the runs: which cache, which groups, which test languages
+    if own.mode == "multilingual":
+        runs = [_Run("multilingual", cache_dir, languages, groups, [])]
+    else:
+        if own.edit_languages:
+            edit_langs = [normalize_language(x, where="edit_languages") for x in own.edit_languages]
+            missing = [x for x in edit_langs if x not in languages]
+            if missing:
+                raise ValueError(f"edit_languages {missing} are not among the selected languages {languages} "
+                                 "(--data.languages)")
+        else:
+            edit_langs = languages
+        runs = []
+        for x in edit_langs:
+            alone = {g.group_id: _alone(g, x) for g in groups}
+            run = _Run(x, cache_dir / x, [x] if own.mode == "monolingual" else languages,
+                       [g for g in groups if alone[g.group_id] is not None],
+                       [g.group_id for g in groups if alone[g.group_id] is None])
+            run.edit_groups = [alone[g.group_id] for g in run.groups]
+            runs.append(run)
+            if run.skipped:
+                print(f"[lafn] {x}: {len(run.skipped)} group(s) cannot be edited in {x} alone (no subject of the group "
+                      f"occurs in the {x} question); left out of this run", file=sys.stderr)
+
+    # ---- a cache edited with other languages would be skipped by edit-dataset and silently scored
+    for run in runs:
+        if not (run.cache_dir / "manifest.json").exists():
+            continue
+        existing = EditCache.open(run.cache_dir)
+        cached = set(existing.group_ids)
+        want = set(languages) if own.mode == "multilingual" else {run.name}
+        bad = [g.group_id for g in run.groups if g.group_id in cached and set(existing.subjects(g.group_id)) != want]
+        if bad:
+            got = sorted(existing.subjects(bad[0]))
+            raise ValueError(f"{run.cache_dir}: group {bad[0]} (and {len(bad) - 1} more) was edited in languages {got}, "
+                             f"but this evaluation edits in {sorted(want)}; use another --cache_dir")
+
+    # ---- edit what is not cached yet
+    edit_seconds = 0.0
+    if own.no_edit:
+        missing = [str(run.cache_dir) for run in runs if run.groups and not (run.cache_dir / "manifest.json").exists()]
+        if missing:
+            raise CacheError(f"no_edit: no edit cache at {', '.join(missing)}; drop --no_edit to edit first, "
+                             "or point --cache_dir at an existing cache")
+    if not own.no_edit:
+        t0 = time.perf_counter()
+        for run in runs:
+            if not run.groups:
+                continue
+            run_settings = settings.replace(cache_dir=str(run.cache_dir))
+            if own.mode != "multilingual":
+                # the one-language groups (subject as it occurs in the question) as a JSONL dataset
+                source = run.cache_dir / f"edits-{run.name}.jsonl"
+                source.parent.mkdir(parents=True, exist_ok=True)
+                write_jsonl(run.edit_groups, source)
+                run_settings = run_settings.replace(data={"dataset": str(source), "format": "jsonl",
+                                                          "languages": [run.name], "groups": None, "paraphrases": None})
+            edit_dataset(run_settings, edit_batch_size=own.edit_batch_size)
+        edit_seconds = time.perf_counter() - t0
+
+    # ---- evaluate
+    model, tokenizer = load_backbone(hp.backbone, hp.dtype)
+    caches: dict[str, EditCache | None] = {}
+    for run in runs:
+        caches[run.name] = EditCache.open(run.cache_dir) if (run.cache_dir / "manifest.json").exists() else None
+    fp = fingerprint(model, list(hp.layers))
+    header = {
+        "version": PROGRESS_VERSION,
+        "mode": own.mode,
+        "languages": languages,
+        "runs": {r.name: {"test_languages": r.test_languages, "groups": [g.group_id for g in r.groups],
+                          "cache": str(r.cache_dir),
+                          "cached_groups": _digest(sorted(caches[r.name].group_ids)) if caches[r.name] else None}
+                 for r in runs},
+        "dataset": str(settings.data.get("dataset") or default_dataset()),
+        "backbone": {"name": fp["name"], "layers": fp["edited_layers"], "layers_hash": fp["layers_hash"]},
+        "site": hp.site,
+        "matcher": own.matcher,
+        "generation": own.generation,
+        "margin": own.margin,
+    }
+    progress_path = output.with_name(output.stem + ".progress.jsonl")
+    progress = ProgressLog(progress_path, header, restart=own.restart)
+    total = sum(len(r.groups) for r in runs)
+    done_before = sum(progress.done(r.name, g.group_id) for r in runs for g in r.groups)
+    if done_before:
+        print(f"[lafn] resuming: {done_before} of {total} group evaluations already in {progress_path}", file=sys.stderr)
+    not_cached: dict[str, list[str]] = {}
+    t0 = time.perf_counter()
+    with tqdm(total=total, initial=done_before, desc="evaluate", unit="group") as bar:
+        for run in runs:
+            cache = caches[run.name]
+            todo = [g for g in run.groups if not progress.done(run.name, g.group_id)]
+            cached_ids = set(cache.group_ids) if cache is not None else set()
+            not_cached[run.name] = [g.group_id for g in run.groups if g.group_id not in cached_ids]
+            if not todo:
+                continue
+            all_cached = EditedModel(model, tokenizer, cache, matcher=own.matcher, site=hp.site) if cache else None
+            for group in todo:
+                if group.group_id not in cached_ids:
+                    bar.update(1)
+                    continue
+                one = EditedModel(model, tokenizer, cache, matcher=own.matcher, site=hp.site, groups=[group.group_id])
+                cells = score_group(model, tokenizer, group, {"edit_one_test_one": one, "all_cached": all_cached},
+                                    languages=run.test_languages, generation=own.generation, margin=own.margin,
+                                    batch_size=own.batch_size)
+                progress.add(run.name, group.group_id, cells)
+                bar.update(1)
+                bar.set_postfix_str(f"{run.name}:{group.group_id}")
+    eval_seconds = time.perf_counter() - t0
+
+    # ---- aggregate from the progress file, in selection order
+    results = _assemble(own, runs, progress, languages, header, not_cached)
+    markdown = _results_markdown(own, results, languages, runs)
+    results = _json_numbers(results)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(output, json.dumps(results, ensure_ascii=False, indent=2) + "\n")
+    atomic_write(output.with_suffix(".md"), markdown)
+    log_dir = Path(own.log_dir) if own.log_dir else _tensorboard_dir(settings.config)
+    if log_dir is not None and not own.log_dir:
+        log_dir = log_dir / output.stem
+    if log_dir is not None:
+        _write_tensorboard(log_dir, results, markdown)
+    n_eval = sum(len(r.groups) - len(not_cached[r.name]) for r in runs)
+    print(f"[lafn] evaluated {n_eval} group evaluation(s) ({own.mode}, languages {','.join(languages)}) in "
+          f"{time.perf_counter() - started:.0f}s (editing {edit_seconds:.0f}s, scoring {eval_seconds:.0f}s); "
+          f"wrote {output}, {output.with_suffix('.md')}" + (f", TensorBoard {log_dir}" if log_dir else ""),
+          file=sys.stderr)
+    print(markdown)
+    return results
+
+
+def _assemble(own, runs: list[_Run], progress: ProgressLog, languages: list[str], header: dict,
+              not_cached: dict[str, list[str]]) -> dict:
+    def records(selected: Iterable[_Run]):
+        for run in selected:
+            for g in run.groups:
+                rec = progress.records.get((run.name, g.group_id))
+                if rec is not None:
+                    yield rec
+
+    if own.mode == "multilingual":
+        include = lambda run, lang: True  # noqa: E731
+    elif own.mode == "monolingual":
+        include = lambda run, lang: run == lang  # noqa: E731
+    else:
+        include = lambda run, lang: run != lang  # noqa: E731
+    results = _section(aggregate(records(runs), languages, include), own.generation)
+    if own.mode == "cross-lingual":
+        results["by_edit_language"] = {r.name: _section(aggregate(records([r]), languages), own.generation)
+                                       for r in runs}
+    results["meta"] = {
+        "mode": own.mode,
+        "dataset": header["dataset"],
+        "backbone": header["backbone"],
+        "site": header["site"],
+        "matcher": own.matcher,
+        "languages": languages,
+        "runs": {r.name: {"cache_dir": str(r.cache_dir), "test_languages": r.test_languages,
+                          "groups_evaluated": sum((r.name, g.group_id) in progress.records for g in r.groups),
+                          "skipped": r.skipped, "not_in_cache": not_cached.get(r.name, [])} for r in runs},
+        "generation_margin": own.margin if own.generation else None,
+        "f1": "token F1 over the multiset of token ids, 2PR/(P+R); EM on decoded strings; x100",
+        "locality": "edited vs unedited prediction on the locality question; pre_edit locality is null",
+        "avg": "macro-average over the languages",
+    }
+    return results
+
+
+def _results_markdown(own, results: Mapping[str, Any], languages: list[str], runs: list[_Run]) -> str:
+    meta = results["meta"]
+    n = {r.name: meta["runs"][r.name]["groups_evaluated"] for r in runs}
+    head = [f"# LU-LAFN evaluation ({own.mode})", "",
+            f"Dataset `{meta['dataset']}`, backbone `{meta['backbone']['name']}`, layers {meta['backbone']['layers']}, "
+            f"matcher `{own.matcher}`; groups evaluated: "
+            + ", ".join(f"{k}: {v}" for k, v in n.items()) + ". Cells: F1 / EM (x100).", ""]
+    if own.mode == "cross-lingual":
+        title = "Cross-lingual transfer (test language T, pooled over edits in languages other than T)"
+    elif own.mode == "monolingual":
+        title = "Monolingual (column X: edited and tested in X)"
+    else:
+        title = "Multilingual (edited in all languages at once)"
+    body = [_markdown(title, results, languages, own.generation)]
+    if own.mode == "cross-lingual":
+        by_edit = results["by_edit_language"]
+        for view in ("teacher_forced", "generation") if own.generation else ("teacher_forced",):
+            for setting in SETTINGS:
+                body.append(_matrix_markdown(by_edit, languages, setting, view))
+    return "\n".join(head + body)

@@ -1,0 +1,930 @@
+"""The edit cache on disk: per group, the located neurons' ΔV values and packed mask (safetensors
+shards) plus one JSON manifest (subjects, backbone fingerprint, how the edits were made).
+
+    from lafn_lightning.cache import EditCache, write_shard
+    cache = EditCache.open("edit_cache", fingerprint=fp)     # refuses another backbone
+    entry = cache.entry("mzsre:0")                             # dense ΔV [layers, d_ff]
+
+Atomic, lock-guarded and mergeable; the format and its guarantees: docs/cache.md.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import datetime as _dt
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import stat as stat_mod
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import torch
+from safetensors import safe_open
+
+from ..backbone.fingerprint import FingerprintMismatch, canonical_fingerprint, check_fingerprint, fingerprints_differ
+from ..files import LOCK_NAME, TMP_SUFFIX as _TMP_SUFFIX, atomic_write, fsync_dir, locked, tmp_path
+from safetensors.torch import save as _st_save
+
+__all__ = [
+    "CacheError",
+    "FingerprintMismatch",
+    "CacheEntry",
+    "EditCache",
+    "write_shard",
+    "merge_caches",
+    "fingerprints_differ",
+    "pack_mask",
+    "unpack_mask",
+    "MANIFEST_NAME",
+    "SHARD_DIR",
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+]
+
+FORMAT_NAME = "lafn-edit-cache"
+FORMAT_VERSION = 2
+#: versions this code reads (version 1 has no "settings" record: today's defaults are assumed)
+READABLE_VERSIONS = (1, 2)
+MANIFEST_NAME = "manifest.json"
+SHARD_DIR = "shards"
+SHARD_SUFFIX = ".safetensors"
+
+_VALUE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_SHARD_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.int32)
+_BIT_SHIFTS = torch.tensor([7, 6, 5, 4, 3, 2, 1, 0], dtype=torch.uint8)
+
+
+# --------------------------------------------------------------------------------------------
+# errors and the entry type
+
+
+class CacheError(RuntimeError):
+    """Anything wrong with an edit cache on disk; the message names the file concerned."""
+
+
+@dataclasses.dataclass
+class CacheEntry:
+    """One edit group's update.
+
+    ``mask`` is bool [len(layers), d_ff]; ``delta`` is float of the same shape and only its
+    values at ``mask`` positions are stored (entries loaded from a cache are exactly zero
+    elsewhere). ``meta`` must be JSON-able (small: steps, final losses, located counts, ...).
+    """
+
+    group_id: str
+    subjects: dict[str, str]
+    layers: tuple[int, ...]
+    mask: torch.Tensor
+    delta: torch.Tensor
+    meta: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def n_located(self) -> int:
+        return int(self.mask.sum())
+
+
+# --------------------------------------------------------------------------------------------
+# small helpers: bit packing, JSON, atomic files, locking
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """bool [L, d] -> uint8 [L, ceil(d/8)], bit order and padding as ``np.packbits(axis=-1)``."""
+    if mask.dim() != 2:
+        raise ValueError(f"mask must be 2-D [layers, d_ff], got shape {tuple(mask.shape)}")
+    n_rows, d = mask.shape
+    n_bytes = (d + 7) // 8
+    bits = torch.zeros(n_rows, n_bytes * 8, dtype=torch.int32)
+    bits[:, :d] = mask.detach().to("cpu", torch.bool).to(torch.int32)
+    packed = (bits.view(n_rows, n_bytes, 8) * _BIT_WEIGHTS).sum(-1)
+    return packed.to(torch.uint8).contiguous()
+
+
+def unpack_mask(packed: torch.Tensor, d: int) -> torch.Tensor:
+    """uint8 [L, ceil(d/8)] -> bool [L, d]. Raises ValueError if a padding bit is set."""
+    if packed.dtype != torch.uint8 or packed.dim() != 2 or packed.shape[1] != (d + 7) // 8:
+        raise ValueError(
+            f"packed mask must be uint8 [L, {(d + 7) // 8}], got {packed.dtype} {tuple(packed.shape)}"
+        )
+    bits = (packed.unsqueeze(-1) >> _BIT_SHIFTS) & 1
+    bits = bits.reshape(packed.shape[0], -1).to(torch.bool)
+    if bits[:, d:].any():
+        raise ValueError("packed mask has padding bits set")
+    return bits[:, :d].contiguous()
+
+
+def _utcnow() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _jsonable(obj: Any, where: str) -> Any:
+    """Convert ``obj`` to plain JSON types. Tensors / numpy scalars become numbers or lists,
+    tuples become lists, paths become strings, non-finite floats become ``None`` (strict JSON)."""
+    if obj is None or isinstance(obj, (bool, str)):
+        return obj
+    if isinstance(obj, int):
+        return int(obj)
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, torch.Tensor):
+        return _jsonable(obj.detach().cpu().tolist(), where)
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            if not isinstance(k, str):
+                raise CacheError(f"{where}: keys must be strings, got {k!r}")
+            out[k] = _jsonable(v, f"{where}.{k}")
+        return out
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v, where) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item):  # numpy scalars
+        return _jsonable(obj.item(), where)
+    raise CacheError(f"{where}: {type(obj).__name__} value {obj!r} is not JSON-able")
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# manifest
+
+
+def _new_manifest(fingerprint: dict, settings: dict | None = None) -> dict:
+    return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "fingerprint": fingerprint,
+            "settings": settings, "groups": {}}
+
+
+#: How an edit is applied, for caches written before the settings record existed (version 1).
+LEGACY_SETTINGS = {"site": "value"}
+
+
+def check_settings(stored: dict | None, given: dict | None, where: str) -> None:
+    """Refuse to mix edits made with different settings in one cache (one line naming each key)."""
+    if stored is None or given is None:
+        return
+    diff = {k: (stored.get(k), given.get(k)) for k in dict.fromkeys([*stored, *given]) if stored.get(k) != given.get(k)}
+    if diff:
+        parts = "; ".join(f"{k}: cache has {a!r}, given {b!r}" for k, (a, b) in diff.items())
+        raise CacheError(f"{where} holds edits made with other settings ({parts}); use another cache directory")
+
+
+def _check_layout(cache_dir: Path) -> None:
+    """Refuse a cache whose own entries are symbolic links or of the wrong kind: cache operations
+    never follow a link out of the directory, so they never read, write or delete outside it."""
+    for name, kind in ((MANIFEST_NAME, "file"), (LOCK_NAME, "file"), (SHARD_DIR, "dir")):
+        path = cache_dir / name
+        if path.is_symlink():
+            raise CacheError(f"edit cache {cache_dir}: {path} is a symbolic link; refusing to follow it")
+        if path.exists() and (path.is_dir() if kind == "file" else not path.is_dir()):
+            raise CacheError(f"edit cache {cache_dir}: {path} should be a {'directory' if kind == 'dir' else 'file'}")
+
+
+def _regular(path: Path) -> bool:
+    """True for a regular file that is not a symbolic link."""
+    try:
+        return stat_mod.S_ISREG(path.lstat().st_mode)
+    except OSError:
+        return False
+
+
+def _read_manifest(cache_dir: Path, *, missing_ok: bool) -> dict | None:
+    _check_layout(cache_dir)
+    path = cache_dir / MANIFEST_NAME
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        if missing_ok:
+            return None
+        if not cache_dir.exists():
+            raise CacheError(f"no edit cache at {cache_dir}: the directory does not exist") from None
+        raise CacheError(f"no edit cache at {cache_dir}: {path} is missing") from None
+    except OSError as e:
+        raise CacheError(f"cannot read edit-cache manifest {path}: {e}") from None
+    try:
+        m = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CacheError(f"edit-cache manifest {path} is corrupt (not valid JSON: {e})") from None
+    _validate_manifest(m, path)
+    return m
+
+
+def _validate_manifest(m: Any, path: Path) -> None:
+    def bad(why: str) -> CacheError:
+        return CacheError(f"edit-cache manifest {path} is malformed: {why}")
+
+    if not isinstance(m, dict):
+        raise bad("top level is not an object")
+    if m.get("format") != FORMAT_NAME:
+        raise bad(f"format is {m.get('format')!r}, expected {FORMAT_NAME!r}")
+    if m.get("version") not in READABLE_VERSIONS:
+        raise CacheError(
+            f"edit-cache manifest {path} has format version {m.get('version')!r}; "
+            f"this code reads versions {', '.join(map(str, READABLE_VERSIONS))}"
+        )
+    if not isinstance(m.get("fingerprint"), dict):
+        raise bad("'fingerprint' missing or not an object")
+    if not isinstance(m.get("settings"), (dict, type(None))):
+        raise bad("'settings' is not an object")
+    groups = m.get("groups")
+    if not isinstance(groups, dict):
+        raise bad("'groups' missing or not an object")
+    need = {"subjects": dict, "layers": list, "d_ff": int, "shard": str, "sha256": str,
+            "keys": dict, "value_dtype": str, "located": list, "meta": dict}
+    for gid, rec in groups.items():
+        if not isinstance(rec, dict):
+            raise bad(f"group {gid!r} is not an object")
+        for k, t in need.items():
+            if not isinstance(rec.get(k), t):
+                raise bad(f"group {gid!r}: field {k!r} missing or not {t.__name__}")
+        if rec["value_dtype"] not in _VALUE_DTYPES:
+            raise bad(f"group {gid!r}: unknown value_dtype {rec['value_dtype']!r}")
+        if len(rec["located"]) != len(rec["layers"]):
+            raise bad(f"group {gid!r}: 'located' and 'layers' differ in length")
+        if not {"values", "mask"} <= set(rec["keys"]):
+            raise bad(f"group {gid!r}: 'keys' must name 'values' and 'mask'")
+        shard = rec["shard"]
+        parts = shard.split("/")
+        if len(parts) != 2 or parts[0] != SHARD_DIR or not _SHARD_NAME_RE.match(parts[1]):
+            raise bad(f"group {gid!r}: shard path {shard!r} is not shards/<name>{SHARD_SUFFIX}")
+
+
+def _dump_manifest(manifest: dict) -> bytes:
+    """Compact but greppable JSON: one line per top-level field and one line per group."""
+
+    def dump(v: Any) -> str:
+        return json.dumps(v, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+    head = [f" {dump(k)}: {dump(v)}" for k, v in manifest.items() if k != "groups"]
+    groups = [f"  {dump(g)}: {dump(r)}" for g, r in manifest["groups"].items()]
+    body = "{\n" + "".join(h + ",\n" for h in head)
+    body += ' "groups": {' + ("\n" + ",\n".join(groups) + "\n }" if groups else "}") + "\n}\n"
+    return body.encode("utf-8")
+
+
+def _manifest_for(cache_dir: Path, fp: dict, settings: dict | None = None) -> dict:
+    """The current manifest (a new one for a new cache), refused if made on another backbone or
+    with other edit settings; a version-1 manifest is upgraded. Call under the lock."""
+    manifest = _read_manifest(cache_dir, missing_ok=True)
+    if manifest is None:
+        return _new_manifest(fp, settings)
+    check_fingerprint(manifest["fingerprint"], fp, str(cache_dir))
+    stored = manifest_settings(manifest)
+    if stored is not None and manifest.get("settings") is None:  # version 1: only what it implies
+        stored = {k: v for k, v in stored.items() if k in (settings or {})}
+    check_settings(stored, settings, str(cache_dir))
+    if settings is not None and manifest.get("settings") is None:
+        manifest["settings"] = settings
+    manifest["version"] = FORMAT_VERSION
+    return manifest
+
+
+def check_target(cache_dir: str | os.PathLike, fingerprint: dict | None, settings: dict | None = None) -> None:
+    """Raise a one-line error now (before any compute) if ``cache_dir`` could not take edits made
+    on this backbone with these settings: not a directory, links inside, unreadable or corrupt
+    manifest, another backbone (``fingerprint=None``: not checked), other settings. A directory
+    that does not exist yet is fine."""
+    cache_dir = Path(cache_dir)
+    if cache_dir.exists() and not cache_dir.is_dir():
+        raise CacheError(f"cache_dir {cache_dir} exists and is not a directory")
+    if cache_dir.is_dir():
+        manifest = _read_manifest(cache_dir, missing_ok=True)
+        if manifest is not None:
+            if fingerprint is not None:
+                check_fingerprint(manifest["fingerprint"], canonical_fingerprint(fingerprint), f"edit cache {cache_dir}")
+            stored = manifest_settings(manifest)
+            if stored is not None and settings is not None:
+                check_settings(stored if manifest.get("settings") is not None
+                               else {k: v for k, v in stored.items() if k in settings},
+                               _jsonable(settings, "settings"), f"edit cache {cache_dir}")
+
+
+def manifest_settings(manifest: dict) -> dict | None:
+    """The edit settings a manifest records (version 1: :data:`LEGACY_SETTINGS`, if it holds groups)."""
+    if manifest.get("settings") is not None:
+        return dict(manifest["settings"])
+    return dict(LEGACY_SETTINGS) if manifest.get("version") == 1 and manifest["groups"] else None
+
+
+def _write_manifest(cache_dir: Path, manifest: dict) -> None:
+    atomic_write(cache_dir / MANIFEST_NAME, _dump_manifest(manifest))
+
+
+def _shard_shas(manifest: dict) -> dict[str, str]:
+    """shard rel path -> recorded sha256 (first seen)."""
+    out: dict[str, str] = {}
+    for rec in manifest["groups"].values():
+        out.setdefault(rec["shard"], rec["sha256"])
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# writing
+
+
+def _validate_entry(e: CacheEntry, fp: dict, value_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    where = f"cache entry {e.group_id!r}"
+    if not isinstance(e.group_id, str) or not e.group_id:
+        raise CacheError(f"cache entry group_id must be a non-empty string, got {e.group_id!r}")
+    if not isinstance(e.subjects, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in e.subjects.items()
+    ):
+        raise CacheError(f"{where}: subjects must be a dict language -> subject string")
+    layers = [int(x) for x in e.layers]
+    if len(set(layers)) != len(layers):
+        raise CacheError(f"{where}: duplicate layers {layers}")
+    mask, delta = e.mask, e.delta
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() != 2:
+        raise CacheError(f"{where}: mask must be a bool tensor [n_layers, d_ff]")
+    if not isinstance(delta, torch.Tensor) or not delta.is_floating_point() or delta.shape != mask.shape:
+        raise CacheError(
+            f"{where}: delta must be a float tensor with the mask's shape {tuple(mask.shape)}, "
+            f"got {getattr(delta, 'dtype', None)} {tuple(getattr(delta, 'shape', ()))}"
+        )
+    if mask.shape[0] != len(layers):
+        raise CacheError(f"{where}: mask has {mask.shape[0]} rows but {len(layers)} layers {layers}")
+    d_ff = mask.shape[1]
+    if "d_ff" in fp and fp["d_ff"] != d_ff:
+        raise CacheError(f"{where}: d_ff {d_ff} differs from the fingerprint's d_ff {fp['d_ff']}")
+    if isinstance(fp.get("edited_layers"), list) and not set(layers) <= set(fp["edited_layers"]):
+        raise CacheError(
+            f"{where}: layers {layers} are not all among the fingerprint's edited_layers {fp['edited_layers']}"
+        )
+    mask_cpu = mask.detach().cpu()
+    vals = delta.detach().cpu()[mask_cpu]
+    if not torch.isfinite(vals).all():
+        raise CacheError(f"{where}: delta has non-finite values on the mask")
+    vals_c = vals.to(value_dtype)
+    if not torch.isfinite(vals_c).all():
+        raise CacheError(
+            f"{where}: delta overflows {value_dtype} (max |value| {vals.abs().max().item():.4g}); "
+            f"use value_dtype=torch.bfloat16"
+        )
+    return vals_c.contiguous(), pack_mask(mask_cpu), mask_cpu.sum(dim=1).tolist()
+
+
+def write_shard(
+    cache_dir: str | os.PathLike,
+    entries: list[CacheEntry],
+    fingerprint: dict,
+    *,
+    shard_name: str | None = None,
+    value_dtype: torch.dtype = torch.float16,
+    lock_timeout: float | None = 600.0,
+    settings: dict | None = None,
+) -> Path:
+    """Write ``entries`` as one new shard of the cache in ``cache_dir`` and index them.
+
+    ``settings``: how the edits were made (site, dtype, locating, loss weights, steps, ...),
+    recorded once per cache; a cache holding edits made with other settings is refused.
+
+    Creates the directory if needed. Under the directory lock: re-reads the manifest, refuses a
+    different backbone (:class:`FingerprintMismatch`), writes ``shards/<shard_name>.safetensors``
+    atomically, then the updated manifest atomically. Group ids already in the cache are replaced
+    (newest wins; the shard they lived in may become an orphan, see :meth:`EditCache.gc`).
+    ``shard_name`` defaults to a unique name; an explicit name that is still referenced by groups
+    not being replaced is refused. ``value_dtype`` is fp16 (default) or bf16 (fp32 is accepted
+    for exactness tests). Values must be finite and representable in ``value_dtype``.
+    Returns the shard's path.
+    """
+    cache_dir = Path(cache_dir)
+    fp = canonical_fingerprint(fingerprint)
+    dtype_name = next((k for k, v in _VALUE_DTYPES.items() if v == value_dtype), None)
+    if dtype_name is None:
+        raise CacheError(f"value_dtype must be torch.float16 or torch.bfloat16, got {value_dtype}")
+    entries = list(entries)
+    if not entries:
+        raise CacheError(f"write_shard into {cache_dir}: no entries given")
+    ids = [e.group_id for e in entries]
+    dup = sorted({g for g in ids if ids.count(g) > 1})
+    if dup:
+        raise CacheError(f"write_shard into {cache_dir}: duplicate group ids in one shard: {dup}")
+
+    if shard_name is None:
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        shard_name = f"{stamp}-{os.getpid()}-{uuid.uuid4().hex[:10]}"
+    if shard_name.endswith(SHARD_SUFFIX):
+        shard_name = shard_name[: -len(SHARD_SUFFIX)]
+    fname = shard_name + SHARD_SUFFIX
+    if not _SHARD_NAME_RE.match(fname):
+        raise CacheError(f"invalid shard name {shard_name!r}: use letters, digits, '.', '_' and '-'")
+    rel = f"{SHARD_DIR}/{fname}"
+
+    # Serialise outside the lock (the CPU-heavy part).
+    tensors: dict[str, torch.Tensor] = {}
+    records: dict[str, dict] = {}
+    now = _utcnow()
+    for i, e in enumerate(entries):
+        vals, packed, located = _validate_entry(e, fp, value_dtype)
+        kv, km = f"{i}.values", f"{i}.mask"
+        tensors[kv], tensors[km] = vals, packed
+        records[e.group_id] = {
+            "subjects": dict(e.subjects),
+            "layers": [int(x) for x in e.layers],
+            "d_ff": int(e.mask.shape[1]),
+            "shard": rel,
+            "sha256": "",
+            "keys": {"values": kv, "mask": km},
+            "value_dtype": dtype_name,
+            "located": [int(x) for x in located],
+            "meta": _jsonable(dict(e.meta or {}), f"cache entry {e.group_id!r} meta"),
+            "written_at": now,
+        }
+    metadata = {
+        "format": FORMAT_NAME + "-shard",
+        "version": str(FORMAT_VERSION),
+        "fingerprint": json.dumps(fp, sort_keys=True),
+        "groups": json.dumps(ids, ensure_ascii=False),
+    }
+    blob = _st_save(tensors, metadata=metadata)
+    sha = hashlib.sha256(blob).hexdigest()
+    for r in records.values():
+        r["sha256"] = sha
+
+    if cache_dir.exists() and not cache_dir.is_dir():
+        raise CacheError(f"cache_dir {cache_dir} exists and is not a directory")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    _check_layout(cache_dir)
+    (cache_dir / SHARD_DIR).mkdir(exist_ok=True)
+    with locked(cache_dir, timeout=lock_timeout):
+        manifest = _manifest_for(cache_dir, fp, _jsonable(settings, "settings") if settings is not None else None)
+        still_using = sorted(g for g, r in manifest["groups"].items() if r["shard"] == rel and g not in records)
+        if still_using:
+            raise CacheError(
+                f"shard {cache_dir / rel} already exists and still holds groups {still_using[:5]}"
+                f"{'...' if len(still_using) > 5 else ''}; choose another shard_name"
+            )
+        shard_path = cache_dir / rel
+        atomic_write(shard_path, blob)  # 1. the shard
+        groups = manifest["groups"]
+        for gid, rec in records.items():
+            groups.pop(gid, None)  # newest wins, and moves to the end
+            groups[gid] = rec
+        _write_manifest(cache_dir, manifest)  # 2. the manifest (commit point)
+    return shard_path
+
+
+# --------------------------------------------------------------------------------------------
+# reading
+
+
+class EditCache:
+    """Read access (and delete / verify / gc) to an edit cache directory.
+
+    Holds a snapshot of the manifest taken at :meth:`open` (or :meth:`refresh`); tensors are read
+    lazily per group from memory-mapped shards by :meth:`entry`.
+    """
+
+    def __init__(self, path: Path, manifest: dict, *, check_hashes: bool = True):
+        self.path = Path(path)
+        self._manifest = manifest
+        self.check_hashes = check_hashes
+        # (shard, sha256) -> (device, inode, size, mtime) of the file when it was last checked
+        # (sha256 when check_hashes) and opened
+        self._verified_shards: dict[tuple[str, str], tuple[int, int, int, int]] = {}
+        # (shard, sha256) -> open reader, most recently used last (shards are never modified in
+        # place, so a reader stays valid for the snapshot that recorded that sha256)
+        self._readers: "collections.OrderedDict[tuple[str, str], _ShardReader]" = collections.OrderedDict()
+
+    #: how many shards :meth:`entry` keeps open (memory-mapped)
+    MAX_OPEN_SHARDS = 16
+
+    # ---- opening
+
+    @classmethod
+    def open(
+        cls, cache_dir: str | os.PathLike, fingerprint: dict | None = None, *, check_hashes: bool = True
+    ) -> "EditCache":
+        """Open the cache in ``cache_dir``. If ``fingerprint`` is given it must equal the cache's
+        (else :class:`FingerprintMismatch`). With ``check_hashes`` (default) each shard's sha256
+        is checked once, on its first read by :meth:`entry` (and again if the file's inode, size
+        or mtime changes). :meth:`entry` keeps up to ``MAX_OPEN_SHARDS`` shards open
+        (memory-mapped), so a large shard's header is parsed once."""
+        cache_dir = Path(cache_dir)
+        manifest = _read_manifest(cache_dir, missing_ok=False)
+        if fingerprint is not None:
+            check_fingerprint(manifest["fingerprint"], canonical_fingerprint(fingerprint), str(cache_dir))
+        return cls(cache_dir, manifest, check_hashes=check_hashes)
+
+    def refresh(self) -> "EditCache":
+        """Re-read the manifest (to see groups written by others since open)."""
+        manifest = _read_manifest(self.path, missing_ok=False)
+        check_fingerprint(self.fingerprint, manifest["fingerprint"], str(self.path))
+        self._manifest = manifest
+        return self
+
+    # ---- index
+
+    @property
+    def settings(self) -> dict | None:
+        """How the cached edits were made (site, dtype, layers, locating, loss weights, steps...);
+        None for an empty version-1 cache."""
+        return manifest_settings(self._manifest)
+
+    @property
+    def fingerprint(self) -> dict:
+        return json.loads(json.dumps(self._manifest["fingerprint"]))
+
+    @property
+    def group_ids(self) -> list[str]:
+        return list(self._manifest["groups"])
+
+    def __len__(self) -> int:
+        return len(self._manifest["groups"])
+
+    def __contains__(self, group_id: object) -> bool:
+        return group_id in self._manifest["groups"]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.group_ids)
+
+    def __repr__(self) -> str:
+        return f"EditCache({str(self.path)!r}, groups={len(self)}, backbone={self._manifest['fingerprint'].get('name')!r})"
+
+    def _record(self, group_id: str) -> dict:
+        try:
+            return self._manifest["groups"][group_id]
+        except KeyError:
+            raise KeyError(f"group {group_id!r} is not in the edit cache at {self.path}") from None
+
+    def info(self, group_id: str) -> dict:
+        """The group's manifest record (a copy): subjects, layers, shard, located counts, meta..."""
+        return json.loads(json.dumps(self._record(group_id)))
+
+    def subjects(self, group_id: str) -> dict[str, str]:
+        return dict(self._record(group_id)["subjects"])
+
+    def all_subjects(self) -> dict[str, list[str]]:
+        """group_id -> the group's distinct subject strings (all languages), in first-seen order."""
+        out = {}
+        for gid, rec in self._manifest["groups"].items():
+            out[gid] = list(dict.fromkeys(s for s in rec["subjects"].values()))
+        return out
+
+    # ---- tensors
+
+    def entry(self, group_id: str, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> CacheEntry:
+        """Load one group: dense ``delta`` [n_layers, d_ff] on ``device`` in ``dtype``, exactly
+        zero off the mask. A missing, truncated or corrupt shard raises :class:`CacheError`
+        naming the shard file; nothing is returned half-loaded."""
+        rec = self._record(group_id)
+        shard_path = self.path / rec["shard"]
+        key = (rec["shard"], rec["sha256"])
+        try:
+            st = shard_path.lstat()
+        except FileNotFoundError:
+            st = None
+        except OSError as e:
+            raise CacheError(f"cannot read shard file {shard_path}: {e}") from None
+        if st is None or not stat_mod.S_ISREG(st.st_mode):
+            raise CacheError(f"shard file {shard_path} of group {group_id!r} is missing or not a regular file")
+        state = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        if self._verified_shards.get(key, state) != state:
+            # the file changed since it was checked and opened (shards are never modified in
+            # place by this module): check it again, and never read it through an old mapping
+            self._verified_shards.pop(key, None)
+            self._readers.pop(key, None)
+        if self.check_hashes and key not in self._verified_shards:
+            try:
+                actual = _sha256_file(shard_path)
+            except OSError as e:
+                raise CacheError(f"cannot read shard file {shard_path}: {e}") from None
+            if actual != rec["sha256"]:
+                raise CacheError(
+                    f"shard file {shard_path} is corrupt or was modified: sha256 {actual[:16]}... "
+                    f"!= recorded {rec['sha256'][:16]}... (group {group_id!r})"
+                )
+        self._verified_shards[key] = state
+        try:
+            mask, values = _read_group_tensors(shard_path, rec, self._reader(key, shard_path))
+        except CacheError:
+            raise
+        except Exception as e:  # safetensors errors, bad shapes, ...
+            raise CacheError(f"shard file {shard_path} is truncated or corrupt (group {group_id!r}): {e}") from None
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        delta = torch.zeros(mask.shape, dtype=dtype)
+        delta[mask] = values.to(dtype)
+        return CacheEntry(
+            group_id=group_id,
+            subjects=dict(rec["subjects"]),
+            layers=tuple(int(x) for x in rec["layers"]),
+            mask=mask.to(dev),
+            delta=delta.to(dev),
+            meta=json.loads(json.dumps(rec["meta"])),
+        )
+
+    def _reader(self, key: tuple[str, str], shard_path: Path) -> _ShardReader:
+        reader = self._readers.get(key)
+        if reader is None:
+            reader = self._readers[key] = _ShardReader(shard_path)
+            while len(self._readers) > self.MAX_OPEN_SHARDS:
+                self._readers.popitem(last=False)
+        self._readers.move_to_end(key)
+        return reader
+
+    # ---- maintenance
+
+    def delete(self, group_id: str | Iterable[str], *, missing_ok: bool = False) -> None:
+        """Remove one group (or several, in one atomic manifest write) from the cache: rolls
+        back an edit. The shard data stays on disk until :meth:`gc` finds it unreferenced."""
+        ids = [group_id] if isinstance(group_id, str) else list(group_id)
+        _check_layout(self.path)
+        with locked(self.path):
+            manifest = _read_manifest(self.path, missing_ok=False)
+            check_fingerprint(manifest["fingerprint"], self._manifest["fingerprint"], str(self.path))
+            missing = [g for g in ids if g not in manifest["groups"]]
+            if missing and not missing_ok:
+                raise KeyError(f"groups {missing} are not in the edit cache at {self.path}")
+            for g in ids:
+                manifest["groups"].pop(g, None)
+            _write_manifest(self.path, manifest)
+        self._manifest = manifest
+
+    def _scan(self, manifest: dict) -> tuple[list[Path], list[Path]]:
+        """(orphan shard files, stale temp files) on disk for ``manifest``."""
+        referenced = {rec["shard"] for rec in manifest["groups"].values()}
+        orphans, temps = [], []
+        shard_dir = self.path / SHARD_DIR
+        _check_layout(self.path)
+        for d in (self.path, shard_dir):
+            if d.is_dir():
+                temps += sorted(p for p in d.iterdir()
+                                if p.name.startswith(".") and p.name.endswith(_TMP_SUFFIX) and _regular(p))
+        if shard_dir.is_dir():
+            for p in sorted(shard_dir.iterdir()):
+                if (p.name.endswith(SHARD_SUFFIX) and not p.name.startswith(".") and _regular(p)
+                        and f"{SHARD_DIR}/{p.name}" not in referenced):
+                    orphans.append(p)
+        return orphans, temps
+
+    def _links(self) -> list[Path]:
+        """Entries of ``shards/`` that are not regular files (links, directories, ...)."""
+        shard_dir = self.path / SHARD_DIR
+        return [p for p in sorted(shard_dir.iterdir()) if not _regular(p)] if shard_dir.is_dir() else []
+
+    def verify(self) -> list[str]:
+        """Check the cache on disk against the (freshly re-read) manifest. Returns the problems
+        found, one message each: missing shard files, sha256 mismatches, unreadable shards,
+        missing tensors or tensors of the wrong dtype/size, mask/count disagreements, shards of
+        another backbone, orphan shards and stale temp files. ``[]`` means healthy."""
+        problems: list[str] = []
+        try:
+            _check_layout(self.path)
+        except CacheError as e:
+            return [str(e)]
+        with locked(self.path, exclusive=False):
+            try:
+                manifest = _read_manifest(self.path, missing_ok=False)
+            except CacheError as e:
+                return [str(e)]
+            self._manifest = manifest
+            by_shard: dict[str, list[str]] = {}
+            for gid, rec in manifest["groups"].items():
+                by_shard.setdefault(rec["shard"], []).append(gid)
+            for rel, gids in by_shard.items():
+                path = self.path / rel
+                if path.is_symlink():
+                    problems.append(f"shard {path} is a symbolic link (not followed; groups {gids})")
+                    continue
+                if not _regular(path):
+                    problems.append(f"missing shard file {path} (groups {gids})")
+                    continue
+                shas = {manifest["groups"][g]["sha256"] for g in gids}
+                actual = _sha256_file(path)
+                if len(shas) > 1 or actual not in shas:
+                    problems.append(f"sha256 mismatch for shard file {path}: {actual[:16]}... not the recorded value")
+                    continue
+                try:
+                    reader = _ShardReader(path)
+                    md = reader.handle.metadata() or {}
+                except Exception as e:
+                    problems.append(f"unreadable shard file {path}: {e}")
+                    continue
+                if "fingerprint" in md:
+                    try:
+                        shard_fp = json.loads(md["fingerprint"])
+                    except json.JSONDecodeError:
+                        shard_fp = None
+                    if shard_fp != manifest["fingerprint"]:
+                        problems.append(f"shard file {path} was written for a different backbone fingerprint")
+                for gid in gids:
+                    try:
+                        _read_group_tensors(path, manifest["groups"][gid], reader)
+                    except Exception as e:
+                        problems.append(f"shard file {path}, group {gid!r}: {e}")
+            orphans, temps = self._scan(manifest)
+            problems += [f"{p} in shards/ is not a regular file (a link or directory; not followed, not removed)"
+                         for p in self._links() if f"{SHARD_DIR}/{p.name}" not in by_shard]
+            problems += [f"orphan shard file {p} (not referenced by the manifest; remove with `lafn cache gc`)" for p in orphans]
+            problems += [f"stale temporary file {p} (left by an interrupted write; remove with `lafn cache gc`)" for p in temps]
+        return problems
+
+    def gc(self, *, dry_run: bool = False) -> list[Path]:
+        """Delete orphan shards and stale temp files (under the lock, so never a shard a
+        concurrent writer is about to index). Only regular files inside the cache are removed; links
+        are never followed. Returns the paths removed (or to remove)."""
+        _check_layout(self.path)
+        with locked(self.path):
+            manifest = _read_manifest(self.path, missing_ok=False)
+            self._manifest = manifest
+            orphans, temps = self._scan(manifest)
+            victims = orphans + temps
+            if not dry_run:
+                for p in victims:
+                    with contextlib.suppress(FileNotFoundError):
+                        p.unlink()
+                if victims:
+                    fsync_dir(self.path / SHARD_DIR)
+        return victims
+
+    def stats(self) -> dict:
+        """Sizes for the current snapshot: groups, shards, bytes on disk (referenced shards +
+        manifest), located neurons, bytes per edit, and the dense-fp32 size it replaces."""
+        groups = self._manifest["groups"]
+        shards = sorted({r["shard"] for r in groups.values()})
+        shard_bytes = 0
+        for rel in shards:
+            with contextlib.suppress(OSError):
+                shard_bytes += (self.path / rel).stat().st_size
+        try:
+            manifest_bytes = (self.path / MANIFEST_NAME).stat().st_size
+        except OSError:
+            manifest_bytes = 0
+        located = sum(sum(r["located"]) for r in groups.values())
+        dense = sum(len(r["layers"]) * r["d_ff"] * 4 for r in groups.values())
+        total = shard_bytes + manifest_bytes
+        n = len(groups)
+        return {
+            "groups": n,
+            "shards": len(shards),
+            "shard_bytes": shard_bytes,
+            "manifest_bytes": manifest_bytes,
+            "bytes_on_disk": total,
+            "located_neurons": located,
+            "located_per_edit": located / n if n else 0.0,
+            "bytes_per_edit": total / n if n else 0.0,
+            "dense_fp32_bytes": dense,
+            "compression_vs_dense_fp32": dense / total if total else 0.0,
+        }
+
+
+class _ShardReader:
+    """An open (memory-mapped) shard and its tensor names, kept by :class:`EditCache` so that a
+    large shard's header is parsed once, not at every group read."""
+
+    __slots__ = ("handle", "keys")
+
+    def __init__(self, shard_path: Path) -> None:
+        try:
+            self.handle = safe_open(str(shard_path), framework="pt", device="cpu")
+            self.keys = frozenset(self.handle.keys())
+        except Exception as e:
+            raise CacheError(f"shard file {shard_path} is truncated or corrupt: {e}") from None
+
+
+def _read_group_tensors(shard_path: Path, rec: dict, reader: _ShardReader | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(bool mask [L, d_ff], values [n_located]) of one group, fully validated. ``reader``: the
+    shard already open (else it is opened for this read)."""
+    kv, km = rec["keys"]["values"], rec["keys"]["mask"]
+    n_layers, d_ff = len(rec["layers"]), rec["d_ff"]
+    try:
+        reader = reader if reader is not None else _ShardReader(shard_path)
+        for k in (kv, km):
+            if k not in reader.keys:
+                raise CacheError(f"shard file {shard_path} has no tensor {k!r}")
+        values = reader.handle.get_tensor(kv)
+        packed = reader.handle.get_tensor(km)
+    except CacheError:
+        raise
+    except Exception as e:
+        raise CacheError(f"shard file {shard_path} is truncated or corrupt: {e}") from None
+    n_located = sum(rec["located"])
+    want_dtype = _VALUE_DTYPES[rec["value_dtype"]]
+    if values.dtype != want_dtype or values.shape != (n_located,):
+        raise CacheError(
+            f"shard file {shard_path}: tensor {kv!r} is {values.dtype} {tuple(values.shape)}, "
+            f"expected {want_dtype} ({n_located},)"
+        )
+    if packed.dtype != torch.uint8 or packed.shape != (n_layers, (d_ff + 7) // 8):
+        raise CacheError(
+            f"shard file {shard_path}: tensor {km!r} is {packed.dtype} {tuple(packed.shape)}, "
+            f"expected uint8 ({n_layers}, {(d_ff + 7) // 8})"
+        )
+    try:
+        mask = unpack_mask(packed, d_ff)
+    except ValueError as e:
+        raise CacheError(f"shard file {shard_path}: tensor {km!r}: {e}") from None
+    counts = mask.sum(dim=1).tolist()
+    if counts != list(rec["located"]):
+        raise CacheError(
+            f"shard file {shard_path}: mask {km!r} has per-layer counts {counts}, manifest says {rec['located']}"
+        )
+    return mask, values
+
+
+# --------------------------------------------------------------------------------------------
+# merging
+
+
+def _place_file(src: Path, dest: Path, expected_sha: str, link: bool) -> None:
+    """Hard-link (or copy) ``src`` to ``dest`` atomically and check its sha256."""
+    tmp = tmp_path(dest)
+    try:
+        linked = False
+        if link:
+            try:
+                os.link(src, tmp)
+                linked = True
+            except OSError:
+                linked = False
+        if not linked:
+            with open(src, "rb") as fi, open(tmp, "wb") as fo:
+                shutil.copyfileobj(fi, fo, 1 << 20)
+                fo.flush()
+                os.fsync(fo.fileno())
+        actual = _sha256_file(tmp)
+        if actual != expected_sha:
+            raise CacheError(f"shard file {src} is corrupt or was modified (sha256 mismatch); not merged")
+        os.replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def merge_caches(
+    dest_dir: str | os.PathLike,
+    sources: list,
+    *,
+    link: bool = True,
+    lock_timeout: float | None = 600.0,
+) -> EditCache:
+    """Merge the caches in ``sources`` (directories or :class:`EditCache` objects, e.g. one per
+    device or run) into ``dest_dir`` (created if needed; an existing cache there is kept and
+    merged into). All fingerprints must agree. Shard files are hard-linked when possible (they are
+    never modified in place, so sharing inodes is safe), else copied, and their sha256 checked;
+    a name clash with a different file gets a ``-<sha12>`` suffix. Later sources win on duplicate
+    group ids (and sources win over what ``dest_dir`` already held). The manifest is written
+    once, atomically, under the destination lock. Returns the opened destination cache.
+    """
+    dest = Path(dest_dir)
+    caches = [s if isinstance(s, EditCache) else EditCache.open(s) for s in sources]
+    if not caches:
+        raise CacheError(f"merge into {dest}: no sources given")
+    fp = caches[0].fingerprint
+    settings = next((c.settings for c in caches if c.settings is not None), None)
+    for c in caches:
+        check_settings(settings, c.settings, f"{c.path} (merging with {caches[0].path})")
+    for c in caches[1:]:
+        check_fingerprint(fp, c.fingerprint, f"{c.path} (merging with {caches[0].path})")
+    if dest.exists() and not dest.is_dir():
+        raise CacheError(f"merge destination {dest} exists and is not a directory")
+    dest.mkdir(parents=True, exist_ok=True)
+    _check_layout(dest)
+    (dest / SHARD_DIR).mkdir(exist_ok=True)
+    with locked(dest, timeout=lock_timeout):
+        manifest = _manifest_for(dest, fp, settings)
+        groups = manifest["groups"]
+        dest_now = json.loads(json.dumps(manifest))  # dest as re-read under the lock
+        dest_real = dest.resolve()
+        for c in caches:
+            same_dir = c.path.resolve() == dest_real
+            src_manifest = dest_now if same_dir else c._manifest
+            placed: dict[str, str] = {}  # source rel -> dest rel
+            for rel, sha in _shard_shas(src_manifest).items():
+                if same_dir:
+                    placed[rel] = rel
+                    continue
+                src = c.path / rel
+                if not _regular(src):
+                    raise CacheError(f"merge into {dest}: shard file {src} is missing or not a regular file")
+                name = Path(rel).name
+                target = dest / SHARD_DIR / name
+                if target.is_symlink() or (target.exists() and (not _regular(target) or _sha256_file(target) != sha)):
+                    stem = name[: -len(SHARD_SUFFIX)]
+                    target = dest / SHARD_DIR / f"{stem}-{sha[:12]}{SHARD_SUFFIX}"
+                if not (_regular(target) and _sha256_file(target) == sha):
+                    _place_file(src, target, sha, link)
+                placed[rel] = f"{SHARD_DIR}/{target.name}"
+            for gid, rec in src_manifest["groups"].items():
+                rec = json.loads(json.dumps(rec))
+                rec["shard"] = placed[rec["shard"]]
+                groups.pop(gid, None)
+                groups[gid] = rec
+        fsync_dir(dest / SHARD_DIR)
+        _write_manifest(dest, manifest)
+    return EditCache(dest, manifest)

@@ -1,0 +1,61 @@
+"""``lafn cache``: inspect and maintain an edit cache (list, show, delete, merge, verify, gc, stats).
+
+    lafn cache verify edit_cache && lafn cache gc edit_cache
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ..cache import CacheError, EditCache, merge_caches
+
+
+def cache_command(argv: list[str]) -> None:
+    """Inspect and maintain an edit cache."""
+    parser = argparse.ArgumentParser(prog="lafn cache", description=cache_command.__doc__)
+    sub = parser.add_subparsers(dest="action", required=True)
+    p = sub.add_parser("list", help="one line per cached group");  p.add_argument("cache_dir")
+    p = sub.add_parser("show", help="everything stored about one group"); p.add_argument("cache_dir"); p.add_argument("group_id")
+    p = sub.add_parser("delete", help="roll back edits (remove groups)"); p.add_argument("cache_dir"); p.add_argument("group_id", nargs="+")
+    p = sub.add_parser("merge", help="merge caches (e.g. from several runs or devices) into DEST"); p.add_argument("dest"); p.add_argument("sources", nargs="+")
+    p = sub.add_parser("verify", help="check every file against the manifest; exit 1 on problems"); p.add_argument("cache_dir")
+    p = sub.add_parser("stats", help="sizes and counts"); p.add_argument("cache_dir")
+    p = sub.add_parser("gc", help="remove orphan shards and stale temporary files"); p.add_argument("cache_dir")
+    p.add_argument("--dry_run", action="store_true", help="only list what would be removed")
+    args = parser.parse_args(argv)
+    if args.action == "merge":
+        cache = merge_caches(args.dest, args.sources)
+        print(f"merged {len(args.sources)} cache(s) into {args.dest}: {len(cache)} groups")
+        return
+    cache = EditCache.open(args.cache_dir)
+    if args.action == "list":
+        for gid in cache.group_ids:
+            info = cache.info(gid)
+            subjects = info["subjects"]
+            print(f"{gid}\t{info['meta'].get('steps', '?')} steps\tneurons {info['located']}\t"
+                  f"{subjects.get('en') or next(iter(subjects.values()))}")
+    elif args.action == "show":
+        if args.group_id not in cache:
+            raise CacheError(f"{args.cache_dir}: no group {args.group_id!r} in the cache (lafn cache list shows them)")
+        print(json.dumps(cache.info(args.group_id), ensure_ascii=False, indent=2))
+    elif args.action == "delete":
+        unknown = [g for g in args.group_id if g not in cache]
+        if unknown:
+            raise CacheError(f"{args.cache_dir}: no group(s) {unknown} in the cache; nothing deleted")
+        cache.delete(args.group_id)
+        print(f"deleted {len(args.group_id)} group(s) from {args.cache_dir}")
+    elif args.action == "verify":
+        problems = cache.verify()
+        for problem in problems:
+            print(problem)
+        print("ok" if not problems else f"{len(problems)} problem(s)")
+        if problems:
+            sys.exit(1)
+    elif args.action == "gc":
+        removed = cache.gc(dry_run=args.dry_run)
+        for path in removed:
+            print(path)
+        print(f"{'would remove' if args.dry_run else 'removed'} {len(removed)} file(s)")
+    elif args.action == "stats":
+        print(json.dumps(cache.stats(), indent=2))

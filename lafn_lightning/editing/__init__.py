@@ -1,0 +1,1 @@
+"""The LU-LAFN edit method: prompts, locating, ΔV injection, lower-layer cache, DataModule, LightningModule."""

@@ -1,0 +1,144 @@
+"""The edit batch as a LightningDataModule: one ``fit`` edits K groups at once.
+
+    dm = EditBatchDataModule(groups="0:4", languages=["en", "zh"], backbone="demo")
+
+Per group and language: M prefix-augmented target prompts (answer tokens and the subject's
+last token marked) and one KL anchor "{subject} is a"; built once in :meth:`setup`, yielded at
+every step.
+"""
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Iterator
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from ..backbone.loading import load_backbone
+from ..backbone.inputs import pad_rows
+from ..data import EditGroup, default_dataset
+from ..data.selection import select_groups
+from .prompts import RULES, anchor_text, encode_edit_text, sample_prefixes
+
+log = logging.getLogger(__name__)
+
+
+def locating_corpus(group: EditGroup) -> dict[str, list[str]]:
+    """Per language: the paraphrases when the data has them, else the edit question itself.
+    Never the rephrase, locality or portability probes."""
+    return {lang: list(e.paraphrases) or [e.prompt] for lang, e in group.edits.items()}
+
+
+class _Repeat(IterableDataset):
+    def __init__(self, batch: dict) -> None:
+        self.batch = batch
+
+    def __iter__(self) -> Iterator[dict]:
+        while True:
+            yield self.batch
+
+
+class EditBatchDataModule(L.LightningDataModule):
+    """Edit groups of a dataset, encoded for one fit.
+
+    Args:
+        dataset: MzsRE folder (or pair file), Bi-ZsRE file or JSONL file (default: the MzsRE dev records).
+        format: ``auto``, ``mzsre``, ``bizsre`` or ``jsonl``.
+        languages: languages to edit (upstream codes; ``cs``/``nl`` accepted); None = all in the data.
+        groups: which records form this edit batch: ``"start:stop[:step]"``, an index, a list of
+            indices, or None (every record).
+        paraphrases: optional JSONL of paraphrases (the locating corpus), see ``lafn paraphrase``.
+        num_prefixes: M, random prefixes per language (paper: 4).
+        prefix_length: tokens per prefix (paper: 5).
+        seed: seed of the prefix sampling (prefixes depend only on seed and language).
+        check_subjects: refuse subjects that cannot be matched sensibly (no letter or digit, a single
+            character, or found in more than 1% of ordinary questions); false to edit them anyway.
+        backbone, dtype: linked from the model.
+    """
+
+    def __init__(
+        self,
+        dataset: str | None = None,
+        format: str = "auto",
+        languages: list[str] | None = None,
+        groups: str | int | list[int] | None = "0:4",
+        paraphrases: str | None = None,
+        num_prefixes: int = 4,
+        prefix_length: int = 5,
+        seed: int = 0,
+        check_subjects: bool = True,
+        backbone: str = "tiny-llama",
+        dtype: str = "float32",
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if num_prefixes < 0 or prefix_length < 1:
+            raise ValueError("data.num_prefixes must be >= 0 and data.prefix_length >= 1")
+        self.dataset = dataset or default_dataset()
+        self.groups: list[EditGroup] = select_groups(self.dataset, format, languages, groups, paraphrases,
+                                                     check=check_subjects)
+        self.batch: dict | None = None
+        self.rule_counts: dict[str, Counter] = {}
+
+    @property
+    def languages(self) -> tuple[str, ...]:
+        return self.groups[0].languages
+
+    def locating_corpus(self, group: EditGroup) -> dict[str, list[str]]:
+        return locating_corpus(group)
+
+    def owned(self, rank: int = 0, world_size: int = 1) -> list[int]:
+        """Edit-batch indices of the groups this process trains: group k goes to rank k % world_size.
+        A group's rows never depend on the other groups, so its result does not depend on how many
+        devices ran."""
+        return [k for k in range(len(self.groups)) if k % world_size == rank]
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.batch is not None:
+            return
+        trainer = getattr(self, "trainer", None)
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        self.mine = self.owned(rank, world)
+        if not self.mine:
+            raise ValueError(f"an edit batch of {len(self.groups)} group(s) cannot be split over {world} devices: "
+                             "lower trainer.devices or select more data.groups")
+        model, tokenizer = load_backbone(self.hparams.backbone, self.hparams.dtype)
+        self.prefixes = prefixes = {
+            lang: [""] if self.hparams.num_prefixes == 0 else
+            sample_prefixes(model, tokenizer, lang, self.hparams.num_prefixes, self.hparams.prefix_length, seed=self.hparams.seed)
+            for lang in self.languages
+        }
+        rows, anchors = [], []
+        self.rule_counts = {lang: Counter({r: 0 for r in RULES}) for lang in self.languages}
+        for k in self.mine:
+            group = self.groups[k]
+            for li, (lang, edit) in enumerate(group.edits.items()):
+                for prefix in prefixes[lang]:
+                    enc = encode_edit_text(tokenizer, prefix, edit.prompt, edit.target, edit.subject, group.subjects)
+                    rows.append((k, li, enc))
+                self.rule_counts[lang][enc.rule] += 1
+                a = encode_edit_text(tokenizer, "", anchor_text(lang, edit.subject), None, edit.subject, group.subjects)
+                anchors.append((k, li, a))
+        ids, att, shift = pad_rows([r[2].input_ids for r in rows], tokenizer.pad_token_id, left=True)
+        # target_mask[r, t] is True where logits at t predict an answer token (token t + 1).
+        target_mask = torch.zeros_like(ids, dtype=torch.bool)
+        for r, (_, _, enc) in enumerate(rows):
+            target_mask[r, [shift[r] + t - 1 for t in enc.target_positions]] = True
+        a_ids, a_att, a_shift = pad_rows([a[2].input_ids for a in anchors], tokenizer.pad_token_id, left=True)
+        self.batch = {
+            "input_ids": ids, "attention_mask": att, "target_mask": target_mask,
+            "group": torch.tensor([r[0] for r in rows]), "language": torch.tensor([r[1] for r in rows]),
+            "subject_pos": torch.tensor([shift[r] + row[2].subject_pos for r, row in enumerate(rows)]),
+            "kl_input_ids": a_ids, "kl_attention_mask": a_att,
+            "kl_group": torch.tensor([a[0] for a in anchors]), "kl_language": torch.tensor([a[1] for a in anchors]),
+            "kl_subject_pos": torch.tensor([a_shift[i] + a[2].subject_pos for i, a in enumerate(anchors)]),
+        }
+        for lang, counts in self.rule_counts.items():
+            if counts["fallback"]:
+                log.warning("%s: %d of %d edit questions contain no subject of their group; ΔV attaches to "
+                            "their last token (rule 'fallback')", lang, counts["fallback"], sum(counts.values()))
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(_Repeat(self.batch), batch_size=None, num_workers=0)

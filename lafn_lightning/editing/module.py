@@ -1,0 +1,245 @@
+"""The edit module: the only trainable parameter is the masked ΔV [groups, edited layers, d_ff].
+
+    module = LafnEditModule(backbone="demo", layers=[5, 6, 7, 17], dtype="bfloat16")
+    trainer.fit(module, datamodule)      # NeuronLocator fills module.mask before the first step
+
+The backbone is shared per process, frozen, and not saved in checkpoints. The loss, the
+per-group early stop and the speed paths: docs/method.md.
+"""
+from __future__ import annotations
+
+import inspect
+from contextlib import ExitStack
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..backbone.ffn import SITES, adapter_for
+from ..backbone.inputs import position_ids
+from ..backbone.loading import load_backbone
+from .injection import delta_hooks
+from .lower_layers import LowerLayers
+
+
+class LafnEditModule(L.LightningModule):
+    """Learn ΔV for one edit batch.
+
+    Args:
+        backbone: local HF model folder, ``demo`` (Gemma-3-270M) or ``tiny-<family>``.
+        layers: edited layer indices (paper: Llama-3.1-8B 11,12,13,31; Qwen2-7B 19,20,21,27; bloomz 9,10,11,29).
+        dtype: backbone dtype (``bfloat16`` on GPUs for 7-8B models; ΔV and the loss stay fp32).
+        lr: Adam learning rate (paper 0.5).
+        lambda_target, lambda_kl: loss weights (paper 1 and 0.0625).
+        stop_loss: a group stops once its L_target is below this (mean token NLL; 0.05 ~ p(token) 0.95).
+        site: where ΔV is added: ``value`` (input of the down-projection) or ``activation``.
+        cache_lower_layers: compute the hidden states below the first edited layer once (they do
+            not depend on ΔV) and run only the upper layers at every step. Same loss as the full
+            forward; costs rows x sequence x d_model activations of memory.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "tiny-llama",
+        layers: list[int] = (1, 2),
+        dtype: str = "float32",
+        lr: float = 0.5,
+        lambda_target: float = 1.0,
+        lambda_kl: float = 0.0625,
+        stop_loss: float = 0.05,
+        site: str = "value",
+        cache_lower_layers: bool = True,
+    ) -> None:
+        super().__init__()
+        if site not in SITES:
+            raise ValueError(f"model.site={site!r}: one of {SITES}")
+        self.save_hyperparameters()
+        model, self.tokenizer = load_backbone(backbone, dtype)
+        object.__setattr__(self, "backbone", model)  # shared and frozen: not a registered submodule
+        self.adapter = adapter_for(model)
+        self.adapter.check_layers(list(layers), key="model.layers")
+        self._takes_position_ids = "position_ids" in inspect.signature(model.forward).parameters
+        self.layers = [int(i) for i in layers]
+        self.delta_v: nn.Parameter | None = None
+        first = min(self.layers)
+        self.lower = LowerLayers(model, self.adapter, first) if cache_lower_layers and first > 0 else None
+        self._lower_states: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    # ---- state -------------------------------------------------------------------------------
+    def allocate(self, n_groups: int) -> None:
+        shape = (n_groups, len(self.layers), self.adapter.d_ff)
+        if self.delta_v is not None and tuple(self.delta_v.shape) == shape:
+            return
+        self.delta_v = nn.Parameter(torch.zeros(shape))
+        self.register_buffer("mask", torch.zeros(shape, dtype=torch.bool))
+        self.register_buffer("located", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("stopped", torch.zeros(n_groups, dtype=torch.bool))
+        self.register_buffer("steps", torch.zeros(n_groups, dtype=torch.long))
+        self.register_buffer("final_target_loss", torch.full((n_groups,), float("nan")))
+        self.register_buffer("frozen", torch.zeros(shape), persistent=True)
+
+    def setup(self, stage: str) -> None:
+        dm = self.trainer.datamodule
+        if dm is None or not hasattr(dm, "groups"):
+            raise ValueError("LafnEditModule needs an EditBatchDataModule")
+        self.allocate(len(dm.groups))
+        ddp_kwargs = getattr(self.trainer.strategy, "_ddp_kwargs", None)
+        if ddp_kwargs is not None:
+            # Each process owns a shard of the groups and keeps its own masks and progress;
+            # DDP must not overwrite them with rank 0's buffers. Gradients are still all-reduced:
+            # a group's gradient comes only from its owner (the others contribute zeros).
+            ddp_kwargs["broadcast_buffers"] = False
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.allocate(checkpoint["state_dict"]["delta_v"].shape[0])
+
+    def on_fit_start(self) -> None:
+        if not bool(self.located):
+            raise RuntimeError("no neurons were located before the fit: add the NeuronLocator callback "
+                               "(lafn fit does) or fill module.mask and set module.located")
+        self.backbone.to(self.device)
+        mine = torch.zeros_like(self.stopped)
+        mine[self.trainer.datamodule.mine] = True
+        self.stopped |= ~mine  # groups of other processes are never trained here
+        b = self.trainer.datamodule.batch
+
+        def unedited(key: str) -> torch.Tensor:
+            """One unedited forward of the ``key`` rows; keeps their lower-layer states if cached."""
+            ids, att = b[f"{key}input_ids"].to(self.device), b[f"{key}attention_mask"].to(self.device)
+            if self.lower is None:
+                return self._run(ids, att, keep=1)
+            states, logits = self.lower.capture(lambda: self._run(ids, att, keep=1))
+            self._lower_states[key] = (ids, states)
+            return logits
+
+        self._lower_states = {}
+        with torch.no_grad():
+            if self.lower is not None:
+                unedited("")                                   # answer rows: only their states are kept
+            logits = unedited("kl_")
+        self.kl_reference = logits[:, -1].float().log_softmax(-1)  # log P_orig at each anchor's last position
+
+    def configure_optimizers(self):
+        return torch.optim.Adam([self.delta_v], lr=self.hparams.lr)
+
+    def effective_delta(self) -> torch.Tensor:
+        return self.delta_v * self.mask
+
+    # ---- forward -------------------------------------------------------------------------------
+    def _run(self, ids, att, keep: int):
+        """Backbone logits of the last ``keep`` positions of left-padded rows."""
+        kwargs = {"logits_to_keep": keep}
+        if self._takes_position_ids:
+            kwargs["position_ids"] = position_ids(att)
+        return self.backbone(input_ids=ids, attention_mask=att, **kwargs).logits
+
+    def _forward(self, ids, att, groups, positions, keep: int, lower: torch.Tensor | None = None,
+                 head_at: torch.Tensor | None = None):
+        """Logits with ΔV of ``groups`` at ``positions``; from cached lower-layer states if given;
+        ``head_at`` ([rows, keep] bool): project only those positions (logits [n, vocab])."""
+        values = self.effective_delta()[groups]
+        rows = torch.arange(len(groups), device=ids.device)
+        with ExitStack() as stack:
+            hooks = stack.enter_context(delta_hooks(self.backbone, self.adapter, self.layers, self.hparams.site,
+                                                    rows, positions, values))
+            if head_at is not None:
+                hooks.on_input(self.backbone.get_output_embeddings(), lambda x: x[head_at])
+            if lower is not None:
+                stack.enter_context(self.lower.skipping(lower))
+            return self._run(ids, att, keep)
+
+    def _cached_lower(self, key: str, ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor | None:
+        """Captured lower-layer states of ``ids[rows]`` if ``ids`` is the batch they were captured for."""
+        if key not in self._lower_states:
+            return None
+        cached_ids, states = self._lower_states[key]
+        if cached_ids.shape != ids.shape or not torch.equal(cached_ids, ids.to(cached_ids.device)):
+            return None
+        return states[rows]
+
+    def losses(self, batch: dict, active: torch.Tensor | None = None) -> dict:
+        """Per-group L_target and L_kl (and per-row answer log-probabilities) for the active groups."""
+        n_groups = self.delta_v.shape[0]
+        active = torch.ones(n_groups, dtype=torch.bool, device=self.device) if active is None else active
+        rows = active[batch["group"]].nonzero().squeeze(1)
+        ids, att, tmask = batch["input_ids"][rows], batch["attention_mask"][rows], batch["target_mask"][rows]
+        groups = batch["group"][rows]
+        # Rows are left-padded: every answer ends at the last position, so only the last `keep`
+        # positions can predict answer tokens, and the vocabulary projection (which dominates
+        # small models) runs only at the positions that do (`answer_at`).
+        width = ids.shape[1]
+        first = int(tmask.any(0).nonzero().min()) if tmask.any() else width - 1
+        answer_at = tmask[:, first:]                          # [rows, keep]: logits at t predict token t + 1
+        logits = self._forward(ids, att, groups, batch["subject_pos"][rows], width - first,
+                               self._cached_lower("", batch["input_ids"], rows), head_at=answer_at)
+        row_of, t = answer_at.nonzero(as_tuple=True)
+        gold = ids[row_of, first + t + 1]
+        tok_nll = F.cross_entropy(logits.float(), gold, reduction="none")      # one per answer token
+        zeros = torch.zeros(len(rows), device=ids.device)
+        n_tok = zeros.index_add(0, row_of, torch.ones_like(tok_nll)).clamp(min=1)
+        row_logprob = -zeros.index_add(0, row_of, tok_nll)    # log P(answer | prompt)
+        row_nll = -row_logprob / n_tok                        # mean token NLL of the answer
+
+        a_rows = active[batch["kl_group"]].nonzero().squeeze(1)
+        a_logits = self._forward(batch["kl_input_ids"][a_rows], batch["kl_attention_mask"][a_rows],
+                                 batch["kl_group"][a_rows], batch["kl_subject_pos"][a_rows], keep=1,
+                                 lower=self._cached_lower("kl_", batch["kl_input_ids"], a_rows))
+        edited = a_logits[:, -1].float().log_softmax(-1)
+        ref = self.kl_reference[a_rows]
+        kl = F.kl_div(edited, ref, log_target=True, reduction="none").sum(-1)
+
+        target = _group_mean(row_nll, groups, n_groups)
+        kl_g = _group_mean(kl, batch["kl_group"][a_rows], n_groups)
+        return {"target": target, "kl": kl_g, "row_logprob": row_logprob, "rows": rows}
+
+    def training_step(self, batch: dict, batch_idx: int):
+        active = ~self.stopped
+        out = self.losses(batch, active)
+        hp = self.hparams
+        per_group = hp.lambda_target * out["target"] + hp.lambda_kl * out["kl"]
+        # Sum over groups (not mean): each group's gradient is what it would be alone. DDP averages
+        # gradients over processes, and only a group's owner contributes: scale back by world size.
+        loss = per_group[active].sum() * self.trainer.world_size
+        with torch.no_grad():
+            self.steps[active] += 1
+            self.final_target_loss[active] = out["target"][active].detach()
+            done = active & (out["target"].detach() < hp.stop_loss)
+            if done.any():  # freeze the ΔV that reached the threshold (before this step's update)
+                self.frozen[done] = self.delta_v.detach()[done]
+                self.stopped |= done
+        n_active = int(active.sum())
+        self.log_dict({
+            "train/loss": loss.detach() / max(n_active, 1),
+            "train/target_loss": out["target"][active].mean().detach(),
+            "train/kl_loss": out["kl"][active].mean().detach(),
+            "train/dv_norm": self.effective_delta().detach().norm(dim=-1).mean(),
+            "train/active_groups": float(self.stopped.numel() - int(self.stopped.sum())),
+        }, prog_bar=False, on_step=True, batch_size=1)
+        self.log("loss", loss.detach() / max(n_active, 1), prog_bar=True, on_step=True, logger=False, batch_size=1)
+        langs = batch["language"][out["rows"]]
+        names = self.trainer.datamodule.languages
+        for li, lang in enumerate(names):
+            sel = langs == li
+            if sel.any():
+                self.log(f"train/prob/{lang}", out["row_logprob"][sel].exp().mean().detach(), on_step=True, batch_size=1)
+        if self.trainer.strategy.reduce_boolean_decision(bool(self.stopped.all()), all=True):
+            self.trainer.should_stop = True
+        return loss
+
+    def optimizer_step(self, *args, **kwargs):
+        super().optimizer_step(*args, **kwargs)
+        with torch.no_grad():  # Adam momentum must not move a stopped group
+            self.delta_v[self.stopped] = self.frozen[self.stopped]
+
+    def final_delta(self) -> torch.Tensor:
+        """ΔV as exported: the frozen value for stopped groups, the last value otherwise; zero off the mask."""
+        with torch.no_grad():
+            dv = torch.where(self.stopped[:, None, None], self.frozen, self.delta_v)
+            return dv * self.mask
+
+
+def _group_mean(values: torch.Tensor, groups: torch.Tensor, n_groups: int) -> torch.Tensor:
+    sums = torch.zeros(n_groups, device=values.device, dtype=values.dtype).index_add(0, groups, values)
+    counts = torch.zeros(n_groups, device=values.device, dtype=values.dtype).index_add(0, groups, torch.ones_like(values))
+    return sums / counts.clamp(min=1)

@@ -1,0 +1,34 @@
+"""The record of how edits were made, stored once per edit cache (as PEFT saves its adapter config).
+
+    record = edit_record(module.hparams, datamodule, locator, max_steps=40)
+    write_shard(cache_dir, entries, fp, settings=record)    # a cache refuses other settings
+
+``EditedModel.from_cache`` reads ``backbone``, ``dtype`` and ``site`` back from it.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+
+def edit_record(model: Mapping[str, Any], *, languages, num_prefixes: int, prefix_length: int, seed: int,
+                paraphrases: str | None, beta: float | None, strategy: str | None, max_steps: int) -> dict:
+    """The settings that made an edit: ``model`` is the edit module's hyper-parameters."""
+    return {
+        "method": "lu-lafn",
+        "backbone": str(model["backbone"]),
+        "dtype": str(model["dtype"]).replace("torch.", ""),
+        "layers": sorted(int(i) for i in model["layers"]),
+        "site": model["site"],
+        "lr": float(model["lr"]),
+        "lambda_target": float(model["lambda_target"]),
+        "lambda_kl": float(model["lambda_kl"]),
+        "stop_loss": float(model["stop_loss"]),
+        "max_steps": int(max_steps),
+        "languages": list(languages),
+        "num_prefixes": int(num_prefixes),
+        "prefix_length": int(prefix_length),
+        "seed": int(seed),
+        "paraphrases": paraphrases,
+        "beta": None if beta is None else float(beta),
+        "strategy": strategy,
+    }

@@ -1,0 +1,1 @@
+"""Scoring edits: metrics (torchmetrics), predictions, the evaluation protocol, reports, analysis."""

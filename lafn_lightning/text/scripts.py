@@ -1,0 +1,40 @@
+"""Scripts written without spaces between words: the one table the project uses.
+
+    is_unspaced("巴")   # True: CJK, kana, Thai, Lao, Khmer, Myanmar
+    joins_without_space("？")  # True: also full-width forms (CJK punctuation)
+
+Answer joining (:mod:`lafn_lightning.editing.prompts`) and subject matching
+(:mod:`lafn_lightning.text.matching`) both read it.
+"""
+from __future__ import annotations
+
+#: Letter/mark/number blocks of scripts without word spaces.
+UNSPACED_RANGES: tuple[tuple[int, int], ...] = (
+    (0x0E00, 0x0EFF),  # Thai, Lao
+    (0x1000, 0x109F),  # Myanmar
+    (0x1780, 0x17FF),  # Khmer
+    (0x19E0, 0x19FF),  # Khmer symbols
+    (0x2E80, 0x2FDF),  # CJK radicals, Kangxi radicals
+    (0x3000, 0x30FF),  # CJK symbols and punctuation, Hiragana, Katakana
+    (0x3100, 0x312F),  # Bopomofo
+    (0x31A0, 0x31FF),  # Bopomofo extended, CJK strokes, Katakana phonetic extensions
+    (0x3400, 0x4DBF),  # CJK extension A
+    (0x4E00, 0x9FFF),  # CJK unified ideographs
+    (0xF900, 0xFAFF),  # CJK compatibility ideographs
+    (0xFF66, 0xFF9F),  # half-width Katakana
+    (0x20000, 0x3FFFF),  # CJK extensions B and later
+)
+#: Half- and full-width forms (e.g. the full-width question mark ending a Chinese question).
+FULLWIDTH_FORMS = (0xFF00, 0xFFEF)
+
+
+def is_unspaced(char: str) -> bool:
+    """True for a character of a script written without spaces between words."""
+    code = ord(char)
+    return any(lo <= code <= hi for lo, hi in UNSPACED_RANGES)
+
+
+def joins_without_space(char: str) -> bool:
+    """True where no space separates this character from its neighbour: :func:`is_unspaced`
+    or a half-/full-width form."""
+    return is_unspaced(char) or FULLWIDTH_FORMS[0] <= ord(char) <= FULLWIDTH_FORMS[1]

@@ -1,0 +1,178 @@
+"""The package's architecture and its single rules: layers, light import, one answer-token rule,
+one command surface, a cache that records how it was made."""
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import fit
+from lafn_lightning.cache import CacheError, EditCache
+from lafn_lightning.cli import COMMANDS, main
+from lafn_lightning.data import MZSRE_LANGUAGES, default_dataset, load_groups
+from lafn_lightning.editing.prompts import encode_edit_text
+from lafn_lightning.evaluation.metrics import encode_prompt_targets
+from lafn_lightning.inference import EditedModel
+
+PACKAGE = Path(__file__).resolve().parents[1] / "lafn_lightning"
+#: import order: a module may import its own layer or a lower one, never a higher one
+LAYERS = {"files": 0, "text": 0, "data": 0, "backbone": 0, "cache": 1, "editing": 2, "callbacks": 3,
+          "inference": 4, "evaluation": 5, "api": 6, "cli": 7}
+
+
+def _imports() -> dict[str, set[str]]:
+    """module -> the lafn_lightning/callbacks modules it imports (relative imports resolved)."""
+    graph = {}
+    for path in PACKAGE.rglob("*.py"):
+        rel = path.relative_to(PACKAGE.parent).with_suffix("")
+        name = ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
+        package = name if rel.name == "__init__" else name.rsplit(".", 1)[0]
+        out = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parts = package.split(".")
+                    base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
+                out.add(base)
+            elif isinstance(node, ast.Import):
+                out.update(a.name for a in node.names)
+        graph[name] = {m for m in out if m.split(".")[0] in ("lafn_lightning", "callbacks")}
+    return graph
+
+
+def _layer(module: str) -> int | None:
+    parts = module.split(".")
+    key = parts[0] if parts[0] == "callbacks" else (parts[1] if len(parts) > 1 else None)
+    return LAYERS.get(key)
+
+
+def test_imports_run_one_way_and_nothing_below_cli_imports_it():
+    graph = _imports()
+    for module, targets in graph.items():
+        for target in targets:
+            own, other = _layer(module), _layer(target)
+            if own is None or other is None:
+                continue
+            assert other <= own, f"{module} (layer {own}) imports {target} (layer {other})"
+            if not module.startswith("lafn_lightning.cli"):
+                assert not target.startswith("lafn_lightning.cli"), f"{module} imports the CLI"
+
+
+def test_no_import_cycle_between_modules():
+    graph = _imports()
+    names = set(graph)
+
+    def resolve(target):  # "pkg.module.Name" imports resolve to the module they name
+        while target and target not in names:
+            target = target.rsplit(".", 1)[0] if "." in target else ""
+        return target
+
+    edges = {m: {resolve(t) for t in ts if resolve(t) and resolve(t) != m} for m, ts in graph.items()}
+    state: dict[str, int] = {}
+
+    def visit(node, path):
+        state[node] = 1
+        for nxt in edges.get(node, ()):
+            if nxt.endswith("__init__") or nxt == node.rsplit(".", 1)[0]:
+                continue
+            if state.get(nxt) == 1 and not node.startswith(nxt + "."):
+                pytest.fail("import cycle: " + " -> ".join([*path, nxt]))
+            if nxt not in state:
+                visit(nxt, [*path, nxt])
+        state[node] = 2
+
+    for module in sorted(edges):
+        if module not in state:
+            visit(module, [module])
+
+
+def test_import_is_light():
+    code = ("import sys, lafn_lightning; heavy = [m for m in sys.modules if m.split('.')[0] in "
+            "('lightning', 'pyarrow', 'matplotlib', 'transformers', 'datasets')]; print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("tokenizer_name", ["tiny", "demo"])
+def test_training_and_evaluation_select_the_same_answer_tokens(tokenizer_name):
+    """One answer-token rule: on every MzsRE language the tokens L_target trains are the tokens
+    the metrics score, a separator-only token (Gemma's lone space before digits) included."""
+    if tokenizer_name == "demo":
+        from transformers import AutoTokenizer
+
+        from lafn_lightning.backbone.demo import ensure_demo_backbone
+
+        tok = AutoTokenizer.from_pretrained(ensure_demo_backbone(progress=False))
+    else:
+        from lafn_lightning.backbone.tiny import tiny_tokenizer
+
+        tok = tiny_tokenizer()
+    groups = load_groups(default_dataset(), select="0:30")
+    separator_only = 0
+    for g in groups:
+        for lang in MZSRE_LANGUAGES:
+            e = g.edits[lang]
+            train = encode_edit_text(tok, "", e.prompt, e.target, e.subject, g.subjects)
+            score = encode_prompt_targets(tok, [e.prompt], [e.target])[0]
+            assert train.input_ids == score.input_ids and train.target_positions == score.target_positions, (g.group_id, lang)
+            first = tok.decode([train.input_ids[train.target_positions[0]]])
+            separator_only += not first.strip()
+    if tokenizer_name == "demo":
+        assert separator_only > 0  # the case the rule decides is really there (e.g. answers that are years)
+
+
+def test_every_command_has_the_shared_options_and_its_own(capsys):
+    own = {"edit-dataset": "--edit_batch_size", "evaluate": "--output", "match-report": "--matchers",
+           "plots": "--max_groups", "paraphrase": "--instruct_model"}
+    for command, option in own.items():
+        with pytest.raises(SystemExit) as exit_:
+            main([command, "--help"])
+        assert exit_.value.code == 0
+        text = capsys.readouterr().out
+        for shared in ("--config", "--data.groups", "--model.layers", "--locate.beta", "--trainer.max_steps",
+                       "--cache_dir", "--print_config", option):
+            assert shared in text, (command, shared)
+    assert set(own) | {"cache"} == set(COMMANDS)
+
+
+def test_shipped_config_by_name_from_any_directory(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main(["edit-dataset", "-c", "tiny", "--data.groups", "0:3", "--print_config"])
+    assert exit_.value.code == 0
+    assert "tiny-llama" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "-c", "no-such-config"])
+    assert exit_.value.code == 2 and "shipped configs: " in capsys.readouterr().err
+
+
+def test_cache_records_how_it_was_made_and_from_cache_reads_it(tmp_path):
+    fit(tmp_path, "--trainer.max_steps", "2", "--model.site", "activation", "--data.groups", "0:1")
+    cache = EditCache.open(tmp_path / "cache")
+    record = cache.settings
+    assert record["site"] == "activation" and record["backbone"] == "tiny-llama" and record["layers"] == [1, 2]
+    assert record["max_steps"] == 2 and record["languages"] == ["en", "zh"] and record["beta"] == 0.1
+    edited = EditedModel.from_cache(tmp_path / "cache")                 # backbone and site from the record
+    assert edited.site == "activation"
+    with pytest.raises(ValueError, match="site='activation'.*site='value'"):
+        EditedModel.from_cache(tmp_path / "cache", site="value")
+    before = (tmp_path / "cache" / "manifest.json").read_bytes()
+    with pytest.raises(CacheError, match="site: cache has 'activation', given 'value'"):
+        fit(tmp_path, "--trainer.max_steps", "2", "--data.groups", "1:2")
+    assert (tmp_path / "cache" / "manifest.json").read_bytes() == before
+
+
+def test_version_1_cache_loads_with_the_defaults_of_its_time(tmp_path):
+    fit(tmp_path, "--trainer.max_steps", "1", "--data.groups", "0:1")
+    path = tmp_path / "cache" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["version"], manifest["settings"] = 1, None
+    path.write_text(json.dumps(manifest))
+    cache = EditCache.open(tmp_path / "cache")
+    assert cache.settings == {"site": "value"}
+    assert EditedModel.from_cache(tmp_path / "cache", backbone="tiny-llama").site == "value"
+    assert torch.is_tensor(cache.entry("mzsre:0").delta)
