@@ -85,3 +85,52 @@ def test_from_cache_loads_the_backbone_in_the_dtype_the_edits_were_trained_in(tm
     assert em.find_sites(enc.input_ids, enc.attention_mask)          # the edit applies
     with pytest.raises(ValueError, match="dtype='bfloat16', but dtype='float32'"):
         EditedModel.from_cache(tmp_path / "cache", backbone="tiny-llama", dtype="float32")
+
+
+@pytest.mark.parametrize("query, finds", [
+    ("When was the inception of IAAF Combined-Events Challenge?", {"exact": False, "normalized": True, "fuzzy": True}),
+    ("When were the IAAF Combined Events Challenges founded?", {"exact": False, "normalized": False, "fuzzy": True}),
+])
+def test_normalized_and_fuzzy_matchers_apply_the_edit_inside_edited_model(cache_dir, query, finds):
+    from lafn_lightning.data import default_dataset, load_groups
+    from lafn_lightning.evaluation.protocol import score_group
+    from lafn_lightning.inference.edited_model import EditedModel as EM
+
+    base = EditedModel.from_cache(cache_dir, backbone="tiny-llama")
+    model, tok = base.model, base.tokenizer
+    enc = tok([query], return_tensors="pt")
+    plain = model(**enc).logits
+    for matcher, found in finds.items():
+        em = EM(model, tok, cache_dir, matcher=matcher)
+        sites = em.find_sites(enc.input_ids, enc.attention_mask)
+        assert bool(sites) == found, matcher
+        logits = em(**enc).logits
+        assert torch.equal(logits, plain) != found, matcher            # applied exactly where found
+        if found:
+            last = tok.decode(enc.input_ids[0, : sites[0].position + 1])
+            assert last.endswith(("Challenge", "Challenges")), last
+    # ... and inside the evaluation protocol: with the rephrase carrying the changed form, the edited
+    # model is run on it (not skipped as "no site anywhere") exactly when its matcher finds it
+    import dataclasses
+
+    from lafn_lightning.evaluation import metrics
+
+    group = load_groups(default_dataset(), languages=["en"], select=[0])[0]
+    edit = dataclasses.replace(group.edits["en"], rephrase=query, portability_prompt=None, portability_answer=None,
+                               locality_prompt=None, locality_answer=None, prompt=UNRELATED)
+    group = dataclasses.replace(group, edits={"en": edit})
+    for matcher, found in finds.items():
+        em = EM(model, tok, cache_dir, matcher=matcher)
+        runs = []
+        real = metrics.teacher_forced_predictions
+
+        def spy(target, *a, **k):
+            runs.append(target.inner)
+            return real(target, *a, **k)
+
+        metrics.teacher_forced_predictions = spy
+        try:
+            score_group(model, tok, group, {"edit_one_test_one": em}, generation=False)
+        finally:
+            metrics.teacher_forced_predictions = real
+        assert (em in runs) == found, matcher
