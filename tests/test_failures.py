@@ -202,8 +202,8 @@ def test_links_in_a_cache_are_never_followed(tmp_path, capsys):
 
 def _start(tmp_path, *argv):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "lafn_lightning.cli", *argv, "-c", str(CONFIGS / "tiny.yaml"),
-                             "--cache_dir", str(tmp_path / "cache"), "--trainer.default_root_dir", str(tmp_path),
+    return subprocess.Popen([sys.executable, "-m", "lafn_lightning.cli", argv[0], "-c", str(CONFIGS / "tiny.yaml"),
+                             *argv[1:], "--cache_dir", str(tmp_path / "cache"), "--trainer.default_root_dir", str(tmp_path),
                              "--progress.every_n_seconds", "0", *QUIET],
                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env, cwd=tmp_path)
 
@@ -227,10 +227,17 @@ def _finish(proc):
 
 
 @pytest.mark.parametrize("sig, code, word", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")])
-def test_a_signal_during_fit_exits_nonzero_and_leaves_the_cache_as_it_was(tmp_path, sig, code, word):
-    fit(tmp_path, "--trainer.max_steps", "400", "--data.groups", "0:1", "--model.stop_loss", "0.0")
+def test_a_signal_during_fit_exits_nonzero_and_leaves_the_cache_as_it_was(tmp_path, sig, code, word, monkeypatch):
+    from lafn_lightning.editing.module import LafnEditModule
+
+    real = LafnEditModule.losses
+    monkeypatch.setattr(LafnEditModule, "losses", lambda self, *a: {**(out := real(self, *a)), "target": out["target"] * 0})
+    # a cache made with the same settings (its group "converged" at once, so this takes a second)
+    fit(tmp_path, "--trainer.max_steps", "400", "--data.groups", "0:1", "--model.stop_loss", "1e-9")
+    monkeypatch.undo()
+    assert EditCache.open(tmp_path / "cache").group_ids == ["mzsre:0"]
     before = {p.name: p.read_bytes() for p in (tmp_path / "cache").rglob("*") if p.is_file()}
-    proc = _start(tmp_path, "fit", "--data.groups", "1:3", "--trainer.max_steps", "400", "--model.stop_loss", "0.0")
+    proc = _start(tmp_path, "fit", "--data.groups", "1:3", "--trainer.max_steps", "400", "--model.stop_loss", "1e-9")
     _wait_for(proc, "[lafn] step 2/400")
     proc.send_signal(sig)
     status, rest = _finish(proc)

@@ -96,8 +96,8 @@ _RESUME = ("every finished edit batch and evaluated group is kept, nothing half-
 
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
-    signal.signal(signal.SIGTERM, _raise(Terminated))
-    signal.signal(signal.SIGINT, _raise(Interrupted))
+    previous = {sig: signal.signal(sig, _raise(exc)) for sig, exc in ((signal.SIGTERM, Terminated),
+                                                                      (signal.SIGINT, Interrupted))}
     try:
         if args and args[0] == "cache":
             _function("cache")(args[1:])
@@ -116,6 +116,9 @@ def main(argv: list[str] | None = None) -> None:
     except Terminated:
         print(f"lafn: terminated (SIGTERM): {_RESUME}", file=sys.stderr)
         sys.exit(143)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

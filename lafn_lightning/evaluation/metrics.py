@@ -333,7 +333,7 @@ def greedy_predictions(
     prompts: Sequence[str],
     targets: Sequence[str],
     *,
-    margin: int = 5,
+    margin: int = 0,
     batch_size: int = 16,
     device: torch.device | str | None = None,
     forward: ForwardFn | None = None,
