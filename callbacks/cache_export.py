@@ -40,6 +40,7 @@ class CacheExport(L.Callback):
                 "steps": int(pl_module.steps[k]),
                 "target_loss": float(pl_module.final_target_loss[k]),
                 "converged": bool(pl_module.stopped[k]),
+                "language_loss": _language_loss(pl_module, dm, k),
                 "located": [int(n) for n in mask[k].sum(-1)],
                 "dataset": str(dm.dataset),
             }
@@ -79,3 +80,11 @@ class CacheExport(L.Callback):
             rank_zero_info(f"[lafn] {e.group_id}: {e.meta['steps']} steps, target loss {e.meta['target_loss']:.3f}"
                            f"{'' if e.meta['converged'] else ' (not converged)'}, neurons {e.meta['located']}")
         rank_zero_info(f"[lafn] exported {len(entries)} group(s) to {self.cache_dir}")
+
+
+def _language_loss(pl_module, dm, k: int) -> dict[str, float] | None:
+    """Group ``k``'s mean target loss per language at its last step (None before any step)."""
+    losses = getattr(pl_module, "final_language_loss", None)
+    if losses is None:
+        return None
+    return {lang: round(float(v), 5) for lang, v in zip(dm.languages, losses[k].tolist()) if v == v}

@@ -19,7 +19,8 @@ from lafn_lightning.inference import EditedModel
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lafn_lightning"
 #: import order: a module may import its own layer or a lower one, never a higher one
-LAYERS = {"files": 0, "text": 0, "data": 0, "backbone": 0, "cache": 1, "editing": 2, "callbacks": 3,
+LAYERS = {"files": 0, "text": 0, "data": 0, "backbone": 0, "cache": 1, "routing": 1, "editing": 2, "callbacks": 3,
+          "methods": 5,
           "inference": 4, "evaluation": 5, "api": 6, "cli": 7}
 
 

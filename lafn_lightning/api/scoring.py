@@ -121,7 +121,8 @@ def evaluate(settings: Settings, output: str, mode: str = "multilingual", edit_l
         edit_batch_size: groups per fit when editing (K).
         generation: also score free greedy generation.
         margin: generation: tokens decoded beyond the answer's length (0: exactly its length, so EM is meaningful).
-        matcher: subject matcher of the edited model: exact (the paper's), normalized or fuzzy.
+        matcher: subject matcher of the edited model: exact (the paper's), normalized, fuzzy, or router
+            (hidden-state routing; needs the cache's router key file, see lafn_lightning.routing).
         batch_size: probes per forward.
         log_dir: TensorBoard directory (default: the config's logger directory + /evaluate).
         restart: discard the progress file of an earlier run.
@@ -130,8 +131,8 @@ def evaluate(settings: Settings, output: str, mode: str = "multilingual", edit_l
     mode = _mode(mode)
     if edit_batch_size < 1 or batch_size < 1 or margin < 0:
         raise ValueError("edit_batch_size and batch_size must be >= 1, margin >= 0")
-    if matcher not in MATCHERS:
-        raise ValueError(f"matcher={matcher!r}: one of {', '.join(MATCHERS)}")
+    if matcher not in (*MATCHERS, "router"):
+        raise ValueError(f"matcher={matcher!r}: one of {', '.join(MATCHERS)}, router")
     if edit_languages and mode == "multilingual":
         raise ValueError("edit_languages applies to mode monolingual or cross-lingual; multilingual edits every "
                          "language of data.languages")

@@ -22,9 +22,25 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float16": torch.float16, "fp16": torch.float16}
 
 
+def has_bf16_matrix_units() -> bool:
+    """True on a CUDA GPU, or on a CPU with AMX-BF16 or AVX512-BF16 (where bf16 matmuls are fast;
+    elsewhere PyTorch's CPU bf16 matmul is several times slower than fp32)."""
+    if torch.cuda.is_available():
+        return True
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = set(f.read().split())
+    except OSError:
+        return False
+    return bool(flags & {"amx_bf16", "avx512_bf16"})
+
+
 def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
+    """A dtype from its name; ``auto`` is bfloat16 where the hardware has bf16 matrix units, else float32."""
     if isinstance(name, torch.dtype):
         return name
+    if str(name) == "auto":
+        return torch.bfloat16 if has_bf16_matrix_units() else torch.float32
     try:
         return DTYPES[str(name).replace("torch.", "")]
     except KeyError:
@@ -83,3 +99,8 @@ def _cached(spec: str, dtype: torch.dtype):
 def load_backbone(spec: str, dtype: str | torch.dtype = "float32"):
     """``(model, tokenizer)`` for a backbone spec, loaded once per process (frozen, eval mode)."""
     return _cached(str(spec), resolve_dtype(dtype))
+
+
+def dtype_name(name: str | torch.dtype) -> str:
+    """The resolved dtype's name (``auto`` -> ``bfloat16`` or ``float32`` on this machine)."""
+    return str(resolve_dtype(name)).replace("torch.", "")

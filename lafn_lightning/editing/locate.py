@@ -7,6 +7,8 @@ over languages: D_G^i = ∩_l D_l^i.
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from ..backbone.ffn import FFNAdapter
@@ -20,6 +22,9 @@ def count_activations(model, adapter: FFNAdapter, layers, tokenizer, texts: list
     """Per edited layer and neuron, the number of (non-padding, non-special) token positions with a positive activation."""
     counts = torch.zeros(len(layers), adapter.d_ff, dtype=torch.long)
     device = next(model.parameters()).device
+    # Only FFN activations are needed: skip the vocabulary projection of every position (with a
+    # 262k vocabulary it costs more than the layers themselves on short texts).
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     for start in range(0, len(texts), batch_size):
         enc = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True,
                         return_special_tokens_mask=True)
@@ -34,7 +39,7 @@ def count_activations(model, adapter: FFNAdapter, layers, tokenizer, texts: list
         with Hooks() as hooks:
             for j, layer in enumerate(layers):
                 hooks.on_output(adapter.activation_module(model, layer), make(j))
-            model(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device))
+            model(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device), **extra)
         for j in range(len(layers)):
             counts[j] += seen[j]
     return counts

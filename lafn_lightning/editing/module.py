@@ -19,6 +19,7 @@ from torch import nn
 from ..backbone.ffn import SITES, adapter_for
 from ..backbone.inputs import position_ids
 from ..backbone.loading import load_backbone
+from .chunked_loss import chunked_token_nll, head_softcap
 from .injection import delta_hooks
 from .lower_layers import LowerLayers
 
@@ -29,7 +30,8 @@ class LafnEditModule(L.LightningModule):
     Args:
         backbone: local HF model folder, ``demo`` (Gemma-3-270M) or ``tiny-<family>``.
         layers: edited layer indices (paper: Llama-3.1-8B 11,12,13,31; Qwen2-7B 19,20,21,27; bloomz 9,10,11,29).
-        dtype: backbone dtype (``bfloat16`` on GPUs for 7-8B models; ΔV and the loss stay fp32).
+        dtype: backbone dtype: ``float32``, ``bfloat16`` or ``auto`` (bf16 where the hardware has bf16
+            matrix units, else fp32); ΔV, the loss and the KL reference stay fp32.
         lr: Adam learning rate (paper 0.5).
         lambda_target, lambda_kl: loss weights (paper 1 and 0.0625).
         stop_loss: a group stops once its L_target is below this (mean token NLL; 0.05 ~ p(token) 0.95).
@@ -37,6 +39,16 @@ class LafnEditModule(L.LightningModule):
         cache_lower_layers: compute the hidden states below the first edited layer once (they do
             not depend on ΔV) and run only the upper layers at every step. Same loss as the full
             forward; costs rows x sequence x d_model activations of memory.
+        chunked_loss: compute the answer tokens' cross-entropy a few rows at a time through the
+            LM head, forward and backward (:mod:`.chunked_loss`): same loss and gradient, without
+            every answer token's full-vocabulary fp32 logits in memory at once.
+        stop_rule: ``mean`` (paper): a group stops when its L_target (mean over languages) is below
+            ``stop_loss``; ``every_language``: only when each language's mean target loss is.
+        language_weighting: ``uniform`` (paper): L_target is the plain mean over languages and
+            prefixes; ``loss``: each language is weighted by its share of the group's current
+            (detached) target loss, so lagging languages get more of the update.
+        length_buckets: run the answer rows in this many forwards of rows of similar length
+            (sorted by length, equal counts) instead of one padded to the longest row; same loss.
     """
 
     def __init__(
@@ -50,10 +62,18 @@ class LafnEditModule(L.LightningModule):
         stop_loss: float = 0.05,
         site: str = "value",
         cache_lower_layers: bool = True,
+        chunked_loss: bool = True,
+        stop_rule: str = "mean",
+        language_weighting: str = "uniform",
+        length_buckets: int = 1,
     ) -> None:
         super().__init__()
         if site not in SITES:
             raise ValueError(f"model.site={site!r}: one of {SITES}")
+        if stop_rule not in STOP_RULES:
+            raise ValueError(f"model.stop_rule={stop_rule!r}: one of {STOP_RULES}")
+        if language_weighting not in WEIGHTINGS:
+            raise ValueError(f"model.language_weighting={language_weighting!r}: one of {WEIGHTINGS}")
         self.save_hyperparameters()
         model, self.tokenizer = load_backbone(backbone, dtype)
         object.__setattr__(self, "backbone", model)  # shared and frozen: not a registered submodule
@@ -65,6 +85,7 @@ class LafnEditModule(L.LightningModule):
         first = min(self.layers)
         self.lower = LowerLayers(model, self.adapter, first) if cache_lower_layers and first > 0 else None
         self._lower_states: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.final_language_loss: torch.Tensor | None = None  # [groups, languages], at the last step
 
     # ---- state -------------------------------------------------------------------------------
     def allocate(self, n_groups: int) -> None:
@@ -135,16 +156,24 @@ class LafnEditModule(L.LightningModule):
         return self.backbone(input_ids=ids, attention_mask=att, **kwargs).logits
 
     def _forward(self, ids, att, groups, positions, keep: int, lower: torch.Tensor | None = None,
-                 head_at: torch.Tensor | None = None):
+                 head_at: torch.Tensor | None = None, head_inputs: list | None = None):
         """Logits with ΔV of ``groups`` at ``positions``; from cached lower-layer states if given;
-        ``head_at`` ([rows, keep] bool): project only those positions (logits [n, vocab])."""
+        ``head_at`` ([rows, keep] bool): project only those positions (logits [n, vocab]);
+        ``head_inputs`` (a list): append the LM head's input at ``head_at`` ([n, d]) to it and
+        skip the projection (logits [0, vocab])."""
         values = self.effective_delta()[groups]
         rows = torch.arange(len(groups), device=ids.device)
         with ExitStack() as stack:
             hooks = stack.enter_context(delta_hooks(self.backbone, self.adapter, self.layers, self.hparams.site,
                                                     rows, positions, values))
             if head_at is not None:
-                hooks.on_input(self.backbone.get_output_embeddings(), lambda x: x[head_at])
+                def select(x):
+                    x = x[head_at]
+                    if head_inputs is None:
+                        return x
+                    head_inputs.append(x)
+                    return x[:0]
+                hooks.on_input(self.backbone.get_output_embeddings(), select)
             if lower is not None:
                 stack.enter_context(self.lower.skipping(lower))
             return self._run(ids, att, keep)
@@ -158,25 +187,49 @@ class LafnEditModule(L.LightningModule):
             return None
         return states[rows]
 
+    def _answer_token_nll(self, batch: dict, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """NLL of every answer token of ``rows`` and, per token, its index into ``rows``.
+
+        Rows are left-padded, so the columns left of the longest of these rows are padding for all
+        of them and are dropped. Every answer ends at the last position, so only the last ``keep``
+        positions can predict answer tokens, and the vocabulary projection (which dominates small
+        models) runs only at the positions that do (``answer_at``).
+        """
+        att = batch["attention_mask"][rows]
+        cut = att.shape[1] - int(att.sum(1).max())
+        ids, att, tmask = batch["input_ids"][rows, cut:], att[:, cut:], batch["target_mask"][rows, cut:]
+        width = ids.shape[1]
+        first = int(tmask.any(0).nonzero().min()) if tmask.any() else width - 1
+        answer_at = tmask[:, first:]                          # [rows, keep]: logits at t predict token t + 1
+        lower = self._cached_lower("", batch["input_ids"], rows)
+        head_inputs = [] if self.hparams.chunked_loss else None
+        logits = self._forward(ids, att, batch["group"][rows], batch["subject_pos"][rows] - cut, width - first,
+                               None if lower is None else lower[:, cut:], head_at=answer_at, head_inputs=head_inputs)
+        row_of, t = answer_at.nonzero(as_tuple=True)
+        gold = ids[row_of, first + t + 1]
+        if head_inputs:
+            head = self.backbone.get_output_embeddings()
+            return chunked_token_nll(head_inputs[0], head.weight, gold, bias=getattr(head, "bias", None),
+                                     softcap=head_softcap(self.backbone)), row_of
+        return F.cross_entropy(logits.float(), gold, reduction="none"), row_of
+
     def losses(self, batch: dict, active: torch.Tensor | None = None) -> dict:
         """Per-group L_target and L_kl (and per-row answer log-probabilities) for the active groups."""
         n_groups = self.delta_v.shape[0]
         active = torch.ones(n_groups, dtype=torch.bool, device=self.device) if active is None else active
         rows = active[batch["group"]].nonzero().squeeze(1)
-        ids, att, tmask = batch["input_ids"][rows], batch["attention_mask"][rows], batch["target_mask"][rows]
         groups = batch["group"][rows]
-        # Rows are left-padded: every answer ends at the last position, so only the last `keep`
-        # positions can predict answer tokens, and the vocabulary projection (which dominates
-        # small models) runs only at the positions that do (`answer_at`).
-        width = ids.shape[1]
-        first = int(tmask.any(0).nonzero().min()) if tmask.any() else width - 1
-        answer_at = tmask[:, first:]                          # [rows, keep]: logits at t predict token t + 1
-        logits = self._forward(ids, att, groups, batch["subject_pos"][rows], width - first,
-                               self._cached_lower("", batch["input_ids"], rows), head_at=answer_at)
-        row_of, t = answer_at.nonzero(as_tuple=True)
-        gold = ids[row_of, first + t + 1]
-        tok_nll = F.cross_entropy(logits.float(), gold, reduction="none")      # one per answer token
-        zeros = torch.zeros(len(rows), device=ids.device)
+        # Rows of very different lengths (12 scripts) waste compute on padding: with
+        # `length_buckets` > 1 the rows run in that many forwards of similar length (same loss).
+        order = batch["attention_mask"][rows].sum(1).argsort(stable=True)
+        parts = [p for p in order.tensor_split(max(1, self.hparams.get("length_buckets", 1))) if len(p)]
+        tok_parts, row_parts = [], []
+        for part in parts:
+            tok_nll, row_of = self._answer_token_nll(batch, rows[part])
+            tok_parts.append(tok_nll)
+            row_parts.append(part[row_of])
+        tok_nll, row_of = torch.cat(tok_parts), torch.cat(row_parts)
+        zeros = torch.zeros(len(rows), device=tok_nll.device)
         n_tok = zeros.index_add(0, row_of, torch.ones_like(tok_nll)).clamp(min=1)
         row_logprob = -zeros.index_add(0, row_of, tok_nll)    # log P(answer | prompt)
         row_nll = -row_logprob / n_tok                        # mean token NLL of the answer
@@ -191,20 +244,36 @@ class LafnEditModule(L.LightningModule):
 
         target = _group_mean(row_nll, groups, n_groups)
         kl_g = _group_mean(kl, batch["kl_group"][a_rows], n_groups)
-        return {"target": target, "kl": kl_g, "row_logprob": row_logprob, "rows": rows}
+        n_langs = int(batch["language"].max()) + 1
+        langs = batch["language"][rows]
+        cell = _group_mean(row_nll, groups * n_langs + langs, n_groups * n_langs).view(n_groups, n_langs)
+        present = torch.zeros(n_groups * n_langs, dtype=torch.bool, device=cell.device)
+        present[groups * n_langs + langs] = True
+        language_target = torch.where(present.view(n_groups, n_langs), cell, torch.full_like(cell, float("nan")))
+        objective = target
+        if self.hparams.get("language_weighting", "uniform") == "loss":
+            weights = language_target.detach().nan_to_num(0.0)
+            weights = weights / weights.sum(1, keepdim=True).clamp(min=1e-12)   # sums to 1 per group
+            objective = (weights * language_target.nan_to_num(0.0)).sum(1)
+        return {"target": target, "kl": kl_g, "row_logprob": row_logprob, "rows": rows,
+                "row_nll": row_nll, "language_target": language_target, "objective": objective}
 
     def training_step(self, batch: dict, batch_idx: int):
         active = ~self.stopped
         out = self.losses(batch, active)
         hp = self.hparams
-        per_group = hp.lambda_target * out["target"] + hp.lambda_kl * out["kl"]
+        per_group = hp.lambda_target * out["objective"] + hp.lambda_kl * out["kl"]
         # Sum over groups (not mean): each group's gradient is what it would be alone. DDP averages
         # gradients over processes, and only a group's owner contributes: scale back by world size.
         loss = per_group[active].sum() * self.trainer.world_size
         with torch.no_grad():
             self.steps[active] += 1
             self.final_target_loss[active] = out["target"][active].detach()
-            done = active & (out["target"].detach() < hp.stop_loss)
+            lang_loss = out["language_target"].detach()
+            if self.final_language_loss is None or self.final_language_loss.shape != lang_loss.shape:
+                self.final_language_loss = torch.full_like(lang_loss, float("nan"))
+            self.final_language_loss[active] = lang_loss[active]
+            done = active & self.reached(out["target"].detach(), lang_loss)
             if done.any():  # freeze the ΔV that reached the threshold (before this step's update)
                 self.frozen[done] = self.delta_v.detach()[done]
                 self.stopped |= done
@@ -223,9 +292,17 @@ class LafnEditModule(L.LightningModule):
             sel = langs == li
             if sel.any():
                 self.log(f"train/prob/{lang}", out["row_logprob"][sel].exp().mean().detach(), on_step=True, batch_size=1)
+                self.log(f"train/target/{lang}", out["language_target"][active, li].nanmean().detach(), on_step=True, batch_size=1)
         if self.trainer.strategy.reduce_boolean_decision(bool(self.stopped.all()), all=True):
             self.trainer.should_stop = True
         return loss
+
+    def reached(self, target: torch.Tensor, language_target: torch.Tensor) -> torch.Tensor:
+        """Per group: has it met the stop rule? (``target`` [groups], ``language_target`` [groups, languages], NaN where absent)."""
+        if self.hparams.stop_rule == "mean":
+            return target < self.hparams.stop_loss
+        worst = torch.where(torch.isnan(language_target), torch.full_like(language_target, -float("inf")), language_target)
+        return worst.amax(1) < self.hparams.stop_loss
 
     def optimizer_step(self, *args, **kwargs):
         super().optimizer_step(*args, **kwargs)
@@ -237,6 +314,12 @@ class LafnEditModule(L.LightningModule):
         with torch.no_grad():
             dv = torch.where(self.stopped[:, None, None], self.frozen, self.delta_v)
             return dv * self.mask
+
+
+#: Stop rules of :class:`LafnEditModule` (``mean`` is the paper's).
+STOP_RULES = ("mean", "every_language")
+#: Language weightings of L_target (``uniform`` is the paper's).
+WEIGHTINGS = ("uniform", "loss")
 
 
 def _group_mean(values: torch.Tensor, groups: torch.Tensor, n_groups: int) -> torch.Tensor:

@@ -8,21 +8,14 @@ training, locating, evaluation and inference agree.
 """
 from __future__ import annotations
 
-import unicodedata
 from dataclasses import dataclass
 
 import torch
 
-from ..text.matching import SubjectMatcher
 from ..text.scripts import joins_without_space
 from ..text.spans import answer_token_positions, last_token_of_span
+from ..text.subjects import ANCHOR_TEMPLATES, RULES, anchor_text, subject_span  # noqa: F401  (re-exported)
 
-#: "{subject} is a" in each MzsRE language (the KL anchor q_l of the paper's L_kl).
-ANCHOR_TEMPLATES = {
-    "en": "{} is a", "cz": "{} je", "de": "{} ist ein", "du": "{} is een", "es": "{} es un",
-    "fr": "{} est un", "pt": "{} é um", "ru": "{} — это", "th": "{} เป็น", "tr": "{} bir",
-    "vi": "{} là một", "zh": "{}是一个",
-}
 #: A word in each language that starts a sampled prefix, so prefixes are in the edit's language.
 PREFIX_SEEDS = {
     "en": "The", "cz": "To", "de": "Die", "du": "De", "es": "El", "fr": "Le", "pt": "O",
@@ -55,38 +48,6 @@ def join_prompt_target(prompt: str, target: str) -> str:
     return prompt + prompt_target_separator(prompt, target) + target
 
 
-#: Subject-position rules, in the order they are tried (see :func:`subject_span`).
-RULES = ("own", "other", "fuzzy", "fallback")
-
-
-def subject_span(question: str, own_subject: str, group_subjects) -> tuple[int, int, str]:
-    """Where the edit attaches inside ``question``: ``(start, end, rule)`` as character offsets.
-
-    1. ``own``: the first occurrence of the language's own subject;
-    2. ``other``: else the longest subject of the group (any language) that occurs;
-    3. ``fuzzy``: else the longest match of the ``fuzzy`` subject matcher (inflected forms such
-       as Russian "Лолы Бет" for "Лола Бет", stripped accents), which inference can use too;
-    4. ``fallback``: else the end of the question (its last non-space, non-punctuation
-       character), the "last token" site of ROME-style editing. Its frequency is logged: on such
-       prompts no matcher finds the subject, so the edit cannot fire there.
-    """
-    pos = question.find(own_subject) if own_subject else -1
-    if pos >= 0:
-        return pos, pos + len(own_subject), "own"
-    for subject in sorted(group_subjects, key=len, reverse=True):
-        pos = question.find(subject) if subject else -1
-        if pos >= 0:
-            return pos, pos + len(subject), "other"
-    found = SubjectMatcher({"group": list(group_subjects)}, mode="fuzzy").find(question)
-    if found:
-        best = max(found, key=lambda m: (m.end - m.start, -m.start))
-        return best.start, best.end, "fuzzy"
-    end = len(question.rstrip())
-    while end > 1 and unicodedata.category(question[end - 1]).startswith(("P", "Z")):
-        end -= 1
-    return end - 1, end, "fallback"
-
-
 @dataclass
 class Encoded:
     """One tokenised text with the positions the edit module needs."""
@@ -117,13 +78,6 @@ def encode_edit_text(tokenizer, prefix: str, question: str, target: str | None, 
     if targets and pos >= targets[0]:
         raise ValueError(f"subject token falls inside the answer in {text!r}")
     return Encoded(list(enc["input_ids"]), pos, targets, rule)
-
-
-def anchor_text(language: str, subject: str) -> str:
-    try:
-        return ANCHOR_TEMPLATES[language].format(subject)
-    except KeyError:
-        return ANCHOR_TEMPLATES["en"].format(subject)
 
 
 @torch.no_grad()

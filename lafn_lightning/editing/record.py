@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from ..backbone.loading import dtype_name
+
 
 def edit_record(model: Mapping[str, Any], *, languages, num_prefixes: int, prefix_length: int, seed: int,
                 paraphrases: str | None, beta: float | None, strategy: str | None, max_steps: int) -> dict:
@@ -16,13 +18,15 @@ def edit_record(model: Mapping[str, Any], *, languages, num_prefixes: int, prefi
     return {
         "method": "lu-lafn",
         "backbone": str(model["backbone"]),
-        "dtype": str(model["dtype"]).replace("torch.", ""),
+        "dtype": dtype_name(model["dtype"]),
         "layers": sorted(int(i) for i in model["layers"]),
         "site": model["site"],
         "lr": float(model["lr"]),
         "lambda_target": float(model["lambda_target"]),
         "lambda_kl": float(model["lambda_kl"]),
         "stop_loss": float(model["stop_loss"]),
+        "stop_rule": model.get("stop_rule", "mean"),
+        "language_weighting": model.get("language_weighting", "uniform"),
         "max_steps": int(max_steps),
         "languages": list(languages),
         "num_prefixes": int(num_prefixes),

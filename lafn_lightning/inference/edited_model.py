@@ -17,9 +17,12 @@ from torch import nn
 
 from ..backbone.ffn import SITES, adapter_for
 from ..backbone.fingerprint import check_fingerprint, fingerprint
-from ..backbone.loading import load_backbone
+from ..backbone.loading import dtype_name, load_backbone
 from ..cache import EditCache
 from ..editing.injection import delta_hooks
+from ..routing.keys import KEYS_FILE, KeyStore
+from ..routing.router import Router
+from ..routing.states import ids_states
 from ..text.matching import SubjectMatcher
 from ..text.spans import last_token_of_span, token_spans
 
@@ -50,13 +53,19 @@ class EditedModel(nn.Module):
         model: the Hugging Face causal LM the cache was built on (checked by fingerprint).
         tokenizer: its fast tokenizer.
         cache: an :class:`EditCache` or its directory.
-        matcher: ``exact`` (the paper's), ``normalized`` or ``fuzzy``.
+        matcher: ``exact`` (the paper's), ``normalized``, ``fuzzy``, or ``router`` (the backbone's
+            hidden states, keys in ``<cache>/router_keys.safetensors``: :mod:`lafn_lightning.routing`).
         site: ``value`` or ``activation``; default: the site the cache records (a different
             explicit value is refused: the edits were trained there).
         groups: restrict to these cached group ids (e.g. edit-one-test-one evaluation); ids not in
             the cache are ignored.
         delta_cache_size: how many matched groups' dense ΔV to keep in memory (LRU).
     """
+
+    def __new__(cls, *args, matcher: str = "exact", **kwargs):
+        if matcher == "router" and cls is EditedModel:  # hidden-state routing (lafn_lightning.routing)
+            return super().__new__(RoutedEditedModel)
+        return super().__new__(cls)
 
     def __init__(self, model, tokenizer, cache: EditCache | str | Path, *, matcher: str = "exact",
                  site: str | None = None, groups=None, delta_cache_size: int = 256) -> None:
@@ -92,7 +101,8 @@ class EditedModel(nn.Module):
         """
         cache = EditCache.open(cache_dir)
         spec = _recorded(cache, "backbone", backbone, default="demo")
-        dtype = _recorded(cache, "dtype", dtype, default=cache.fingerprint.get("dtype", "float32"))
+        dtype = _recorded(cache, "dtype", None if dtype is None else dtype_name(dtype),
+                          default=cache.fingerprint.get("dtype", "float32"))
         model, tokenizer = load_backbone(spec, dtype)
         return cls(model, tokenizer, cache, **kwargs)
 
@@ -168,3 +178,73 @@ class EditedModel(nn.Module):
             return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         with self._hooks(sites, only_length=input_ids.shape[1]):
             return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+
+class RoutedEditedModel(EditedModel):
+    """Args as :class:`EditedModel` plus ``keys`` (a :class:`KeyStore` or a key file; default
+    ``<cache>/router_keys.safetensors``), ``threshold`` / ``lexical_threshold`` (default: the key
+    file's), ``stage1`` (the stage-1 matcher, or None) and ``index`` (``auto``/``flat``/``hnsw``)."""
+
+    def __init__(self, model, tokenizer, cache, *, keys: KeyStore | str | Path | None = None,
+                 threshold: float | None = None, lexical_threshold: float | None = None,
+                 stage1: str | None = "exact", index: str = "auto", **kwargs) -> None:
+        kwargs.pop("matcher", None)
+        super().__init__(model, tokenizer, cache, matcher="exact", **kwargs)
+        if not isinstance(keys, KeyStore):
+            keys = KeyStore.load(keys or Path(self.cache.path) / KEYS_FILE)
+        groups = kwargs.get("groups")
+        wanted = [g for g in (self.cache.group_ids if groups is None else groups) if g in self.cache]
+        keys.prune(wanted)
+        threshold = threshold if threshold is not None else keys.threshold
+        if threshold is None:
+            raise ValueError("no router threshold: pass threshold= or calibrate the key file")
+        subjects = {g: list(dict.fromkeys(self.cache.subjects(g).values())) for g in wanted}
+        lexical_threshold = lexical_threshold if lexical_threshold is not None else keys.lexical_threshold
+        self.router = Router(keys, subjects, threshold=threshold, lexical_threshold=lexical_threshold,
+                             stage1=stage1, index=index)
+
+    def find_sites(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> list[EditSite]:
+        rows = input_ids.tolist()
+        masks = attention_mask.tolist() if attention_mask is not None else None
+        kept = []
+        for row, row_ids in enumerate(rows):
+            index = range(len(row_ids)) if masks is None else [i for i, m in enumerate(masks[row]) if m]
+            kept.append((list(index), [row_ids[i] for i in index]))
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        states = ids_states(self.model, [ids for _, ids in kept], self.router.layer, pad_id=pad)
+        sites = []
+        for row, ((index, ids), st) in enumerate(zip(kept, states)):
+            text, spans = token_spans(self.tokenizer, ids, self._special)
+            for r in self.router.route(text, spans, st):
+                subject = text[spans[r.position][0]:spans[r.position][1]] if r.stage == "state" else ""
+                sites.append(EditSite(row, index[r.position], r.group_id, subject))
+        return sites
+
+
+class RouterMatcher:
+    """A :class:`~lafn_lightning.matching.SubjectMatcher` look-alike over a :class:`Router`
+    (``find(text) -> [Match]``, the span being the routed token), so that
+    ``match_report.measure(groups, "router", matcher=RouterMatcher(router, model, tok))`` and
+    ``lafn match-report --matchers router`` can count its coverage like the string matchers'.
+
+    >>> RouterMatcher(router, model, tok).find("Где находится Moskva?")   # [Match('moscow', ...)]
+    """
+
+    def __init__(self, router: Router, model, tokenizer) -> None:
+        self.router, self.model, self.tokenizer = router, model, tokenizer
+
+    def __len__(self) -> int:
+        return len(self.router)
+
+    def find(self, text: str):
+        from ..routing.states import encode_with_offsets
+        from ..text.matching import Match
+
+        ids, spans = encode_with_offsets(self.tokenizer, text)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        states = ids_states(self.model, [ids], self.router.layer, pad_id=pad)[0]
+        out = []
+        for r in self.router.route(text, spans, states):
+            a, b = spans[r.position]
+            out.append(Match(r.group_id, text[a:b], a, b))
+        return out

@@ -1,0 +1,94 @@
+"""M-MEMIT: least-squares edits spread over several layers' down-projections, one batch per language.
+
+Usage::
+
+    update = memit_edit(model, tok, requests_by_language(groups), MemitHParams(layers=[4, 5, 6, 7, 8]))
+
+Per language l (Meng et al. 2023, ``memit_main.py``): z_i at the residual stream output of the
+last edit layer is optimised per request (``compute_z``); then for each layer in order, with the
+earlier layers' updates applied: K = keys (mean over prefixed prompts), R = (z - current z) /
+(layers left), delta W = R K^T (lambda C_l + K K^T)^{-1}. Languages are edited one after the other
+(the second on the model edited by the first), each with its own statistics C_l.
+Where the FFN output passes through a post-FFN norm before the residual (Gemma 2/3), R is
+converted to down_proj-output units with the norm's local scale ``rms(y) / gain`` (see
+:func:`residual_to_down`), which the original (GPT-J/Llama, no post-norm) does not need.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..backbone.ffn import adapter_for
+from .compute_z import ValueHParams, keys_at, optimise_values, prefix_groups, read_sites
+from .lowrank import LowRankUpdate
+from .stats import key_second_moments
+
+
+@dataclass
+class MemitHParams:
+    layers: list = field(default_factory=lambda: [4, 5, 6, 7, 8])
+    value: ValueHParams = field(default_factory=ValueHParams)
+    #: MEMIT: [["{}"], five prefixes of length 10]
+    prefixes: list = field(default_factory=lambda: [[10, 5]])
+    mom2_update_weight: float = 15000.0
+    mom2_n_samples: int = 2000
+
+    name = "memit"
+
+    def edit(self, model, tokenizer, requests: dict, **kwargs) -> LowRankUpdate:
+        """``memit_edit(model, tokenizer, requests, self, **kwargs)`` (the config's ``class_path`` entry point)."""
+        return memit_edit(model, tokenizer, requests, self, **kwargs)
+
+
+def residual_to_down(model, layer: int, y: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
+    """The down_proj-output change giving (to first order) residual change ``resid`` at layer
+    ``layer`` when the FFN output ``y`` passes a post-FFN RMSNorm (Gemma 2/3): ``resid * rms(y) /
+    gain`` (first order, damped where the gain is ~0); else ``resid`` unchanged."""
+    norm = getattr(adapter_for(model).layer_module(model, layer), "post_feedforward_layernorm", None)
+    if norm is None:
+        return resid
+    w = norm.weight.detach().double().cpu()
+    gain = 1.0 + w if "Gemma" in type(norm).__name__ else w
+    eps = getattr(norm, "eps", getattr(norm, "variance_epsilon", 1e-6))
+    rms = (y.double().pow(2).mean(-1, keepdim=True) + eps).sqrt()
+    # 1/gain, regularised: a quantised gain can be exactly 0 (Gemma-3-270M layer 4: 18 of 640
+    # dimensions below 0.05, median 5.7), which no FFN output can move
+    damp = (0.1 * gain.abs().median()) ** 2
+    return resid * rms * gain / (gain ** 2 + damp)
+
+
+def spread(model, tokenizer, reqs, hp, prefixes, C_by_layer, z_targets, z_site, update, *, scale, log=print):
+    """MEMIT/PMET's layer loop: ``scale(i) `` divides the residual of the i-th edit layer."""
+    z_kind, z_layer = z_site
+    for i, layer in enumerate(hp.layers):
+        with update.applied(model):
+            K = torch.stack([keys_at(model, tokenizer, req, [layer], prefixes)[layer] for req in reqs]).double()
+            cur_z, y = read_sites(model, tokenizer, reqs, [(z_kind, z_layer, "out"), ("down", layer, "out")])
+        R = (z_targets.double() - cur_z.double()) / scale(i)
+        if z_kind == "residual":
+            R = residual_to_down(model, layer, y, R)
+        C = C_by_layer[layer].double()
+        adj = torch.linalg.solve(hp.mom2_update_weight * C + K.T @ K, K.T)   # [d_ff, n]
+        update.add(layer, adj.T.float(), R.float())
+        log(f"layer {layer}: |z - cur| {(z_targets - cur_z).norm(dim=-1).mean():.2f} |R| {R.norm(dim=-1).mean():.2f}")
+    return update
+
+
+def memit_edit(model, tokenizer, requests: dict, hp: MemitHParams, *, stats_dir=None,
+               update: LowRankUpdate | None = None, log=print) -> LowRankUpdate:
+    update = update if update is not None else LowRankUpdate()
+    z_site = ("residual", hp.layers[-1])
+    n = len(hp.layers)
+    for lang, reqs in requests.items():
+        C = key_second_moments(model, tokenizer, hp.layers, lang, n_samples=hp.mom2_n_samples, stats_dir=stats_dir)
+        prefixes = prefix_groups(model, tokenizer, lang, hp.prefixes)
+        with update.applied(model):
+            zs = []
+            for req in reqs:
+                [z] = optimise_values(model, tokenizer, req, [z_site], hp.value, prefixes)
+                zs.append(z.target)
+                log(f"memit z {lang} {req.subject!r} -> {req.target!r}: nll {z.final_nll:.3f} |delta| {z.delta.norm():.2f} |init| {z.init.norm():.2f}")
+        spread(model, tokenizer, reqs, hp, prefixes, C, torch.stack(zs), z_site, update,
+               scale=lambda i: float(n - i), log=log)
+    return update

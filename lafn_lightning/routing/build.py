@@ -1,0 +1,121 @@
+"""Building the router's keys from what an edit group already has, and calibrating its threshold.
+
+    store = new_store(model, tok, layer=4, fingerprint=fp, background=zsre_questions)
+    sites = add_group(model, tok, store, group)      # keys: anchors + edit prompts, 12 languages
+    store.threshold = calibrate(model, tok, Router(store, subjects, threshold=1.0), negatives)
+
+A group's keys are its states at the subject's last token in ``"{subject} is a"`` (the KL anchor
+text, every language) and in each edit prompt at the training site: ``prompts.subject_span``
+(own/other/fuzzy), or where that falls back to the last token, the prompt's token closest to the
+group's anchor keys (:func:`aligned_token`, rule ``"aligned"``) -- pass that position to training
+so the ΔV sits where the router fires at inference.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+
+import torch
+
+from ..text.spans import last_token_of_span
+from ..text.subjects import anchor_text, subject_span
+from .router import Router, calibrate_threshold
+from .keys import KeyStore
+from .states import encode_with_offsets, ids_states
+
+__all__ = ["new_store", "aligned_token", "group_keys", "add_group", "negative_scores", "calibrate"]
+
+
+def _states(model, tokenizer, texts: Sequence[str], layer: int):
+    encs = [encode_with_offsets(tokenizer, t) for t in texts]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return encs, ids_states(model, [e[0] for e in encs], layer, pad_id=pad)
+
+
+def new_store(model, tokenizer, layer: int, background: Sequence[str], fingerprint: dict | None = None) -> KeyStore:
+    """An empty :class:`KeyStore` whose centring vector is the mean unit state (BOS excluded) of
+    ``background`` texts (ordinary questions, e.g. a few hundred zsre-train lines per language)."""
+    encs, states = _states(model, tokenizer, background, layer)
+    rows = [s[1:] for s in states if len(s) > 1]
+    center = torch.cat(rows).mean(0)
+    return KeyStore(layer, fingerprint, center=center)
+
+
+def aligned_token(states: torch.Tensor, spans, anchor_keys: torch.Tensor) -> int:
+    """The non-special token whose (projected) state is closest to any anchor key."""
+    cand = [i for i, (a, b) in enumerate(spans) if b > a]
+    sim = (states[cand] @ anchor_keys.T).max(1).values
+    return cand[int(sim.argmax())]
+
+
+def group_keys(model, tokenizer, store: KeyStore, group) -> tuple[torch.Tensor, list[tuple[str, int, str]]]:
+    """``(keys [n, d], sites)`` of an :class:`~lafn_lightning.data.EditGroup`: ``sites`` lists
+    ``(language, token index, rule)`` of each edit prompt's key (rule own/other/fuzzy/aligned)."""
+    langs = list(group.edits)
+    texts = [anchor_text(l, group.edits[l].subject) for l in langs] + [group.edits[l].prompt for l in langs]
+    encs, states = _states(model, tokenizer, texts, store.layer)
+    keys, sites = [], []
+    for k, l in enumerate(langs):
+        pos = last_token_of_span(encs[k][1], 0, len(group.edits[l].subject))
+        keys.append(store.project(states[k][pos]))
+    anchors = torch.stack(keys)
+    for k, l in enumerate(langs):
+        (_, spans), st = encs[len(langs) + k], store.project(states[len(langs) + k])
+        s0, s1, rule = subject_span(group.edits[l].prompt, group.edits[l].subject, group.subjects)
+        if rule == "fallback":
+            pos, rule = aligned_token(st, spans, anchors), "aligned"
+        else:
+            pos = last_token_of_span(spans, s0, s1)
+        keys.append(st[pos])
+        sites.append((l, pos, rule))
+    return torch.stack(keys), sites
+
+
+def add_group(model, tokenizer, store: KeyStore, group) -> list[tuple[str, int, str]]:
+    """Compute and store a group's keys; returns the edit prompts' sites (see :func:`group_keys`)."""
+    keys, sites = group_keys(model, tokenizer, store, group)
+    store.add(group.group_id, keys)
+    return sites
+
+
+def negative_scores(model, tokenizer, router: Router, texts: Sequence[str]) -> list[float]:
+    """Best stage-2 cosine of each text (questions about facts that are NOT cached)."""
+    encs, states = _states(model, tokenizer, texts, router.layer)
+    out = []
+    for (ids, spans), st in zip(encs, states):
+        best = router.scores(st, [i for i, (a, b) in enumerate(spans) if b > a])
+        out.append(max((s for s, _ in best.values()), default=-1.0))
+    return out
+
+
+def calibrate(model, tokenizer, router: Router, negatives: Sequence[str], false_rate: float = 0.0025) -> float:
+    """The stage-2 threshold that lets through at most ``false_rate`` of ``negatives``."""
+    return calibrate_threshold(negative_scores(model, tokenizer, router, negatives), false_rate)
+
+
+def rule_counts(sites) -> Counter:
+    return Counter(rule for _, _, rule in sites)
+
+
+def anchor_keys(model, tokenizer, store: KeyStore, group) -> torch.Tensor:
+    """The group's anchor keys (subject's last token in ``"{subject} is a"``, every language)."""
+    langs = list(group.edits)
+    encs, states = _states(model, tokenizer, [anchor_text(l, group.edits[l].subject) for l in langs], store.layer)
+    return torch.stack([store.project(st[last_token_of_span(spans, 0, len(group.edits[l].subject))])
+                        for l, (_, spans), st in zip(langs, encs, states)])
+
+
+def routed_subject_span(model, tokenizer, store: KeyStore, question: str, own_subject: str, group_subjects,
+                        anchors: torch.Tensor) -> tuple[int, int, str]:
+    """``prompts.subject_span`` with its last-token fallback replaced by the router's site: the
+    character span of the question's token closest to the group's ``anchors`` (rule
+    ``"aligned"``). Training should attach ΔV here, where the router fires at inference.
+
+    >>> routed_subject_span(model, tok, store, "Когда возникла инициатива ИААФ?", "Соревнования ИААФ", subs, anchors)
+    """
+    s0, s1, rule = subject_span(question, own_subject, group_subjects)
+    if rule != "fallback":
+        return s0, s1, rule
+    (ids, spans), st = [x[0] for x in _states(model, tokenizer, [question], store.layer)]
+    a, b = spans[aligned_token(store.project(st), spans, anchors)]
+    return a, b, "aligned"

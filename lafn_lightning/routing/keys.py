@@ -1,0 +1,194 @@
+"""The router's keys: per edit group, unit vectors from the backbone's residual stream, on disk.
+
+    store = KeyStore(layer=4, fingerprint=fp)
+    store.add("mzsre:0", keys)            # [n, d] float, any n
+    store.save(cache_dir / "router_keys.safetensors")
+    store = KeyStore.load(path, fingerprint=fp)   # FingerprintMismatch if another backbone
+    merged = KeyStore.merge([a, b])       # later stores win on duplicate group ids
+
+One safetensors file (fp16 key tensors, the fp32 centring vector; metadata: format, layer,
+dimension, threshold, group ids and the backbone fingerprint as JSON), written atomically.  ``remove``/``prune`` forget groups (e.g. those
+deleted from the edit cache).
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as st_save
+
+from ..backbone.fingerprint import FingerprintMismatch, fingerprints_differ
+from ..files import atomic_write
+
+__all__ = ["KEYS_FILE", "KeyStore"]
+
+KEYS_FILE = "router_keys.safetensors"
+_FORMAT = "lafn-router-keys"
+
+
+class KeyStore:
+    """Group id -> keys [n, d] (stored fp16, unit L2 norm), taken at input of decoder ``layer``.
+
+    >>> s = KeyStore(layer=4); s.add("g", torch.randn(3, 8)); len(s), s.dim
+    (1, 8)
+    """
+
+    def __init__(self, layer: int, fingerprint: dict | None = None, dim: int | None = None, *,
+                 center: torch.Tensor | None = None, threshold: float | None = None,
+                 lexical_threshold: float | None = None) -> None:
+        self.layer = int(layer)
+        self.fingerprint = dict(fingerprint or {})
+        self.dim = dim if dim is not None else (len(center) if center is not None else None)
+        #: mean unit state of ordinary text, removed before comparing (the residual stream is
+        #: anisotropic: raw unit states of unrelated tokens have cosines ~0.97)
+        self.center = None if center is None else torch.as_tensor(center).float().cpu()
+        self.threshold = threshold  # the calibrated acceptance cosines, if known
+        self.lexical_threshold = lexical_threshold
+        self._keys: dict[str, torch.Tensor] = {}
+        self._radii: dict[str, torch.Tensor] = {}
+
+    def project(self, states: torch.Tensor) -> torch.Tensor:
+        """Unit states (``router_states``) -> the space keys live in: centred, re-normalised."""
+        x = torch.as_tensor(states).float()
+        if self.center is not None:
+            x = x - self.center.to(x.device)
+        return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+
+    # ---- content ---------------------------------------------------------------------------
+    def add(self, group_id: str, keys: torch.Tensor, radii: torch.Tensor | None = None) -> None:
+        """Register (or replace) a group's keys; rows are L2-normalised and stored as fp16.
+        ``radii`` [n]: per-key acceptance cosines (GRACE-like; see ``router_build.set_radii``)."""
+        keys = torch.as_tensor(keys).detach().float().cpu()
+        if keys.dim() == 1:
+            keys = keys[None]
+        if keys.dim() != 2 or not len(keys):
+            raise ValueError(f"{group_id}: keys must be [n>0, d], got {tuple(keys.shape)}")
+        if self.dim is None:
+            self.dim = keys.shape[1]
+        elif keys.shape[1] != self.dim:
+            raise ValueError(f"{group_id}: keys have dimension {keys.shape[1]}, store has {self.dim}")
+        keys = keys / keys.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+        self._keys[str(group_id)] = keys.half().contiguous()
+        self._radii.pop(str(group_id), None)
+        if radii is not None:
+            self.set_radii(group_id, radii)
+
+    def set_radii(self, group_id: str, radii: torch.Tensor) -> None:
+        radii = torch.as_tensor(radii).float().reshape(-1).cpu()
+        if len(radii) != len(self._keys[str(group_id)]):
+            raise ValueError(f"{group_id}: {len(radii)} radii for {len(self._keys[str(group_id)])} keys")
+        self._radii[str(group_id)] = radii.contiguous()
+
+    def radii(self, group_id: str) -> torch.Tensor | None:
+        return self._radii.get(str(group_id))
+
+    def remove(self, group_id: str) -> None:
+        """Forget a group (KeyError if absent)."""
+        del self._keys[str(group_id)]
+        self._radii.pop(str(group_id), None)
+
+    def prune(self, keep: Iterable[str]) -> list[str]:
+        """Forget every group not in ``keep`` (e.g. the edit cache's group ids); returns them."""
+        keep = set(map(str, keep))
+        gone = [g for g in self._keys if g not in keep]
+        for g in gone:
+            del self._keys[g]
+            self._radii.pop(g, None)
+        return gone
+
+    def keys(self, group_id: str) -> torch.Tensor:
+        return self._keys[str(group_id)]
+
+    def group_ids(self) -> list[str]:
+        return list(self._keys)
+
+    def items(self):
+        return self._keys.items()
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __contains__(self, group_id: object) -> bool:
+        return str(group_id) in self._keys
+
+    @property
+    def n_keys(self) -> int:
+        return sum(len(k) for k in self._keys.values())
+
+    # ---- disk ------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write atomically (temporary file + ``os.replace``); returns the path."""
+        path = Path(path)
+        meta = {"format": _FORMAT, "layer": str(self.layer), "dim": str(self.dim or 0),
+                "threshold": json.dumps(self.threshold),
+                "lexical_threshold": json.dumps(self.lexical_threshold),
+                "fingerprint": json.dumps(self.fingerprint, sort_keys=True),
+                "groups": json.dumps(list(self._keys))}
+        tensors = {f"k{i}": k for i, k in enumerate(self._keys.values())}  # ids may hold any char
+        tensors.update({f"r{i}": self._radii[g] for i, g in enumerate(self._keys) if g in self._radii})
+        if self.center is not None:
+            tensors["center"] = self.center.float().contiguous()
+        atomic_write(path, st_save(tensors, metadata=meta))
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, fingerprint: dict | None = None) -> "KeyStore":
+        """Read a key file; with ``fingerprint``, raise :class:`FingerprintMismatch` if it differs."""
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != _FORMAT:
+                raise ValueError(f"{path}: not a router key file (format {meta.get('format')!r})")
+            fp = json.loads(meta["fingerprint"])
+            if fingerprint is not None:
+                diff = fingerprints_differ(fp, fingerprint)
+                if diff:
+                    raise FingerprintMismatch(f"router keys {path} were built on another backbone: "
+                                              f"{', '.join(diff)}", diff)
+            center = f.get_tensor("center") if "center" in f.keys() else None
+            store = cls(int(meta["layer"]), fp, int(meta["dim"]) or None, center=center,
+                        threshold=json.loads(meta.get("threshold", "null")),
+                        lexical_threshold=json.loads(meta.get("lexical_threshold", "null")))
+            names = set(f.keys())
+            for i, gid in enumerate(json.loads(meta["groups"])):
+                store._keys[gid] = f.get_tensor(f"k{i}")
+                if f"r{i}" in names:
+                    store._radii[gid] = f.get_tensor(f"r{i}")
+        return store
+
+    @classmethod
+    def merge(cls, stores: Iterable["KeyStore"]) -> "KeyStore":
+        """One store with every group of ``stores`` (same layer and fingerprint required; later
+        stores win on duplicate group ids)."""
+        stores = list(stores)
+        if not stores:
+            raise ValueError("merge: no stores given")
+        first = stores[0]
+        out = cls(first.layer, first.fingerprint, first.dim, center=first.center, threshold=first.threshold,
+                  lexical_threshold=first.lexical_threshold)
+        for s in stores:
+            if s.layer != first.layer or (s.dim and first.dim and s.dim != first.dim):
+                raise ValueError(f"merge: layer/dim differ ({s.layer}/{s.dim} vs {first.layer}/{first.dim})")
+            if (s.center is None) != (first.center is None) or (
+                    s.center is not None and not torch.equal(s.center, first.center)):
+                raise ValueError("merge: the stores were built with different centring vectors")
+            diff = fingerprints_differ(first.fingerprint, s.fingerprint)
+            if diff:
+                raise FingerprintMismatch(f"merge: router keys of different backbones: {', '.join(diff)}", diff)
+            for gid, k in s.items():
+                out._keys.pop(gid, None)
+                out._keys[gid] = k
+                out._radii.pop(gid, None)
+                if s.radii(gid) is not None:
+                    out._radii[gid] = s.radii(gid)
+        return out
+
+    @classmethod
+    def from_mapping(cls, layer: int, keys: Mapping[str, torch.Tensor], fingerprint: dict | None = None) -> "KeyStore":
+        store = cls(layer, fingerprint)
+        for gid, k in keys.items():
+            store.add(gid, k)
+        return store

@@ -1,0 +1,342 @@
+"""Edit routing beyond string matching: which cached groups apply to a query, and at which token.
+
+    router = Router(store, subjects, threshold=0.62)        # store: a KeyStore (router_keys.py)
+    routes = router.route(text, spans, states)               # states: token_states(..., store.layer)
+    # -> [Route(group_id, position, score, stage)], stage "exact" or "state"
+
+Stage 1, a subject matcher (the paper's exact match by default; fires at the subject's last
+token); stage 2,
+the query's per-token residual states at ``store.layer`` against every group's keys through a
+:class:`VectorIndex`: the best group fires when its best cosine reaches ``threshold``, or
+``lexical_threshold`` with part of its subject spelled in the query (both calibrated on other
+facts' questions, :func:`calibrate_threshold`).  Its site is :func:`state_site`.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..text.matching import SubjectMatcher
+from ..text.spans import last_token_of_span
+from .keys import KeyStore
+from .lexical import lexical_support
+
+__all__ = ["Route", "VectorIndex", "Router", "state_site", "calibrate_threshold"]
+
+
+@dataclass(frozen=True)
+class Route:
+    group_id: str
+    position: int     # token index in the query's ids
+    score: float      # stage 2: the best key's cosine (1.0 for an exact string match)
+    stage: str        # the stage-1 matcher's mode ("exact", "fuzzy", ...) or "state"
+    rule: str = ""    # where stage 2 put the site: "subject" (a subject string) or "token"
+
+
+class VectorIndex:
+    """Inner-product search over unit vectors, with tombstones for removal.
+
+    ``kind``: ``flat`` (exact scan, a float32 matmul), ``hnsw`` (faiss ``IndexHNSWFlat``,
+    approximate, cost nearly flat in the number of keys) or ``auto`` (flat below
+    ``auto_hnsw_from`` keys, else hnsw).
+
+    >>> ix = VectorIndex(8, kind="flat"); rows = ix.add(torch.eye(8)[:2])
+    >>> ix.search(torch.eye(8)[:1], k=1)[1].tolist()
+    [[0]]
+    """
+
+    def __init__(self, dim: int, kind: str = "auto", *, auto_hnsw_from: int = 20_000, hnsw_m: int = 32,
+                 ef_construction: int = 80, ef_search: int = 64) -> None:
+        if kind not in ("auto", "flat", "hnsw"):
+            raise ValueError(f"index kind must be auto, flat or hnsw, got {kind!r}")
+        self.dim, self.kind, self.auto_hnsw_from = dim, kind, auto_hnsw_from
+        self.hnsw_m, self.ef_construction, self.ef_search = hnsw_m, ef_construction, ef_search
+        self._chunks: list[np.ndarray] = []  # appended rows not yet concatenated (add is O(n))
+        self._vecs_cat = np.zeros((0, dim), dtype=np.float32)
+        self._alive_chunks: list[np.ndarray] = []
+        self._alive_cat = np.zeros(0, dtype=bool)
+        self._n = 0
+        self._hnsw = None
+        self._hnsw_rows = 0  # rows already in the hnsw graph
+
+    def __len__(self) -> int:
+        return int(self._alive.sum())
+
+    @property
+    def uses_hnsw(self) -> bool:
+        return self.kind == "hnsw" or (self.kind == "auto" and self._n >= self.auto_hnsw_from)
+
+    def add(self, vecs: torch.Tensor) -> range:
+        """Append unit vectors [n, d]; returns their row numbers."""
+        v = np.array(torch.as_tensor(vecs).float().cpu().numpy(), dtype=np.float32, copy=True)
+        start = self._n
+        self._chunks.append(v)
+        self._alive_chunks.append(np.ones(len(v), dtype=bool))
+        self._n += len(v)
+        return range(start, start + len(v))
+
+    @property
+    def _vecs(self) -> np.ndarray:
+        if self._chunks:
+            self._vecs_cat = np.concatenate([self._vecs_cat, *self._chunks])
+            self._chunks = []
+        return self._vecs_cat
+
+    @property
+    def _alive(self) -> np.ndarray:
+        if self._alive_chunks:
+            self._alive_cat = np.concatenate([self._alive_cat, *self._alive_chunks])
+            self._alive_chunks = []
+        return self._alive_cat
+
+    def remove(self, rows: Iterable[int]) -> None:
+        self._alive[list(rows)] = False
+        dead = len(self._alive) - len(self)
+        if dead > 1024 and dead > len(self._alive) // 4:
+            self._hnsw, self._hnsw_rows = None, 0  # rebuilt (without tombstones) by the caller
+            self.compact_needed = True
+
+    compact_needed = False
+
+    def _graph(self):
+        import faiss
+
+        if self._hnsw is None:
+            self._hnsw = faiss.IndexHNSWFlat(self.dim, self.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+            self._hnsw.hnsw.efConstruction = self.ef_construction
+            self._hnsw_rows = 0
+        if self._hnsw_rows < len(self._vecs):  # incremental: only the new rows
+            self._hnsw.add(self._vecs[self._hnsw_rows:])
+            self._hnsw_rows = len(self._vecs)
+        self._hnsw.hnsw.efSearch = self.ef_search
+        return self._hnsw
+
+    def search(self, q: torch.Tensor, k: int = 8) -> tuple[np.ndarray, np.ndarray]:
+        """``(scores [m, k], rows [m, k])`` of the ``k`` best live rows per query vector (row -1:
+        none)."""
+        qn = np.ascontiguousarray(torch.as_tensor(q).float().cpu().numpy(), dtype=np.float32)
+        n = len(self._vecs)
+        if n == 0:
+            return np.full((len(qn), k), -np.inf, np.float32), np.full((len(qn), k), -1, np.int64)
+        dead = n - len(self)
+        if self.uses_hnsw:
+            kk = min(n, k + (min(dead, 4 * k) if dead else 0))
+            scores, rows = self._graph().search(qn, kk)
+        else:
+            sim = torch.from_numpy(qn) @ torch.from_numpy(self._vecs).T
+            if dead:
+                sim[:, torch.from_numpy(~self._alive)] = -np.inf
+            top = sim.topk(min(n, k), dim=1)
+            scores, rows = top.values.numpy(), top.indices.numpy()
+        if dead:
+            ok = (rows >= 0) & self._alive[np.clip(rows, 0, None)]
+            scores = np.where(ok, scores, -np.inf)
+            rows = np.where(ok, rows, -1)
+        if scores.shape[1] < k:
+            pad = k - scores.shape[1]
+            scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
+            rows = np.pad(rows, ((0, 0), (0, pad)), constant_values=-1)
+        return scores[:, :k], rows[:, :k]
+
+
+def state_site(text: str, spans: Sequence[tuple[int, int]], subjects: Iterable[str], best_token: int) -> tuple[int, str]:
+    """Where a stage-2 route injects: the last token of a (fuzzy) occurrence of one of the group's
+    subjects in ``text`` -- the rule training uses (``prompts.subject_span``: other/fuzzy) -- else
+    the token whose state matched best. Returns ``(position, "subject" | "token")``."""
+    subjects = [s for s in subjects if s]
+    exact = [(text.find(s), s) for s in sorted(subjects, key=len, reverse=True)]
+    for pos, s in exact:
+        if pos >= 0:
+            tok = last_token_of_span(spans, pos, pos + len(s))
+            if tok is not None:
+                return tok, "subject"
+    found = SubjectMatcher({"g": subjects}, mode="fuzzy").find(text) if subjects else []
+    if found:
+        m = max(found, key=lambda m: (m.end - m.start, -m.start))
+        tok = last_token_of_span(spans, m.start, m.end)
+        if tok is not None:
+            return tok, "subject"
+    return best_token, "token"
+
+
+class Router:
+    """Stage 1 exact subject match + stage 2 nearest keys (see the module docstring).
+
+    Args:
+        store: the keys (:class:`KeyStore`); the query states must come from ``store.layer``.
+        subjects: group id -> subject strings (every language) for stage 1 and the site rule;
+            groups without subjects (e.g. keys-only distractors) route through stage 2 only.
+        threshold: minimum cosine for stage 2 (without lexical support).
+        lexical_threshold, lexical_min: the lower cosine accepted when at least ``lexical_min``
+            of one of the group's subjects is spelled in the query (None: no such rule).
+        stage1: the subject matcher of stage 1 (``exact``, ``normalized``, ``fuzzy``; None: off).
+        index: ``auto``, ``flat`` or ``hnsw`` (:class:`VectorIndex`); ``k``: neighbours per token.
+        candidates: how many best-scoring groups stage 2 tries, in order, against its rule.
+    """
+
+    def __init__(self, store: KeyStore, subjects: Mapping[str, Iterable[str]] | None = None, *,
+                 threshold: float, lexical_threshold: float | None = None, lexical_min: float = 0.5,
+                 stage1: str | None = "exact", index: str = "auto", k: int = 8, candidates: int = 1,
+                 **index_kwargs) -> None:
+        self.layer = store.layer
+        self.center = store.center
+        self.threshold = float(threshold)
+        self.lexical_threshold = None if lexical_threshold is None else float(lexical_threshold)
+        self.lexical_min = float(lexical_min)
+        self.k = k
+        self.candidates = candidates
+        self.stage1 = stage1
+        self._subjects: dict[str, tuple[str, ...]] = {}
+        self.matcher = SubjectMatcher({}, mode=stage1 or "exact")
+        self.index = VectorIndex(store.dim or 1, kind=index, **index_kwargs)
+        self._row_group: list[str] = []
+        self._group_rows: dict[str, range] = {}
+        self._index_kwargs = dict(kind=index, **index_kwargs)
+        subjects = subjects or {}
+        self._radius: list[float] = []
+        for gid, keys in store.items():
+            self.add(gid, keys, subjects.get(gid, ()), store.radii(gid))
+        for gid, subs in subjects.items():  # subjects without keys: stage 1 only
+            if gid not in self._group_rows:
+                self._set_subjects(gid, subs)
+
+    def __len__(self) -> int:
+        return len(set(self._group_rows) | set(self._subjects))
+
+    def __contains__(self, group_id: object) -> bool:
+        return group_id in self._group_rows or group_id in self._subjects
+
+    def _set_subjects(self, gid: str, subjects: Iterable[str]) -> None:
+        subs = tuple(dict.fromkeys(s for s in ([subjects] if isinstance(subjects, str) else subjects) if s))
+        if subs:
+            self._subjects[gid] = subs
+            self.matcher.add(gid, subs)
+
+    def add(self, group_id: str, keys: torch.Tensor, subjects: Iterable[str] = (),
+            radii: torch.Tensor | None = None) -> None:
+        """Register (or replace) a group: its keys (unit rows), its subject strings and optional
+        per-key radii (a key counts only where its cosine reaches ``max(radius, threshold)``)."""
+        if group_id in self:
+            self.remove(group_id)
+        keys = torch.as_tensor(keys).float()
+        keys = keys / keys.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+        rows = self.index.add(keys)
+        r = [-1.0] * len(rows) if radii is None else torch.as_tensor(radii).float().tolist()
+        self._radius.extend(r)
+        self._row_group.extend([group_id] * len(rows))
+        self._group_rows[group_id] = rows
+        self._set_subjects(group_id, subjects)
+
+    def remove(self, group_id: str) -> None:
+        """Forget a group: it never fires again (KeyError if unknown)."""
+        if group_id not in self:
+            raise KeyError(group_id)
+        rows = self._group_rows.pop(group_id, None)
+        if rows is not None:
+            self.index.remove(rows)
+        if self._subjects.pop(group_id, None) is not None:
+            self.matcher.remove(group_id)
+        if self.index.compact_needed:
+            self._compact()
+
+    def _compact(self) -> None:
+        keep = [(g, self.index._vecs[list(r)], [self._radius[i] for i in r]) for g, r in self._group_rows.items()]
+        self.index = VectorIndex(self.index.dim, **self._index_kwargs)
+        self._row_group, self._group_rows, self._radius = [], {}, []
+        for g, v, rad in keep:
+            rows = self.index.add(torch.from_numpy(v))
+            self._radius.extend(rad)
+            self._row_group.extend([g] * len(rows))
+            self._group_rows[g] = rows
+
+    @property
+    def floor(self) -> float:
+        """The lowest cosine that can fire (with lexical support)."""
+        lt = self.lexical_threshold
+        return self.threshold if lt is None else min(self.threshold, lt)
+
+    def accepts(self, text: str, group_id: str, score: float) -> bool:
+        """Stage 2's rule: ``score >= threshold``, or ``score >= lexical_threshold`` with at
+        least ``lexical_min`` of one of the group's subjects spelled in ``text``
+        (:func:`~lafn_lightning.routing.lexical.lexical_support`)."""
+        if score >= self.threshold:
+            return True
+        if self.lexical_threshold is None or score < self.lexical_threshold:
+            return False
+        return lexical_support(text, self._subjects.get(group_id, ())) >= self.lexical_min
+
+    def project(self, states: torch.Tensor) -> torch.Tensor:
+        """Unit states -> key space (centred with the store's vector, re-normalised)."""
+        x = torch.as_tensor(states).float()
+        if self.center is not None:
+            x = x - self.center
+        return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+
+    def scores(self, states: torch.Tensor, candidates: Sequence[int], *, margins: bool = False
+               ) -> dict[str, tuple[float, int]]:
+        """Group -> (best cosine, token index) over the ``candidates`` tokens of ``states``
+        (unit states as :mod:`router_states` returns them; projected here). ``margins``: only
+        keys reaching their radius and :attr:`floor` count."""
+        if not len(candidates) or not len(self._row_group):
+            return {}
+        sc, rows = self.index.search(self.project(states[list(candidates)]), self.k)
+        best: dict[str, tuple[float, int]] = {}
+        for t, (srow, rrow) in enumerate(zip(sc, rows)):
+            for s, r in zip(srow, rrow):
+                if r < 0:
+                    continue
+                s = float(s)
+                if margins:
+                    rad = self._radius[r]
+                    if s < rad or s < self.floor:
+                        continue
+                g = self._row_group[r]
+                if g not in best or s > best[g][0]:
+                    best[g] = (s, candidates[t])
+        return best
+
+    def route(self, text: str, spans: Sequence[tuple[int, int]], states: torch.Tensor | None) -> list[Route]:
+        """Routes of one query: ``spans`` are its tokens' character spans in ``text`` (empty for
+        special tokens, which stage 2 skips); ``states`` [T, d] its unit states at ``self.layer``
+        (None: stage 1 only)."""
+        routes: list[Route] = []
+        if self.stage1 and len(self.matcher):
+            for m in self.matcher.find(text):
+                tok = last_token_of_span(spans, m.start, m.end)
+                if tok is not None:
+                    routes.append(Route(m.group_id, tok, 1.0, self.stage1, "subject"))
+        if states is None:
+            return routes
+        cand = [i for i, (a, b) in enumerate(spans) if b > a]
+        best = self.scores(states, cand, margins=True)
+        if not best:
+            return routes
+        taken = {r.group_id for r in routes}
+        ranked = sorted(best.items(), key=lambda kv: -kv[1][0])[:self.candidates]
+        for gid, (score, tok) in ranked:  # the best-scoring candidate that the rule accepts
+            if self.accepts(text, gid, score):
+                if gid not in taken:
+                    pos, rule = state_site(text, spans, self._subjects.get(gid, ()), tok)
+                    routes.append(Route(gid, pos, score, "state", rule))
+                break
+        return routes
+
+
+def calibrate_threshold(negative_scores: Sequence[float], false_rate: float = 0.0025, floor: float = 0.0) -> float:
+    """The threshold that lets through at most ``false_rate`` of the negatives' best scores
+    (questions about *other* facts, e.g. zsre-train), never below ``floor``.
+
+    >>> round(calibrate_threshold([0.1, 0.2, 0.3, 0.9], false_rate=0.25), 6)   # only 0.9 passes
+    0.3
+    """
+    s = np.sort(np.asarray(negative_scores, dtype=np.float64))
+    if not len(s):
+        raise ValueError("calibrate_threshold: no negative scores")
+    allowed = int(np.floor(false_rate * len(s)))
+    if allowed >= len(s):
+        return max(float(s[0]), floor)
+    # strictly above the highest negative that must be rejected
+    return max(float(np.nextafter(s[len(s) - 1 - allowed], np.inf)), floor)

@@ -1,0 +1,31 @@
+"""Length buckets: rows of 12 scripts run in forwards of similar length, with the loss of one padded forward."""
+import torch
+
+from conftest import fit
+from lafn_lightning.backbone.hooks import Hooks
+
+
+def test_length_buckets_give_the_single_forward_loss_with_less_padding(tmp_path, dev_data):
+    cli = fit(tmp_path, "--data.languages", "null", "--data.groups", "0:2", "--data.dataset", str(dev_data),
+              "--trainer.fast_dev_run", "true")
+    module, batch = cli.model, cli.datamodule.batch
+    with torch.no_grad():
+        module.delta_v.copy_(torch.randn_like(module.delta_v))
+    embed = module.backbone.get_input_embeddings()
+    results, cells = [], []
+    for buckets in (1, 3):
+        module.hparams.length_buckets = buckets
+        module.delta_v.grad = None
+        seen = []
+        with Hooks() as hooks:
+            hooks.on_output(embed, lambda out: seen.append(out.shape[0] * out.shape[1]))
+            out = module.losses(batch)
+        (out["target"].sum() + out["kl"].sum()).backward()
+        results.append((out["target"].detach(), out["row_logprob"].detach(), module.delta_v.grad.clone()))
+        cells.append(sum(seen[:-1]))                               # answer rows (the last call is the KL anchors)
+        assert len(seen) == buckets + 1
+    assert results[0][2].abs().sum() > 0
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    real = int(batch["attention_mask"].sum())
+    assert cells[0] == batch["input_ids"].numel() and real < cells[1] < cells[0]

@@ -1,0 +1,210 @@
+"""M-ROME / M-MEMIT / M-PMET on a tiny Llama: update shape and rank, artifacts, cached statistics."""
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+
+from lafn_lightning.backbone.loading import load_backbone
+from lafn_lightning.methods import artifact, stats
+from lafn_lightning.methods.compute_z import ValueHParams
+from lafn_lightning.methods.memit import MemitHParams, memit_edit
+from lafn_lightning.methods.pmet import PmetHParams, pmet_edit
+from lafn_lightning.methods.requests import EditRequest
+from lafn_lightning.methods.rome import RomeHParams, rome_edit
+
+TEXTS = {"en": [(f"Who is person number {i}?", f"Someone {i}") for i in range(40)],
+         "zh": [(f"第{i}号人物是谁？", f"某人{i}") for i in range(40)]}
+REQUESTS = {
+    "en": [EditRequest("en", "Where was Alice Smith born?", "Alice Smith", "Paris", "g0"),
+           EditRequest("en", "Who founded Bob Corp?", "Bob Corp", "Eve", "g1")],
+    "zh": [EditRequest("zh", "爱丽丝出生在哪里？", "爱丽丝", "巴黎", "g0"),
+           EditRequest("zh", "鲍勃公司的创始人是谁？", "鲍勃公司", "伊芙", "g1")],
+}
+FAST = ValueHParams(v_num_grad_steps=3)
+
+
+@pytest.fixture()
+def tiny(monkeypatch, tmp_path):
+    torch.manual_seed(0)
+    model, tok = load_backbone("tiny-llama")
+    monkeypatch.setattr(stats, "read_zsre_train",
+                        lambda lang, limit=None: TEXTS[lang][:limit])
+    monkeypatch.setenv("LAFN_STATS_DIR", str(tmp_path / "stats"))
+    return model, tok
+
+
+def _param_digest(model) -> str:
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        h.update(name.encode()), h.update(p.detach().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _logits(model, tok):
+    ids = tok(["Where was Alice Smith born? Paris", "爱丽丝出生在哪里？巴黎"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        return model(**ids).logits
+
+
+EDITS = {
+    "rome": (lambda m, t, r: rome_edit(m, t, r, RomeHParams(layer=1, value=FAST, prefixes=[[3, 2]], mom2_n_samples=40),
+                                       log=lambda *_: None), [1]),
+    "memit": (lambda m, t, r: memit_edit(m, t, r, MemitHParams(layers=[1, 2], value=FAST, prefixes=[[3, 2]],
+                                                               mom2_update_weight=10.0, mom2_n_samples=40),
+                                         log=lambda *_: None), [1, 2]),
+    "pmet": (lambda m, t, r: pmet_edit(m, t, r, PmetHParams(layers=[1, 2], value=FAST, prefixes=[[3, 2]],
+                                                            mom2_update_weight=10.0, mom2_n_samples=40),
+                                       log=lambda *_: None), [1, 2]),
+}
+
+
+@pytest.mark.parametrize("method", sorted(EDITS))
+def test_update_shape_rank_and_artifact_round_trip(tiny, tmp_path, method):
+    model, tok = tiny
+    edit, layers = EDITS[method]
+    before_params, before_logits = _param_digest(model), _logits(model, tok)
+    update = edit(model, tok, REQUESTS)
+    d_model, d_ff = model.config.hidden_size, model.config.intermediate_size
+    assert update.layers == layers
+    for layer in layers:
+        assert update.delta(layer).shape == (d_model, d_ff)
+        # ROME: one rank-one edit per request (4 requests, applied in sequence); MEMIT/PMET: per
+        # language one least-squares update of rank <= its 2 requests, so <= 4 per layer.
+        assert update.factors[layer][0].shape[0] == 4
+        assert 1 <= update.rank(layer) <= 4
+    if method == "rome":
+        one = edit(model, tok, {"en": REQUESTS["en"][:1]})
+        assert one.rank(1) == 1
+    assert _param_digest(model) == before_params          # editing changed no weight
+    path = artifact.save_artifact(update, tmp_path / method, model=model, method=method, requests=REQUESTS["en"])
+    handle = artifact.apply_artifact(model, path)
+    edited = _logits(model, tok)
+    assert not torch.equal(edited, before_logits)          # the artifact does something
+    handle.remove()
+    assert torch.equal(_logits(model, tok), before_logits)  # removing it restores the logits exactly
+    assert _param_digest(model) == before_params
+
+
+def test_artifact_hooks_equal_dense_weight_edit(tiny, tmp_path):
+    model, tok = tiny
+    update = EDITS["memit"][0](model, tok, {"en": REQUESTS["en"]})
+    with update.applied(model):
+        hooked = _logits(model, tok)
+    down = model.model.layers[1].mlp.down_proj, model.model.layers[2].mlp.down_proj
+    saved = [d.weight.detach().clone() for d in down]
+    with torch.no_grad():
+        for d, layer in zip(down, (1, 2)):
+            d.weight += update.delta(layer)
+    dense = _logits(model, tok)
+    with torch.no_grad():
+        for d, w in zip(down, saved):
+            d.weight.copy_(w)
+    torch.testing.assert_close(hooked, dense, rtol=1e-4, atol=1e-4)
+
+
+def test_artifact_refused_on_other_backbone(tiny, tmp_path):
+    model, tok = tiny
+    update = EDITS["rome"][0](model, tok, {"en": REQUESTS["en"][:1]})
+    path = artifact.save_artifact(update, tmp_path / "r", model=model, method="rome")
+    from lafn_lightning.backbone.loading import tiny_model
+    other = tiny_model("llama", seed=1)
+    with pytest.raises(ValueError, match="another backbone"):
+        artifact.apply_artifact(other, path)
+
+
+def test_statistics_per_language_cached_and_reused(tiny, tmp_path):
+    model, tok = tiny
+    calls = []
+    handle = model.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        en = stats.key_second_moments(model, tok, [1, 2], "en", n_samples=40, progress=False)
+        zh = stats.key_second_moments(model, tok, [1, 2], "zh", n_samples=40, progress=False)
+        n_first = len(calls)
+        assert n_first > 0
+        again = stats.key_second_moments(model, tok, [1, 2], "en", n_samples=40, progress=False)
+        assert len(calls) == n_first                          # read from disk, no forward pass
+        more = stats.key_second_moments(model, tok, [1, 3], "en", n_samples=40, progress=False)
+        assert len(calls) > n_first                           # layer 3 was missing: computed
+    finally:
+        handle.remove()
+    files = sorted(p.name for p in (tmp_path / "stats").iterdir())
+    assert len(files) == 5 and all(f.endswith(".safetensors") for f in files)
+    d_ff = model.config.intermediate_size
+    assert en[1].shape == (d_ff, d_ff)
+    assert torch.equal(again[1], en[1]) and torch.equal(more[1], en[1])
+    assert not torch.allclose(en[1], zh[1])                   # estimated per language
+    assert torch.allclose(en[1], en[1].T, atol=1e-6)
+    assert torch.linalg.eigvalsh(en[1].double()).min() > -1e-6  # a second moment is PSD
+
+
+def test_every_method_config_builds_its_method():
+    from pathlib import Path
+
+    import yaml
+
+    from lafn_lightning.methods.config import from_config
+
+    files = sorted((Path(__file__).resolve().parents[1] / "configs" / "methods").glob("*.yaml"))
+    files = [f for f in files if f.name.split("-")[0] in ("rome", "memit", "pmet")]  # LoRA-FT configs are LightningCLI configs
+    assert len(files) >= 12
+    for path in files:
+        method = from_config(yaml.safe_load(path.read_text())["method"])
+        assert method.name == path.name.split("-")[0], path.name
+        assert callable(method.edit) and isinstance(method.value, ValueHParams)
+
+
+def test_artifact_model_edits_only_its_own_calls(tiny, tmp_path):
+    model, tok = tiny
+    update = EDITS["rome"][0](model, tok, {"en": REQUESTS["en"][:1]})
+    path = artifact.save_artifact(update, tmp_path / "r", model=model, method="rome")
+    before = _logits(model, tok)
+    edited = artifact.ArtifactModel(model, path)
+    ids = tok(["Where was Alice Smith born? Paris", "爱丽丝出生在哪里？巴黎"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = edited(**ids).logits
+    with update.applied(model):
+        expected = _logits(model, tok)
+    assert torch.equal(out, expected)
+    assert torch.equal(_logits(model, tok), before)            # the backbone itself is untouched
+
+
+def test_edit_groups_writes_one_request_per_language(tiny, tmp_path):
+    import json
+
+    from lafn_lightning.data import EditGroup, LanguageEdit
+    from lafn_lightning.methods.run import edit_groups
+
+    model, tok = tiny
+    group = EditGroup("g0", 0, {"en": LanguageEdit("en", "Alice Smith", "Where was Alice Smith born?", "Paris"),
+                                "zh": LanguageEdit("zh", "爱丽丝", "爱丽丝出生在哪里？", "巴黎")})
+    method = RomeHParams(layer=1, value=FAST, prefixes=[[3, 1]], mom2_n_samples=40)
+    path = edit_groups(method, model, tok, [group], out=tmp_path / "a", log=lambda *_: None)
+    record = json.loads(path.read_text())
+    assert record["method"] == "rome" and record["ranks"] == {"1": 2}
+    assert [(r["language"], r["target"]) for r in record["requests"]] == [("en", "Paris"), ("zh", "巴黎")]
+
+
+def test_residual_to_down_inverts_the_post_ffn_norm_and_survives_a_zero_gain():
+    from lafn_lightning.backbone.loading import tiny_model
+    from lafn_lightning.methods.memit import residual_to_down
+
+    torch.manual_seed(0)
+    model = tiny_model("gemma3")
+    norm = model.model.layers[1].post_feedforward_layernorm
+    with torch.no_grad():
+        norm.weight.fill_(3.0)          # gain 1 + w = 4
+        norm.weight[0] = -1.0           # gain exactly 0 (as in the quantised demo backbone)
+    y = torch.randn(2, model.config.hidden_size)
+    r = 1e-3 * torch.randn(2, model.config.hidden_size)
+    y[:, 0] = r[:, 0] = 0
+    r -= (r * y).sum(-1, keepdim=True) / (y * y).sum(-1, keepdim=True) * y   # the norm cannot move along y
+    dy = residual_to_down(model, 1, y, r)
+    assert torch.isfinite(dy).all() and (dy[:, 0] == 0).all()
+    with torch.no_grad():
+        moved = norm(y + dy.float()) - norm(y)
+    # away from the dead dimension, the norm's output moves by ~r (first order)
+    torch.testing.assert_close(moved[:, 1:], r[:, 1:], rtol=0.1, atol=2e-4)
+    llama = tiny_model("llama")
+    assert torch.equal(residual_to_down(llama, 1, y, r), r)   # no post-FFN norm: unchanged

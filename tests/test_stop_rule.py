@@ -1,0 +1,52 @@
+"""The per-language stopping rule: a 12-language group stops only once every language is below the threshold."""
+import lightning as L
+import pytest
+from lafn_lightning.api.settings import LafnCLI
+import torch
+
+from conftest import CONFIGS, fit
+
+
+class _Record(L.Callback):
+    def __init__(self):
+        self.steps = []
+
+    def on_train_batch_end(self, trainer, module, *args):
+        self.steps.append((module.final_language_loss[0].clone(), bool(module.stopped[0])))
+
+
+def test_every_language_rule_waits_for_the_slowest_language(tmp_path, dev_data):
+    # tiny-llama learns slowly: its languages' losses spread around 6-7 nats, enough to place a
+    # threshold that the mean passes at once and the worst language only after some steps.
+    record = _Record()
+
+    stop = 6.6
+    cli = LafnCLI(["-c", str(CONFIGS / "tiny.yaml"), "--cache_dir", str(tmp_path / "cache"), "--trainer.logger", "false",
+                    "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+                    "--trainer.default_root_dir", str(tmp_path), "--data.dataset", str(dev_data),
+                    "--data.languages", "null", "--data.groups", "0:1", "--locate.strategy", "all",
+                    "--model.stop_rule", "every_language", "--model.stop_loss", str(stop),
+                    "--trainer.max_steps", "30"], run=False)
+    cli.trainer.callbacks.append(record)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    losses = torch.stack([l for l, _ in record.steps])           # [steps, languages]
+    assert losses.shape[1] == 12 and not torch.isnan(losses).any()
+    worst, mean = losses.amax(1), losses.mean(1)
+    stopped_at = next(i for i, (_, s) in enumerate(record.steps) if s)
+    assert stopped_at == len(record.steps) - 1                   # the fit ended when the group stopped
+    assert worst[stopped_at] < stop                              # every language below ...
+    assert (worst[:stopped_at] >= stop).all()                    # ... and not before
+    assert stopped_at > 0 and mean[0] < stop                     # the paper's mean rule would have stopped at step 1
+    assert int(cli.model.steps[0]) == stopped_at + 1
+
+
+def test_mean_rule_is_the_default_and_stops_on_the_mean(tmp_path):
+    cli = fit(tmp_path, "--data.languages", "null", "--data.groups", "0:1", "--locate.strategy", "all",
+              "--model.stop_loss", "6.7", "--trainer.max_steps", "30", "--data.num_prefixes", "2")
+    assert cli.model.hparams.stop_rule == "mean"
+    assert int(cli.model.steps[0]) == 1 and bool(cli.model.stopped[0])
+
+
+def test_unknown_stop_rule_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="stop_rule"):
+        fit(tmp_path, "--model.stop_rule", "median", "--trainer.fast_dev_run", "true")
