@@ -194,6 +194,15 @@ def _check_layout(cache_dir: Path) -> None:
             raise CacheError(f"edit cache {cache_dir}: {path} should be a {'directory' if kind == 'dir' else 'file'}")
 
 
+def _prepare_dir(cache_dir: Path) -> None:
+    """Create a cache directory (and ``shards/``) to write into, refusing a file or links inside."""
+    if cache_dir.exists() and not cache_dir.is_dir():
+        raise CacheError(f"cache_dir {cache_dir} exists and is not a directory")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    _check_layout(cache_dir)
+    (cache_dir / SHARD_DIR).mkdir(exist_ok=True)
+
+
 def _regular(path: Path) -> bool:
     """True for a regular file that is not a symbolic link."""
     try:
@@ -455,11 +464,7 @@ def write_shard(
     for r in records.values():
         r["sha256"] = sha
 
-    if cache_dir.exists() and not cache_dir.is_dir():
-        raise CacheError(f"cache_dir {cache_dir} exists and is not a directory")
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    _check_layout(cache_dir)
-    (cache_dir / SHARD_DIR).mkdir(exist_ok=True)
+    _prepare_dir(cache_dir)
     with locked(cache_dir, timeout=lock_timeout):
         manifest = _manifest_for(cache_dir, fp, _jsonable(settings, "settings") if settings is not None else None)
         still_using = sorted(g for g, r in manifest["groups"].items() if r["shard"] == rel and g not in records)
@@ -891,11 +896,7 @@ def merge_caches(
         check_settings(settings, c.settings, f"{c.path} (merging with {caches[0].path})")
     for c in caches[1:]:
         check_fingerprint(fp, c.fingerprint, f"{c.path} (merging with {caches[0].path})")
-    if dest.exists() and not dest.is_dir():
-        raise CacheError(f"merge destination {dest} exists and is not a directory")
-    dest.mkdir(parents=True, exist_ok=True)
-    _check_layout(dest)
-    (dest / SHARD_DIR).mkdir(exist_ok=True)
+    _prepare_dir(dest)
     with locked(dest, timeout=lock_timeout):
         manifest = _manifest_for(dest, fp, settings)
         groups = manifest["groups"]

@@ -31,7 +31,9 @@ def locating_corpus(group: EditGroup) -> dict[str, list[str]]:
     return {lang: list(e.paraphrases) or [e.prompt] for lang, e in group.edits.items()}
 
 
-class _Repeat(IterableDataset):
+class RepeatBatch(IterableDataset):
+    """Yields the same (whole) batch forever: every optimisation step sees the whole edit batch."""
+
     def __init__(self, batch: dict) -> None:
         self.batch = batch
 
@@ -141,4 +143,4 @@ class EditBatchDataModule(L.LightningDataModule):
                             "their last token (rule 'fallback')", lang, counts["fallback"], sum(counts.values()))
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(_Repeat(self.batch), batch_size=None, num_workers=0)
+        return DataLoader(RepeatBatch(self.batch), batch_size=None, num_workers=0)

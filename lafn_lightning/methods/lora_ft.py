@@ -23,13 +23,14 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader
 
 from ..backbone.fingerprint import fingerprint
 from ..backbone.loading import load_backbone
 from ..data import EditGroup, load_groups, normalize_language
 from ..data import default_dataset
 from ..backbone.ffn import adapter_for
+from ..editing.datamodule import RepeatBatch
 from ..evaluation.metrics import encode_prompt_targets
 
 ARTIFACT_RECORD = "edit.json"
@@ -55,15 +56,6 @@ def edit_batch(tokenizer, groups: Sequence[EditGroup]) -> dict:
         att[r, : len(e.input_ids)] = 1
         target_mask[r, [t - 1 for t in e.target_positions]] = True
     return {"input_ids": ids, "attention_mask": att, "target_mask": target_mask}
-
-
-class _Repeat(IterableDataset):
-    def __init__(self, batch: dict) -> None:
-        self.batch = batch
-
-    def __iter__(self) -> Iterator[dict]:
-        while True:
-            yield self.batch
 
 
 class EditQuestionsData(L.LightningDataModule):
@@ -98,7 +90,7 @@ class EditQuestionsData(L.LightningDataModule):
             self.batch = edit_batch(tokenizer, self.groups)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(_Repeat(self.batch), batch_size=None, num_workers=0)
+        return DataLoader(RepeatBatch(self.batch), batch_size=None, num_workers=0)
 
 
 def target_regex(model: nn.Module, layers: Sequence[int] | None = None, modules: Sequence[str] | None = None) -> str:
