@@ -9,12 +9,12 @@ from pathlib import Path
 import torch
 
 torch.set_num_threads(2)
-from lafn_lightning.cli import make_cli
+from lafn_lightning.api.settings import LafnCLI
 from lafn_lightning import EditedModel
-from lafn_lightning.metrics import teacher_forced_predictions
+from lafn_lightning.evaluation.metrics import teacher_forced_predictions
 out, groups, langs, extra = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
 t = time.time()
-cli = make_cli(["fit", "-c", str(Path(__file__).resolve().parents[1] / "configs/demo.yaml"), "--cache_dir", out, "--data.groups", groups,
+cli = LafnCLI(["fit", "-c", str(Path(__file__).resolve().parents[1] / "configs/demo.yaml"), "--cache_dir", out, "--data.groups", groups,
                 "--data.languages", langs, "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
                 "--trainer.default_root_dir", out, *extra])
 fit_s = time.time() - t

@@ -78,17 +78,17 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
 
 
 def _cli(base: list[str], *extra: str):
-    from lafn_lightning.cli import make_cli
+    from lafn_lightning.api.settings import LafnCLI
 
-    return make_cli([*base, *extra], run=False)
+    return LafnCLI([*base, *extra], run=False)
 
 
 def baseline(base: list[str], index: int, cache_dir: Path, meter: _StepMeter) -> int:
     """Edit group ``index`` alone with a plain loop; export it to ``cache_dir``; return its steps."""
-    from lafn_lightning.backbones import fingerprint
+    from lafn_lightning.backbone.fingerprint import fingerprint
     from lafn_lightning.cache import CacheEntry, write_shard
-    from lafn_lightning.injection import delta_hooks
-    from lafn_lightning.locate import locate_group
+    from lafn_lightning.editing.injection import delta_hooks
+    from lafn_lightning.editing.locate import locate_group
 
     cli = _cli(base, "--data.groups", json.dumps([index]), "--model.dtype", "float32")
     module, dm, cfg = cli.model, cli.datamodule, cli.config
@@ -146,7 +146,7 @@ def project(base: list[str], indices: list[int], cache_dir: Path, dtype: str, me
 def reliability(groups, languages, cache_dir: Path, backbone: str, dtype: str) -> float:
     """Teacher-forced token F1 x100 of every edit question -> new answer with all edits cached."""
     from lafn_lightning import EditedModel
-    from lafn_lightning.metrics import score_predictions, teacher_forced_predictions
+    from lafn_lightning.evaluation.metrics import score_predictions, teacher_forced_predictions
 
     em = EditedModel.from_cache(cache_dir, backbone=backbone, dtype=dtype)
     f1s = []
@@ -181,7 +181,7 @@ def main() -> None:
     backbone = probe.model.hparams.backbone
     indices = [g.index for g in groups]
     sizes = sorted(int(s) for s in args.sizes.split(","))
-    from lafn_lightning.backbones import load_backbone
+    from lafn_lightning.backbone.loading import load_backbone
 
     dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
     for dtype in {"float32", *dtypes}:                           # load (and convert) outside the timings

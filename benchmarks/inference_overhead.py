@@ -48,12 +48,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lafn_lightning.backbones import fingerprint, load_backbone  # noqa: E402
+from lafn_lightning.backbone.fingerprint import fingerprint  # noqa: E402
+from lafn_lightning.backbone.loading import load_backbone  # noqa: E402
 from lafn_lightning.cache import CacheEntry, EditCache, write_shard  # noqa: E402
 from lafn_lightning.data import load_groups  # noqa: E402
-from lafn_lightning.datamodule import default_dataset  # noqa: E402
-from lafn_lightning.edited_model import EditedModel  # noqa: E402
-from lafn_lightning.ffn import adapter_for  # noqa: E402
+from lafn_lightning.data import default_dataset  # noqa: E402
+from lafn_lightning.inference.edited_model import EditedModel  # noqa: E402
+from lafn_lightning.backbone.ffn import adapter_for  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BACKBONES = {"tiny": "tiny-llama", "demo": "demo"}
@@ -128,7 +129,7 @@ def build_caches(root: Path, sizes: list[int], real_groups, fp: dict, layers: li
 
 def pick_queries(groups, tokenizer, per_language: int = 1):
     """Matching: edit questions whose own group is found; non-matching: locality questions."""
-    from lafn_lightning.matching import SubjectMatcher
+    from lafn_lightning.text.matching import SubjectMatcher
 
     matcher = SubjectMatcher({g.group_id: g.subjects for g in groups}, mode="exact")
     matching, nonmatching = [], []

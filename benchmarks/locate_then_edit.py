@@ -19,7 +19,7 @@ torch.set_num_threads(1)
 from lafn_lightning.evaluation import metrics as M  # noqa: E402
 from lafn_lightning.backbone.loading import load_backbone  # noqa: E402
 from lafn_lightning.data import load_groups  # noqa: E402
-from lafn_lightning.evaluation import _KeepLogits  # noqa: E402
+from lafn_lightning.evaluation.protocol import _KeepLogits  # noqa: E402
 from lafn_lightning.methods import artifact  # noqa: E402
 from lafn_lightning.methods.compute_z import ValueHParams  # noqa: E402
 from lafn_lightning.methods.memit import MemitHParams, memit_edit  # noqa: E402

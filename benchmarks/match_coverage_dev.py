@@ -25,8 +25,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lafn_lightning.data import load_groups  # noqa: E402
-from lafn_lightning.match_report import PROBES, LanguageCoverage, measure  # noqa: E402
-from lafn_lightning.matching import MATCHERS, SubjectMatcher  # noqa: E402
+from lafn_lightning.evaluation.match_report import PROBES, LanguageCoverage, measure  # noqa: E402
+from lafn_lightning.text.matching import MATCHERS, SubjectMatcher  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "mzsre-dev"
 

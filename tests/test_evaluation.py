@@ -9,7 +9,7 @@ from conftest import CONFIGS
 from lafn_lightning.evaluation import protocol as evaluation
 from lafn_lightning.backbone.fingerprint import fingerprint
 from lafn_lightning.backbone.loading import load_backbone
-from lafn_lightning.cache import CacheEntry, EditCache, write_shard
+from lafn_lightning.cache import CacheEntry, CacheError, EditCache, write_shard
 from lafn_lightning.data import read_jsonl
 from lafn_lightning.inference.edited_model import EditedModel
 from lafn_lightning.api import scoring as evaluate_api
@@ -248,8 +248,8 @@ def test_interrupted_evaluation_resumes_without_redoing_groups(tmp_path, monkeyp
     assert fresh == resumed
     assert (tmp_path / "fresh/results.md").read_text() == (tmp_path / "out/results.md").read_text()
 
-    with pytest.raises(ValueError, match=r"mzsre:0 \(and 2 more\) was edited in languages \['en', 'zh'\], but this "
-                                         r"evaluation edits in \['en'\]; use another --cache_dir"):
+    with pytest.raises(CacheError, match=r"made with other settings \(languages: cache has \['en', 'zh'\], "
+                                         r"given \['en'\]\); use another cache directory"):
         run_evaluate(tmp_path, *selection, "--data.languages", "[en]", output="en/results.json")
     with pytest.raises(ValueError, match="different evaluation.*generation"):
         run_evaluate(tmp_path, "--data.groups", "0:3")              # same output, other settings

@@ -61,14 +61,15 @@ def resolve_config_args(args: Sequence[str]) -> list[str]:
 
 
 def preflight(settings: "Settings", *, check_cache: bool = True) -> None:
-    """Refuse bad settings before any compute: the step budget, the data (read and checked) and
-    the target cache (a directory, readable manifest, same edit settings)."""
-    max_steps = settings.trainer.get("max_steps", -1)
-    if max_steps is None or int(max_steps) < 1:
-        raise ValueError(f"trainer.max_steps={max_steps}: the step budget of an edit batch must be >= 1 "
-                         "(a fit that trains nothing exports nothing)")
+    """Refuse bad settings before any compute: the data (read and checked) and, for a command that
+    edits (``check_cache``), the step budget and the target cache (a directory, readable manifest,
+    same edit settings)."""
     groups = settings.load_groups()
-    if check_cache:
+    if check_cache:  # a command that edits into the cache
+        max_steps = settings.trainer.get("max_steps", -1)
+        if max_steps is None or int(max_steps) < 1:
+            raise ValueError(f"trainer.max_steps={max_steps}: the step budget of an edit batch must be >= 1 "
+                             "(a fit that trains nothing exports nothing)")
         from ..cache import check_target
 
         check_target(settings.cache_dir, None, settings.record(groups[0].languages))
@@ -147,7 +148,7 @@ class Settings:
         argv = [a for c in configs for a in ("-c", str(c))] + list(args)
         for key, value in (overrides or {}).items():
             argv += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
-        cli = LafnCLI(resolve_config_args(argv), run=False, instantiate=False)
+        cli = LafnCLI(resolve_config_args(argv), run=False, instantiate=False, check_cache=False)
         return cls.from_namespace(cli)
 
     @classmethod
