@@ -213,11 +213,6 @@ def _eos_ids(tokenizer: Any, model: Any) -> set[int]:
     return ids
 
 
-def _pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device, *, left: bool) -> tuple[Tensor, Tensor]:
-    ids, mask, _ = pad_rows(seqs, pad_id, left=left, device=device)
-    return ids, mask
-
-
 def teacher_forced_predictions(
     model: Any,
     tokenizer: Any,
@@ -257,7 +252,7 @@ def teacher_forced_predictions(
     with _eval_mode(model), torch.no_grad():
         for start in range(0, len(encoded), batch_size):
             chunk = encoded[start : start + batch_size]
-            input_ids, attention_mask = _pad_batch([e.input_ids for e in chunk], pad_id, dev, left=False)
+            input_ids, attention_mask, _ = pad_rows([e.input_ids for e in chunk], pad_id, left=False, device=dev)
             keep = sorted({t - 1 for e in chunk for t in e.target_positions})
             if slice_positions and keep:
                 logits = run(input_ids, attention_mask, logits_to_keep=torch.as_tensor(keep, device=dev))
@@ -398,7 +393,7 @@ def _generate_left_padded(
     eos_ids: set[int],
     device: torch.device,
 ) -> list[list[int]]:
-    input_ids, attention_mask = _pad_batch(contexts, pad_id, device, left=True)
+    input_ids, attention_mask, _ = pad_rows(contexts, pad_id, left=True, device=device)
     if max_new_tokens <= 0:
         return [[] for _ in contexts]
     if generate is not None:
