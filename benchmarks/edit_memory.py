@@ -39,7 +39,7 @@ def main() -> None:
     args = parser.parse_args(argv[:cut])
     args.rest = argv[cut + 1:]
     torch.set_num_threads(args.threads)
-    import callbacks.neuron_locator as locator
+    import lafn_lightning.callbacks.neuron_locator as locator
 
     def all_neurons(model, adapter, layers, tokenizer, corpus, **kwargs):
         mask = torch.ones(len(layers), adapter.d_ff, dtype=torch.bool)

@@ -25,7 +25,7 @@ LAYERS = {"files": 0, "text": 0, "data": 0, "backbone": 0, "cache": 1, "routing"
 
 
 def _imports() -> dict[str, set[str]]:
-    """module -> the lafn_lightning/callbacks modules it imports (relative imports resolved)."""
+    """module -> the lafn_lightning modules it imports (relative imports resolved)."""
     graph = {}
     for path in PACKAGE.rglob("*.py"):
         rel = path.relative_to(PACKAGE.parent).with_suffix("")
@@ -41,13 +41,13 @@ def _imports() -> dict[str, set[str]]:
                 out.add(base)
             elif isinstance(node, ast.Import):
                 out.update(a.name for a in node.names)
-        graph[name] = {m for m in out if m.split(".")[0] in ("lafn_lightning", "callbacks")}
+        graph[name] = {m for m in out if m.split(".")[0] == "lafn_lightning"}
     return graph
 
 
 def _layer(module: str) -> int | None:
     parts = module.split(".")
-    key = parts[0] if parts[0] == "callbacks" else (parts[1] if len(parts) > 1 else None)
+    key = parts[1] if len(parts) > 1 else None
     return LAYERS.get(key)
 
 

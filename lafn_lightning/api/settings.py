@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from lightning.pytorch.cli import LightningCLI
 
-from callbacks import CacheExport, LogProgress, NeuronLocator
+from lafn_lightning.callbacks import CacheExport, LogProgress, NeuronLocator
 
 from ..editing.datamodule import EditBatchDataModule
 from ..editing.module import LafnEditModule
