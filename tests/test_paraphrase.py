@@ -147,3 +147,58 @@ def test_command_with_a_real_local_model(tmp_path, data):
     with pytest.raises(FileNotFoundError, match="not a local model folder"):
         paraphrase(Settings.from_config(CONFIGS / "tiny.yaml", overrides={"data.groups": "0:1"}),
                    instruct_model=str(tmp_path / "nowhere"), output=str(tmp_path / "x.jsonl"))
+
+
+@pytest.fixture
+def chat_server(tmp_path):
+    """tests/fixtures/chat_server.py as a real process listening on loopback; yields (url, log path)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    log = tmp_path / "requests.jsonl"
+    script = Path(__file__).parent / "fixtures" / "chat_server.py"
+    proc = subprocess.Popen([sys.executable, str(script), str(log)], stdout=subprocess.PIPE, text=True,
+                            env={"CHAT_SERVER_KEY": "secret", "PATH": ""})
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("PORT "), line
+        yield f"http://127.0.0.1:{line.split()[1]}/v1", log
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_openai_compatible_endpoint_over_loopback(tmp_path, data, chat_server, monkeypatch):
+    """The paper generated paraphrases through an API: a real HTTP server process on 127.0.0.1."""
+    url, log = chat_server
+    out = tmp_path / "para.jsonl"
+    monkeypatch.setenv("LAFN_TEST_KEY", "secret")
+    main(["paraphrase", "-c", str(CONFIGS / "tiny.yaml"), "--data.dataset", str(data), "--data.format", "jsonl",
+          "--data.languages", "[en, de]", "--data.groups", "null", "--instruct_model", "para-model",
+          "--endpoint", url, "--api_key_env", "LAFN_TEST_KEY", "--output", str(out), "--num", "2", "--rounds", "1"])
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [(x["group_id"], x["language"]) for x in lines] == [("tower", "en"), ("tower", "de"), ("base", "en"),
+                                                                ("base", "de")]
+    assert lines[0]["paraphrases"] == ["Tell me: Which city has the Gustave Tower?", "Gustave Tower?"]
+    assert lines[3]["paraphrases"] == ["Tell me: Wer baute die Apollo-Basis?", "Apollo-Basis?"]
+    sent = [json.loads(x) for x in log.read_text().splitlines()]
+    assert len(sent) == 4 and all(b["model"] == "para-model" and b["temperature"] == 0.0 for b in sent)
+    assert "Welche Stadt hat den Gustave-Turm?" in sent[1]["messages"][0]["content"]
+
+
+def test_endpoint_errors_name_the_url_before_any_question(tmp_path, data, chat_server, monkeypatch, capsys):
+    url, log = chat_server
+    base = ["paraphrase", "-c", str(CONFIGS / "tiny.yaml"), "--data.dataset", str(data), "--data.format", "jsonl",
+            "--data.languages", "[en, de]", "--data.groups", "null", "--output", str(tmp_path / "p.jsonl")]
+    monkeypatch.setenv("LAFN_TEST_KEY", "secret")
+    cases = [(["--instruct_model", "other-model", "--endpoint", url, "--api_key_env", "LAFN_TEST_KEY"],
+              "does not serve model 'other-model'; it serves para-model"),
+             (["--instruct_model", "para-model", "--endpoint", url, "--api_key_env", "NO_SUCH_KEY"], "HTTP 401"),
+             (["--instruct_model", "para-model", "--endpoint", "http://127.0.0.1:9/v1"], "cannot reach the endpoint")]
+    for extra, message in cases:
+        with pytest.raises(SystemExit) as exc:
+            main(base + extra)
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and message in err and "Traceback" not in err, err
+    assert not log.exists() and not (tmp_path / "p.jsonl").exists()

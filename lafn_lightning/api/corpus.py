@@ -1,6 +1,7 @@
 """``lafn paraphrase``: write the locating corpus (paraphrases of each edit question), resumably.
 
     paraphrase(Settings.from_config("demo"), instruct_model="/models/Qwen2-7B-Instruct", output="para.jsonl")
+    paraphrase(settings, instruct_model="Qwen2-72B-Instruct", endpoint="http://127.0.0.1:8000/v1", output="para.jsonl")
 
 The file is what ``--data.paraphrases`` reads. Rules (subject kept, no probe leaks): docs/paraphrase.md.
 """
@@ -12,8 +13,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable
 
-from ..editing.paraphrase import (DEFAULT_INSTRUCTION, build_instruction, existing_records, generate_replies,
-                                  load_instruct_model, parse_paraphrases, required_subjects, select_paraphrases)
+from ..editing.paraphrase import (DEFAULT_INSTRUCTION, build_instruction, check_endpoint, endpoint_replies,
+                                  existing_records, generate_replies, load_instruct_model, parse_paraphrases, required_subjects, select_paraphrases)
 from ..files import append_line
 from .settings import Settings
 
@@ -22,13 +23,15 @@ __all__ = ["paraphrase"]
 
 def paraphrase(settings: Settings, instruct_model: str, output: str, num: int = 30, rounds: int = 3,
                max_new_tokens: int = 1024, batch_size: int = 4, dtype: str = "float32", seed: int = 0,
-               keep_any: bool = False, instruction: str = DEFAULT_INSTRUCTION,
-               generate: Callable[..., list[str]] | None = None) -> None:
-    """Generate paraphrases of every selected edit question with a local instruct model.
+               keep_any: bool = False, instruction: str = DEFAULT_INSTRUCTION, endpoint: str | None = None,
+               api_key_env: str = "OPENAI_API_KEY", generate: Callable[..., list[str]] | None = None) -> None:
+    """Generate paraphrases of every selected edit question with an instruct model: a local folder,
+    or a model served by an OpenAI-compatible chat endpoint (``endpoint``).
 
     Args:
         settings: the parsed config; ``data.*`` selects the questions.
-        instruct_model: local folder of a Hugging Face instruct (chat) model (nothing is downloaded).
+        instruct_model: local folder of a Hugging Face instruct (chat) model (nothing is downloaded),
+            or with ``endpoint`` the model name the endpoint serves.
         output: JSONL file to append to (read by ``--data.paraphrases``).
         num: paraphrases per question (paper: 30).
         rounds: generation attempts per question (the first greedy, then sampled).
@@ -38,6 +41,9 @@ def paraphrase(settings: Settings, instruct_model: str, output: str, num: int = 
         seed: sampling seed.
         keep_any: keep lines that lost the subject.
         instruction: ``str.format`` template with {n}, {language}, {subject}, {question}.
+        endpoint: base URL of an OpenAI-compatible API (``http://host:port/v1``: vLLM, llama.cpp
+            server, Ollama); checked with ``GET /models`` before any question is sent.
+        api_key_env: environment variable holding the endpoint's API key (sent if set).
         generate: replaces the model (tests): ``generate(instructions, sample=, seed=) -> replies``.
     """
     if num < 1 or rounds < 1 or batch_size < 1:
@@ -57,7 +63,16 @@ def paraphrase(settings: Settings, instruct_model: str, output: str, num: int = 
           f"{len(todo)} to paraphrase", file=sys.stderr)
     if not todo:
         return
-    if generate is None:
+    if generate is None and endpoint:
+        import os
+
+        api_key = os.environ.get(api_key_env) or None
+        check_endpoint(endpoint, instruct_model, api_key=api_key)
+
+        def generate(instructions, *, sample, seed):
+            return endpoint_replies(endpoint, instruct_model, instructions, max_new_tokens=opt.max_new_tokens,
+                                    sample=sample, seed=seed, api_key=api_key)
+    elif generate is None:
         model, tokenizer = load_instruct_model(opt.instruct_model, opt.dtype)
 
         def generate(instructions, *, sample, seed):

@@ -133,6 +133,62 @@ def generate_replies(model, tokenizer, instructions: Sequence[str], *, max_new_t
     return tokenizer.batch_decode(new, skip_special_tokens=True)
 
 
+class EndpointError(ValueError):
+    """An OpenAI-compatible endpoint that cannot be reached or answers something else than a chat completion."""
+
+
+def _post_json(url: str, body: dict | None, api_key: str | None, timeout: float) -> dict:
+    import urllib.error
+    import urllib.request
+
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers=headers, method="GET" if body is None else "POST")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.loads(response.read().decode("utf-8"))
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode("utf-8", "replace")[:300]
+        raise EndpointError(f"{url}: HTTP {exc.code} {exc.reason}: {detail}") from None
+    except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
+        raise EndpointError(f"{url}: cannot reach the endpoint ({getattr(exc, 'reason', exc)})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise EndpointError(f"{url}: the reply is not JSON ({exc})") from None
+
+
+def check_endpoint(endpoint: str, model: str, *, api_key: str | None = None, timeout: float = 10.0) -> None:
+    """Refuse an endpoint that does not answer ``GET {endpoint}/models`` or does not serve ``model``
+    (before any question is sent)."""
+    listing = _post_json(endpoint.rstrip("/") + "/models", None, api_key, timeout)
+    served = [m.get("id") for m in listing.get("data", []) if isinstance(m, dict)]
+    if served and model not in served:
+        raise EndpointError(f"{endpoint}: does not serve model {model!r}; it serves {', '.join(map(str, served))}")
+
+
+def endpoint_replies(endpoint: str, model: str, instructions: Sequence[str], *, max_new_tokens: int, sample: bool,
+                     seed: int = 0, temperature: float = 0.9, top_p: float = 0.95, api_key: str | None = None,
+                     timeout: float = 600.0) -> list[str]:
+    """One reply per instruction from an OpenAI-compatible ``POST {endpoint}/chat/completions``
+    (vLLM, llama.cpp server, Ollama, ...; the paper used Qwen2-72B-Instruct through such an API).
+
+        replies = endpoint_replies("http://127.0.0.1:8000/v1", "Qwen2-72B-Instruct", ["..."],
+                                   max_new_tokens=1024, sample=False)
+
+    Greedy is ``temperature 0``; sampled requests carry ``seed`` (servers that ignore it still sample)."""
+    url = endpoint.rstrip("/") + "/chat/completions"
+    replies = []
+    for instruction in instructions:
+        body = {"model": model, "messages": [{"role": "user", "content": instruction}],
+                "max_tokens": max_new_tokens, "n": 1,
+                **({"temperature": temperature, "top_p": top_p, "seed": seed} if sample else {"temperature": 0.0})}
+        reply = _post_json(url, body, api_key, timeout)
+        try:
+            replies.append(str(reply["choices"][0]["message"]["content"] or ""))
+        except (KeyError, IndexError, TypeError):
+            raise EndpointError(f"{url}: the reply has no choices[0].message.content: {str(reply)[:300]}") from None
+    return replies
+
+
 def existing_records(path: Path) -> set[tuple[str, str]]:
     """(group_id, language) pairs already in the output; cuts off a partial last line."""
     if not path.exists():
