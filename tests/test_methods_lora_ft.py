@@ -106,7 +106,7 @@ def test_config_selects_the_method_by_class_path_and_fast_dev_run_writes_an_arti
 
     write_jsonl([GROUP], tmp_path / "edits.jsonl")
     LightningCLI(L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                 args=["fit", "-c", str(CONFIGS / "methods/tiny-lora_ft.yaml"), "--trainer.fast_dev_run", "true",
+                 args=["fit", "-c", str(CONFIGS / "methods/lora_ft-fit-tiny.yaml"), "--trainer.fast_dev_run", "true",
                        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
                        "--data.init_args.dataset", str(tmp_path / "edits.jsonl"),
                        "--model.init_args.artifact_dir", str(tmp_path / "art")],

@@ -87,7 +87,7 @@ def _write_tensorboard(log_dir: Path, results: Mapping[str, Any], markdown: str)
         for view, block in (("teacher_forced", section), ("generation", section.get("generation"))):
             if not block:
                 continue
-            for setting in SETTINGS:
+            for setting in [x for x in SETTINGS if x in block]:
                 for metric, row in block[setting].items():
                     for lang, cell in row.items():
                         for k, v in cell.items():
@@ -105,7 +105,8 @@ def _write_tensorboard(log_dir: Path, results: Mapping[str, Any], markdown: str)
 
 def evaluate(settings: Settings, output: str, mode: str = "multilingual", edit_languages: list[str] | None = None,
              edit_batch_size: int = 4, generation: bool = True, margin: int = 0, matcher: str = "exact",
-             batch_size: int = 16, log_dir: str | None = None, restart: bool = False, no_edit: bool = False) -> dict:
+             batch_size: int = 16, log_dir: str | None = None, restart: bool = False, no_edit: bool = False,
+             method: str | None = None) -> dict:
     """Edit every selected group not yet in the cache (:func:`edit_dataset`), then score the edits.
 
     Writes OUTPUT (JSON), OUTPUT with suffix .md (the tables), OUTPUT with suffix .progress.jsonl
@@ -127,6 +128,11 @@ def evaluate(settings: Settings, output: str, mode: str = "multilingual", edit_l
         log_dir: TensorBoard directory (default: the config's logger directory + /evaluate).
         restart: discard the progress file of an earlier run.
         no_edit: do not edit; evaluate the groups already in the cache.
+        method: score a comparison method instead of LU-LAFNs: a method config (a path or a shipped
+            name such as ``methods/memit-demo``, ``methods/lora_ft-demo``, ``methods/remake-demo``:
+            ``method: {class_path, init_args}``). Each group is edited alone in all its languages
+            (edit_one_test_one; no all_cached setting); results and artifacts go to
+            ``cache_dir/<method name>`` and are reused on resume. Multilingual mode only.
     """
     mode = _mode(mode)
     if edit_batch_size < 1 or batch_size < 1 or margin < 0:
@@ -136,6 +142,9 @@ def evaluate(settings: Settings, output: str, mode: str = "multilingual", edit_l
     if edit_languages and mode == "multilingual":
         raise ValueError("edit_languages applies to mode monolingual or cross-lingual; multilingual edits every "
                          "language of data.languages")
+    editor = _load_method(method) if method else None
+    if editor is not None and mode != "multilingual":
+        raise ValueError(f"method={method!r}: comparison methods are evaluated in mode multilingual only")
     own = SimpleNamespace(mode=mode, edit_languages=edit_languages, edit_batch_size=edit_batch_size,
                           generation=generation, margin=margin, matcher=matcher, batch_size=batch_size,
                           log_dir=log_dir, restart=restart, no_edit=no_edit, cache_dir=str(settings.cache_dir),
@@ -143,7 +152,7 @@ def evaluate(settings: Settings, output: str, mode: str = "multilingual", edit_l
     from tqdm.auto import tqdm
 
     started = time.perf_counter()
-    cache_dir = Path(own.cache_dir)
+    cache_dir = Path(own.cache_dir) / editor.name if editor is not None else Path(own.cache_dir)
     output = Path(own.output)
     hp = SimpleNamespace(**settings.model)
     groups = settings.load_groups()
@@ -177,7 +186,7 @@ def evaluate(settings: Settings, output: str, mode: str = "multilingual", edit_l
 
     # ---- a cache edited with other languages would be skipped by edit-dataset and silently scored
     for run in runs:
-        if not (run.cache_dir / "manifest.json").exists():
+        if editor is not None or not (run.cache_dir / "manifest.json").exists():
             continue
         existing = EditCache.open(run.cache_dir)
         cached = set(existing.group_ids)
@@ -190,12 +199,12 @@ def evaluate(settings: Settings, output: str, mode: str = "multilingual", edit_l
 
     # ---- edit what is not cached yet
     edit_seconds = 0.0
-    if own.no_edit:
+    if own.no_edit and editor is None:
         missing = [str(run.cache_dir) for run in runs if run.groups and not (run.cache_dir / "manifest.json").exists()]
         if missing:
             raise CacheError(f"no_edit: no edit cache at {', '.join(missing)}; drop --no_edit to edit first, "
                              "or point --cache_dir at an existing cache")
-    if not own.no_edit:
+    if not own.no_edit and editor is None:
         t0 = time.perf_counter()
         for run in runs:
             if not run.groups:
@@ -215,7 +224,8 @@ def evaluate(settings: Settings, output: str, mode: str = "multilingual", edit_l
     model, tokenizer = load_backbone(hp.backbone, hp.dtype)
     caches: dict[str, EditCache | None] = {}
     for run in runs:
-        caches[run.name] = EditCache.open(run.cache_dir) if (run.cache_dir / "manifest.json").exists() else None
+        exists = editor is None and (run.cache_dir / "manifest.json").exists()
+        caches[run.name] = EditCache.open(run.cache_dir) if exists else None
     fp = fingerprint(model, list(hp.layers))
     header = {
         "version": PROGRESS_VERSION,
@@ -229,6 +239,7 @@ def evaluate(settings: Settings, output: str, mode: str = "multilingual", edit_l
         "backbone": {"name": fp["name"], "layers": fp["edited_layers"], "layers_hash": fp["layers_hash"]},
         "site": hp.site,
         "matcher": own.matcher,
+        "method": _method_record(editor),
         "generation": own.generation,
         "margin": own.margin,
     }
@@ -245,6 +256,10 @@ def evaluate(settings: Settings, output: str, mode: str = "multilingual", edit_l
             cache = caches[run.name]
             todo = [g for g in run.groups if not progress.done(run.name, g.group_id)]
             cached_ids = set(cache.group_ids) if cache is not None else set()
+            if editor is not None:
+                cached_ids = {g.group_id for g in run.groups}
+                if todo and hasattr(editor, "prepare"):
+                    editor.prepare(model, tokenizer, run.groups, run.cache_dir)
             not_cached[run.name] = [g.group_id for g in run.groups if g.group_id not in cached_ids]
             if not todo:
                 continue
@@ -253,10 +268,16 @@ def evaluate(settings: Settings, output: str, mode: str = "multilingual", edit_l
                 if group.group_id not in cached_ids:
                     bar.update(1)
                     continue
-                one = EditedModel(model, tokenizer, cache, matcher=own.matcher, site=hp.site, groups=[group.group_id])
-                cells = score_group(model, tokenizer, group, {"edit_one_test_one": one, "all_cached": all_cached},
-                                    languages=run.test_languages, generation=own.generation, margin=own.margin,
-                                    batch_size=own.batch_size)
+                with contextlib.ExitStack() as stack:
+                    if editor is not None:   # edit this group alone (or reuse its artifact), score, undo
+                        edited = {"edit_one_test_one": stack.enter_context(
+                            editor.edited(model, tokenizer, [group], run.cache_dir))}
+                    else:
+                        edited = {"edit_one_test_one": EditedModel(model, tokenizer, cache, matcher=own.matcher,
+                                                                   site=hp.site, groups=[group.group_id]),
+                                  "all_cached": all_cached}
+                    cells = score_group(model, tokenizer, group, edited, languages=run.test_languages,
+                                        generation=own.generation, margin=own.margin, batch_size=own.batch_size)
                 progress.add(run.name, group.group_id, cells)
                 bar.update(1)
                 bar.set_postfix_str(f"{run.name}:{group.group_id}")
@@ -281,6 +302,42 @@ def evaluate(settings: Settings, output: str, mode: str = "multilingual", edit_l
           file=sys.stderr)
     print(markdown)
     return results
+
+
+def _load_method(name: str):
+    """The comparison method of a method config (``method: {class_path, init_args}``)."""
+    import yaml
+
+    from ..methods.config import from_config
+    from .settings import resolve_config
+
+    path = resolve_config(name)
+    try:
+        spec = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ValueError(f"--method {path}: not YAML ({exc})") from None
+    if not isinstance(spec, dict) or not isinstance(spec.get("method"), dict) or "class_path" not in spec["method"]:
+        raise ValueError(f"--method {path}: needs a 'method:' block with class_path and init_args "
+                         "(see configs/methods/*-demo.yaml)")
+    try:
+        editor = from_config(spec["method"])
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"--method {path}: method.class_path {spec['method']['class_path']!r} cannot be "
+                         f"imported ({exc})") from None
+    except TypeError as exc:
+        raise ValueError(f"--method {path}: method.init_args: {exc}") from None
+    if not callable(getattr(editor, "edited", None)):
+        raise ValueError(f"--method {path}: {spec['method']['class_path']} has no edited() "
+                         "(see lafn_lightning.methods.base)")
+    return editor
+
+
+def _method_record(editor) -> dict | None:
+    if editor is None:
+        return None
+    return {"name": editor.name, "class": f"{type(editor).__module__}.{type(editor).__qualname__}",
+            "hparams": json.loads(json.dumps(dataclasses.asdict(editor), default=str))
+            if dataclasses.is_dataclass(editor) else {}}
 
 
 def _assemble(own, runs: list[_Run], progress: ProgressLog, languages: list[str], header: dict,
@@ -308,6 +365,7 @@ def _assemble(own, runs: list[_Run], progress: ProgressLog, languages: list[str]
         "backbone": header["backbone"],
         "site": header["site"],
         "matcher": own.matcher,
+        "method": header["method"],
         "languages": languages,
         "runs": {r.name: {"cache_dir": str(r.cache_dir), "test_languages": r.test_languages,
                           "groups_evaluated": sum((r.name, g.group_id) in progress.records for g in r.groups),
@@ -323,9 +381,11 @@ def _assemble(own, runs: list[_Run], progress: ProgressLog, languages: list[str]
 def _results_markdown(own, results: Mapping[str, Any], languages: list[str], runs: list[_Run]) -> str:
     meta = results["meta"]
     n = {r.name: meta["runs"][r.name]["groups_evaluated"] for r in runs}
-    head = [f"# LU-LAFN evaluation ({own.mode})", "",
-            f"Dataset `{meta['dataset']}`, backbone `{meta['backbone']['name']}`, layers {meta['backbone']['layers']}, "
-            f"matcher `{own.matcher}`; groups evaluated: "
+    title = f"{meta['method']['name']} (comparison method)" if meta.get("method") else "LU-LAFN"
+    edits = (f"method `{meta['method']['class']}`" if meta.get("method")
+             else f"layers {meta['backbone']['layers']}, matcher `{own.matcher}`")
+    head = [f"# {title} evaluation ({own.mode})", "",
+            f"Dataset `{meta['dataset']}`, backbone `{meta['backbone']['name']}`, {edits}; groups evaluated: "
             + ", ".join(f"{k}: {v}" for k, v in n.items()) + ". Cells: F1 / EM (x100).", ""]
     if own.mode == "cross-lingual":
         title = "Cross-lingual transfer (test language T, pooled over edits in languages other than T)"
@@ -337,6 +397,7 @@ def _results_markdown(own, results: Mapping[str, Any], languages: list[str], run
     if own.mode == "cross-lingual":
         by_edit = results["by_edit_language"]
         for view in ("teacher_forced", "generation") if own.generation else ("teacher_forced",):
-            for setting in SETTINGS:
+            blocks = [b if view == "teacher_forced" else b["generation"] for b in by_edit.values()]
+            for setting in [x for x in SETTINGS if all(x in b for b in blocks)]:
                 body.append(_matrix_markdown(by_edit, languages, setting, view))
     return "\n".join(head + body)

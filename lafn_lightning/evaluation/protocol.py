@@ -149,7 +149,8 @@ def score_group(
     Args:
         model: the unedited backbone.
         edited: setting name -> :class:`EditedModel` (e.g. ``{"edit_one_test_one": ...,
-            "all_cached": ...}``); ``pre_edit`` is always added.
+            "all_cached": ...}``) or a comparison method's edited model (:mod:`lafn_lightning.methods.base`;
+            one with ``rewrite_prompts`` is run on the rewritten prompts); ``pre_edit`` is always added.
         languages: test languages (default: the group's).
         reuse: when an edited model injects ΔV at exactly the same (row, token, group) sites as
             one already run (or nowhere at all: the backbone), reuse those predictions instead of
@@ -177,6 +178,10 @@ def score_group(
             text = tokenizer.decode(pred, skip_special_tokens=True)
             cells.append([view, setting, probe.metric, probe.language, f1, em, text])
 
+    def _prompts(target) -> list[str]:  # a method that edits the context (methods.base.InContext)
+        rewrite = getattr(target, "rewrite_prompts", None)
+        return list(rewrite(prompts)) if rewrite is not None else prompts
+
     encoded = M.encode_prompt_targets(tokenizer, prompts, targets)
     views = [("teacher_forced", [e.input_ids for e in encoded])]
     if generation:  # generation injects ΔV into the prompt (the context) only
@@ -184,12 +189,12 @@ def score_group(
     for view, rows in views:
         if view == "teacher_forced":
             def run(target):
-                return M.teacher_forced_predictions(_KeepLogits(target, model), tokenizer, prompts, targets,
+                return M.teacher_forced_predictions(_KeepLogits(target, model), tokenizer, _prompts(target), targets,
                                                     batch_size=batch_size)
         else:
             def run(target):
-                return M.greedy_predictions(model, tokenizer, prompts, targets, margin=margin, batch_size=batch_size,
-                                            generate=_greedy_generate(target, tokenizer, model))
+                return M.greedy_predictions(model, tokenizer, _prompts(target), targets, margin=margin,
+                                            batch_size=batch_size, generate=_greedy_generate(target, tokenizer, model))
         base = run(model)
         add(view, "pre_edit", base, base)
         done: dict[tuple, list] = {}
@@ -238,10 +243,16 @@ def _json_numbers(obj: Any) -> Any:
     return obj
 
 
+def _scored(block: Mapping[str, dict]) -> dict:
+    """The settings of ``block`` that have at least one sample (a comparison method has no all_cached)."""
+    return {setting: table for setting, table in block.items()
+            if any(not math.isnan(cell["f1"]) for row in table.values() for cell in row.values())}
+
+
 def _section(agg: Mapping[str, dict], generation: bool) -> dict:
-    out = dict(agg["teacher_forced"])
+    out = _scored(agg["teacher_forced"])
     if generation:
-        out["generation"] = dict(agg["generation"])
+        out["generation"] = _scored(agg["generation"])
     return out
 
 
@@ -250,7 +261,7 @@ def _markdown(title: str, section: Mapping[str, Any], languages: Sequence[str], 
     parts = [f"## {title}", ""]
     views = [("teacher_forced", section)] + ([("generation", section["generation"])] if generation else [])
     for view, block in views:
-        for setting in SETTINGS:
+        for setting in [x for x in SETTINGS if x in block]:
             parts.append(table.to_markdown(f"{SETTING_TITLES[setting]}, {VIEW_TITLES[view]}", results=block[setting]))
     return "\n".join(parts)
 

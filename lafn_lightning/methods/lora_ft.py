@@ -6,6 +6,9 @@
     with applied_lora(model, "edits/lora/g0"):   # model = load_backbone("demo")[0]
         logits = model(ids).logits                 # edited; on exit the original modules are back
 
+As a method of ``lafn evaluate --method methods/lora_ft-demo`` (:class:`LoRAFT`, see
+:mod:`lafn_lightning.methods.base`): one fit per edit batch, artifact reused on resume.
+
 Artifact (a folder): PEFT's ``adapter_model.safetensors`` + ``adapter_config.json`` and
 ``edit.json`` (method, groups, languages, hyper-parameters, backbone fingerprint).
 """
@@ -18,6 +21,8 @@ import re
 import shutil
 from pathlib import Path
 from typing import Iterator, Sequence
+
+from dataclasses import asdict, dataclass
 
 import lightning as L
 import torch
@@ -123,6 +128,8 @@ class LoRAFineTune(L.LightningModule):
                  stop_loss: float | None = None, artifact_dir: str | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
+        self.given: tuple[nn.Module, object] | None = None  # (model, tokenizer) already loaded, instead of ``backbone``
+        self.artifact_extra: dict = {}                       # more fields for the artifact's record
         self.peft: nn.Module | None = None
         self.adapter_state: dict[str, torch.Tensor] = {}
 
@@ -132,7 +139,7 @@ class LoRAFineTune(L.LightningModule):
             return
         from peft import LoraConfig, get_peft_model
 
-        model, _ = load_backbone(self.hparams.backbone, self.hparams.dtype)
+        model, _ = self.given or load_backbone(self.hparams.backbone, self.hparams.dtype)
         if hasattr(model, "peft_config"):
             raise RuntimeError("the backbone already carries PEFT adapters (an artifact still applied?)")
         hp = self.hparams
@@ -191,9 +198,11 @@ class LoRAFineTune(L.LightningModule):
             dm = self.trainer.datamodule
             groups = [g.group_id for g in dm.groups] if dm is not None else []
             languages = list(dm.languages) if dm is not None else []
-            self.save_artifact(self.hparams.artifact_dir, groups=groups, languages=languages)
+            self.save_artifact(self.hparams.artifact_dir, groups=groups, languages=languages,
+                               extra={**self.artifact_extra, "steps_run": getattr(self, "steps_run", 0)})
 
-    def save_artifact(self, path: str | Path, *, groups: Sequence[str] = (), languages: Sequence[str] = ()) -> Path:
+    def save_artifact(self, path: str | Path, *, groups: Sequence[str] = (), languages: Sequence[str] = (),
+                      extra: dict | None = None) -> Path:
         """Write the adapter (safetensors + adapter_config.json) and ``edit.json``, atomically."""
         from peft import __version__ as peft_version
 
@@ -203,7 +212,9 @@ class LoRAFineTune(L.LightningModule):
         self.peft.save_pretrained(str(tmp), safe_serialization=True)
         (tmp / "README.md").unlink(missing_ok=True)  # PEFT's model-card stub
         record = {"method": METHOD, "format": 1, "groups": list(groups), "languages": list(languages),
-                  "hparams": {k: v for k, v in dict(self.hparams).items() if k != "artifact_dir"},
+                  "hparams": {**{k: v for k, v in dict(self.hparams).items() if k != "artifact_dir"},
+                              **{k: v for k, v in (extra or {}).items() if k == "max_steps"}},
+                  **{k: v for k, v in (extra or {}).items() if k != "max_steps"},
                   "peft_version": peft_version,
                   "fingerprint": self.fingerprint}
         (tmp / ARTIFACT_RECORD).write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -254,3 +265,80 @@ def applied_lora(model: nn.Module, path: str | Path, *, check: bool = True) -> I
         yield peft_model
     finally:
         _unload(peft_model)
+
+
+class AdapterModel(nn.Module):
+    """The backbone with LoRA adapters injected but enabled only during this module's own calls,
+    so the plain backbone beside it computes exactly what it did (the reference of Locality)."""
+
+    def __init__(self, backbone: nn.Module, peft_model: nn.Module) -> None:
+        super().__init__()
+        self.backbone, self.lora = backbone, peft_model.base_model
+        self.lora.disable_adapter_layers()
+
+    @property
+    def device(self):
+        return next(self.backbone.parameters()).device
+
+    @contextlib.contextmanager
+    def _enabled(self):
+        self.lora.enable_adapter_layers()
+        try:
+            yield
+        finally:
+            self.lora.disable_adapter_layers()
+
+    def forward(self, *args, **kwargs):
+        with self._enabled():
+            return self.backbone(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        with self._enabled():
+            return self.backbone.generate(*args, **kwargs)
+
+
+@dataclass
+class LoRAFT:
+    """LoRA-FT as a method of ``lafn evaluate --method`` (one fit of :class:`LoRAFineTune` per edit
+    batch, on its edit questions in every language; see :mod:`lafn_lightning.methods.base`).
+
+    Args: as :class:`LoRAFineTune`, plus ``max_steps`` (EasyEdit's ``num_steps``: 70)."""
+
+    rank: int = 8
+    alpha: float = 32.0
+    dropout: float = 0.1
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    layers: list[int] | None = None
+    target_modules: list[str] | None = None
+    max_steps: int = 70
+    stop_loss: float | None = 0.01
+    seed: int = 0
+
+    name = METHOD
+
+    def _reusable(self, path: Path) -> bool:
+        if not (path / ARTIFACT_RECORD).exists():
+            return False
+        hp = read_artifact(path)["hparams"]
+        return all(hp.get(k) == v for k, v in json.loads(json.dumps(asdict(self))).items() if k != "max_steps") \
+            and hp.get("max_steps", self.max_steps) == self.max_steps
+
+    @contextlib.contextmanager
+    def edited(self, model, tokenizer, groups, workdir, *, log=print):
+        from .base import artifact_stem
+
+        path = Path(workdir) / "artifacts" / artifact_stem(groups)
+        if not self._reusable(path):
+            args = {k: v for k, v in asdict(self).items() if k != "max_steps"}
+            module = LoRAFineTune(**args, artifact_dir=str(path))
+            module.given, module.artifact_extra = (model, tokenizer), {"max_steps": self.max_steps}
+            data = EditQuestionsData(edit_groups=groups)
+            data.batch = edit_batch(tokenizer, groups)
+            training = model.training
+            L.Trainer(max_steps=self.max_steps, accelerator="auto", devices=1, logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False).fit(
+                module, datamodule=data)   # on_fit_end writes the artifact
+            model.train(training)
+        with applied_lora(model, path) as peft_model:
+            yield AdapterModel(model, peft_model)

@@ -22,11 +22,12 @@ import torch
 from ..backbone.ffn import adapter_for
 from .compute_z import ValueHParams, keys_at, optimise_values, prefix_groups, read_sites
 from .lowrank import LowRankUpdate
+from .run import ArtifactEditing
 from .stats import key_second_moments
 
 
 @dataclass
-class MemitHParams:
+class MemitHParams(ArtifactEditing):
     layers: list = field(default_factory=lambda: [4, 5, 6, 7, 8])
     value: ValueHParams = field(default_factory=ValueHParams)
     #: MEMIT: [["{}"], five prefixes of length 10]

@@ -19,12 +19,13 @@ import torch
 
 from .compute_z import ValueHParams, optimise_values, prefix_groups
 from .lowrank import LowRankUpdate
+from .run import ArtifactEditing
 from .memit import spread
 from .stats import key_second_moments
 
 
 @dataclass
-class PmetHParams:
+class PmetHParams(ArtifactEditing):
     layers: list = field(default_factory=lambda: [4, 5, 6, 7, 8])
     #: EasyEdit hparams/PMET/llama-7b.yaml
     value: ValueHParams = field(default_factory=lambda: ValueHParams(v_num_grad_steps=20, v_weight_decay=0.5,

@@ -5,12 +5,15 @@
     remake = ReMaKE(model, tok, KnowledgeBase.load("edits/remake_kb", model))
     prompts = remake.prompts(["Who is the father of X?"])   # context + query, scored as usual
 
+As a method of ``lafn evaluate --method methods/remake-demo``: :class:`ReMaKEMethod`.
+
 Retriever: the original's XLM-R relevance classifier cannot be downloaded here; this one embeds
 questions with the backbone itself (mean of a middle layer's hidden states, mean-centred, cosine),
 takes the top-1 fact per edited language and keeps it only above a relevance threshold.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -25,6 +28,7 @@ from ..data import EditGroup
 from ..backbone.ffn import adapter_for
 from ..data.packaged import read_zsre_train as packaged_zsre_train
 from ..editing.prompts import join_prompt_target
+from ..files import atomic_write
 
 #: How a retrieved fact and the query are written: "plain" = "{question} {answer}\n{query}";
 #: "qa" = ReMaKE's "Question: {q} Answer: {a}\nQuestion: {query} Answer:".
@@ -273,3 +277,57 @@ class ReMaKE:
         return {"queries": n, "with_context": sum(bool(r["hits"]) for r in self.log),
                 "with_edit_fact": sum(any(h[0] for h in r["hits"]) for r in self.log),
                 "threshold": self.threshold, "layer": self.kb.layer, "calibration": self.kb.calibration}
+
+
+@dataclass
+class ReMaKEMethod:
+    """ReMaKE as a method of ``lafn evaluate --method`` (see :mod:`lafn_lightning.methods.base`):
+    one knowledge base over the evaluated groups' edit questions in every language plus
+    ``distractors`` zsRE training facts per language, built once in ``workdir/kb`` (reused when it
+    covers the groups); each group is scored with only its own edits retrievable (and the
+    distractors), as edit-one-test-one. ``threshold`` None: calibrated on ``calibration`` held-out
+    zsRE facts per language (never the evaluation data)."""
+
+    layer: int | None = None
+    threshold: float | None = None
+    template: str = "plain"
+    distractors: int = 1000
+    calibration: int = 200
+
+    name = "remake"
+
+    def __post_init__(self) -> None:
+        if self.template not in TEMPLATES:
+            raise ValueError(f"method.init_args.template={self.template!r}: one of {', '.join(TEMPLATES)}")
+        self._remake: ReMaKE | None = None
+
+    def prepare(self, model: nn.Module, tokenizer, groups: Sequence[EditGroup], workdir) -> None:
+        path = Path(workdir) / "kb"
+        want = {g.group_id for g in groups}
+        kb = None
+        if (path / "kb.json").exists():
+            kb = KnowledgeBase.load(path, model)
+            settings = json.loads((path / "kb.json").read_text(encoding="utf-8")).get("settings", {})
+            if not want <= set(kb.group_ids) or settings != self._settings():
+                kb = None
+        if kb is None:
+            kb = KnowledgeBase.build(model, tokenizer, groups, list(groups[0].languages), distractors=self.distractors,
+                                     layer=self.layer, threshold=self.threshold, calibration=self.calibration)
+            kb.save(path)
+            meta = json.loads((path / "kb.json").read_text(encoding="utf-8"))
+            meta["settings"] = self._settings()
+            atomic_write(path / "kb.json", json.dumps(meta, ensure_ascii=False, indent=1) + "\n")
+        self._remake = ReMaKE(model, tokenizer, kb, threshold=self.threshold, template=self.template)
+
+    def _settings(self) -> dict:
+        return {"layer": self.layer, "threshold": self.threshold, "distractors": self.distractors,
+                "calibration": self.calibration}
+
+    @contextlib.contextmanager
+    def edited(self, model: nn.Module, tokenizer, groups: Sequence[EditGroup], workdir):
+        from .base import InContext
+
+        if self._remake is None:
+            self.prepare(model, tokenizer, groups, workdir)
+        ids = [g.group_id for g in groups]
+        yield InContext(model, lambda prompts: self._remake.prompts(list(prompts), groups=ids))

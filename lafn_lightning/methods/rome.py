@@ -18,11 +18,12 @@ import torch
 
 from .compute_z import ValueHParams, keys_at, optimise_values, prefix_groups, read_sites
 from .lowrank import LowRankUpdate
+from .run import ArtifactEditing
 from .stats import key_second_moments
 
 
 @dataclass
-class RomeHParams:
+class RomeHParams(ArtifactEditing):
     layer: int = 6
     value: ValueHParams = field(default_factory=ValueHParams)
     #: (prefix length, count) pairs; ROME: [(5, 10), (10, 10)]

@@ -8,10 +8,14 @@ Usage::
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import time
+from pathlib import Path
 
-from .artifact import save_artifact
+from .artifact import ArtifactModel, load_artifact, save_artifact
+from .base import artifact_stem
 from .requests import requests_by_language
 
 
@@ -25,3 +29,22 @@ def edit_groups(method, model, tokenizer, groups, languages=None, out="artifact"
                          requests=[r for rs in requests.values() for r in rs],
                          extra={"languages": list(requests), "groups": [g.group_id for g in groups],
                                 "edit_seconds": round(time.time() - start, 1)})
+
+
+class ArtifactEditing:
+    """``edited`` of the closed-form methods (M-ROME, M-MEMIT, M-PMET; see :mod:`.base`): the
+    artifact of an edit batch lives in ``workdir/artifacts``; one made with the same method and
+    hyper-parameters is reused (resume), else the batch is edited and the artifact written."""
+
+    @contextlib.contextmanager
+    def edited(self, model, tokenizer, groups, workdir, *, log=print):
+        path = Path(workdir) / "artifacts" / artifact_stem(groups)
+        json_path = path.with_suffix(".json")
+        hparams = json.loads(json.dumps(dataclasses.asdict(self)))
+        reuse = False
+        if json_path.exists():
+            _, record = load_artifact(json_path)
+            reuse = record.get("method") == self.name and record.get("hparams") == hparams
+        if not reuse:
+            json_path = edit_groups(self, model, tokenizer, groups, out=path, log=log)
+        yield ArtifactModel(model, json_path)
