@@ -28,17 +28,20 @@ def match_report(settings: Settings, matchers: list[str] = list(MATCHERS), outpu
     ``data.groups`` selects registered at once (``--data.groups null``: the whole dataset).
 
     Args:
-        settings: the parsed config; ``data.*`` selects the groups.
-        matchers: matchers to compare, among exact, normalized, fuzzy.
+        settings: the parsed config; ``data.*`` selects the groups, ``model.*`` the backbone and
+            first edited layer and ``export.router_*`` the thresholds of the router.
+        matchers: matchers to compare, among exact, normalized, fuzzy, router (the hidden-state
+            router, :mod:`lafn_lightning.routing`: loads the backbone and builds every group's keys).
         output: write the JSON report (``{matcher: {language: {"found", "false_match"}}}``) here.
     """
-    unknown = [m for m in matchers if m not in MATCHERS]
+    unknown = [m for m in matchers if m not in (*MATCHERS, "router")]
     if unknown or not matchers:
-        raise ValueError(f"matchers: unknown matcher(s) {unknown}; choose from {', '.join(MATCHERS)}")
+        raise ValueError(f"matchers: unknown matcher(s) {unknown}; choose from {', '.join(MATCHERS)}, router")
     groups = settings.load_groups()
     if not groups:
         raise ValueError(f"data.groups={settings.data.get('groups')!r} selects no group")
-    report, counts = coverage_report(groups, matchers)
+    built = {"router": _router_matcher(settings, groups)} if "router" in matchers else {}
+    report, counts = coverage_report(groups, matchers, built)
     print(f"subject matching coverage: {len(groups)} groups registered, languages {','.join(groups[0].languages)}")
     print(format_table(counts))
     if output:
@@ -47,6 +50,27 @@ def match_report(settings: Settings, matchers: list[str] = list(MATCHERS), outpu
         atomic_write(out, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
         print(f"wrote {out}", file=sys.stderr)
     return report
+
+
+def _router_matcher(settings: Settings, groups):
+    """A :class:`RouterMatcher` holding the keys of every group (thresholds from ``export.router_*``)."""
+    from ..backbone.fingerprint import fingerprint
+    from ..inference.edited_model import RouterMatcher
+    from ..routing.build import store_for_groups
+    from ..routing.router import Router
+
+    export = settings.config.get("export") or {}
+    threshold, lexical = export.get("router_threshold"), export.get("router_lexical_threshold")
+    if threshold is None:
+        raise ValueError("matchers router: export.router_threshold is not set for this backbone "
+                         "(calibrate it as docs/router.md describes, or pass --export.router_threshold)")
+    hp = SimpleNamespace(**settings.model)
+    model, tokenizer = load_backbone(hp.backbone, hp.dtype)
+    layer = min(int(x) for x in hp.layers)
+    store = store_for_groups(model, tokenizer, groups, layer=layer, fingerprint=fingerprint(model, list(hp.layers)))
+    subjects = {g.group_id: list(g.subjects) for g in groups}
+    router = Router(store, subjects, threshold=threshold, lexical_threshold=lexical)
+    return RouterMatcher(router, model, tokenizer)
 
 
 def _label(group, width: int = 22) -> str:

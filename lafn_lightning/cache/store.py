@@ -657,6 +657,7 @@ class EditCache:
             for g in ids:
                 manifest["groups"].pop(g, None)
             _write_manifest(self.path, manifest)
+            _prune_router_keys(self.path, manifest["groups"])
         self._manifest = manifest
 
     def _scan(self, manifest: dict) -> tuple[list[Path], list[Path]]:
@@ -927,5 +928,37 @@ def merge_caches(
                 groups.pop(gid, None)
                 groups[gid] = rec
         fsync_dir(dest / SHARD_DIR)
+        keys = _merged_router_keys(dest, [c.path for c in caches], groups)  # refuses before the manifest changes
         _write_manifest(dest, manifest)
+        if keys is not None:
+            from ..routing.keys import KEYS_FILE
+
+            keys.save(dest / KEYS_FILE)
     return EditCache(dest, manifest)
+
+
+def _prune_router_keys(cache_dir: Path, groups) -> None:
+    """Drop the router keys (:mod:`lafn_lightning.routing.keys`) of groups no longer in the cache."""
+    from ..routing.keys import KEYS_FILE, KeyStore
+
+    path = Path(cache_dir) / KEYS_FILE
+    if path.is_file() and not path.is_symlink():
+        store = KeyStore.load(path)
+        if store.prune(groups):
+            store.save(path)
+
+
+def _merged_router_keys(dest: Path, sources: list[Path], groups):
+    """The router keys of ``dest`` and ``sources`` (later ones win), pruned to ``groups``; None if none has keys."""
+    from ..routing.keys import KEYS_FILE, KeyStore
+
+    files = [p / KEYS_FILE for p in [dest, *sources]]
+    stores = [KeyStore.load(f) for f in dict.fromkeys(f.resolve() for f in files if f.is_file() and not f.is_symlink())]
+    if not stores:
+        return None
+    try:
+        merged = KeyStore.merge(stores)
+    except ValueError as exc:
+        raise CacheError(f"merge into {dest}: router keys cannot be merged ({exc})") from None
+    merged.prune(groups)
+    return merged

@@ -18,12 +18,20 @@ class CacheExport(L.Callback):
     Args:
         cache_dir: the edit cache directory (several fits add to one cache).
         value_dtype: storage dtype of the located neurons' values: ``float16`` or ``bfloat16``.
+        router_keys: also add the groups' router keys to ``cache_dir/router_keys.safetensors``
+            (hidden states at the first edited layer; what ``matcher="router"`` routes on).
+        router_threshold, router_lexical_threshold: the router's calibrated acceptance cosines,
+            stored with the keys (per backbone and layer; docs/router.md). None: keep the key
+            file's (``matcher="router"`` then needs them passed explicitly).
     """
 
-    def __init__(self, cache_dir: str = "edit_cache", value_dtype: str = "float16") -> None:
+    def __init__(self, cache_dir: str = "edit_cache", value_dtype: str = "float16", router_keys: bool = True,
+                 router_threshold: float | None = None, router_lexical_threshold: float | None = None) -> None:
         if value_dtype not in ("float16", "bfloat16"):
             raise ValueError(f"export.value_dtype={value_dtype!r}: float16 or bfloat16")
         self.cache_dir, self.value_dtype = cache_dir, value_dtype
+        self.router_keys, self.router_threshold = router_keys, router_threshold
+        self.router_lexical_threshold = router_lexical_threshold
         self.last_written = None
 
     def entries(self, trainer: L.Trainer, pl_module) -> list[CacheEntry]:
@@ -76,6 +84,16 @@ class CacheExport(L.Callback):
         fp = fingerprint(pl_module.backbone, pl_module.layers)
         self.last_written = write_shard(self.cache_dir, entries, fp, value_dtype=getattr(torch, self.value_dtype),
                                         settings=self.record(trainer, pl_module))
+        if self.router_keys:
+            from lafn_lightning.files import locked
+            from lafn_lightning.routing.build import update_cache_keys
+
+            exported = {e.group_id for e in entries}
+            with locked(self.cache_dir):
+                update_cache_keys(pl_module.backbone, pl_module.tokenizer, self.cache_dir,
+                                  [g for g in trainer.datamodule.groups if g.group_id in exported],
+                                  layer=min(pl_module.layers), fingerprint=fp, threshold=self.router_threshold,
+                                  lexical_threshold=self.router_lexical_threshold)
         for e in entries:
             rank_zero_info(f"[lafn] {e.group_id}: {e.meta['steps']} steps, target loss {e.meta['target_loss']:.3f}"
                            f"{'' if e.meta['converged'] else ' (not converged)'}, neurons {e.meta['located']}")

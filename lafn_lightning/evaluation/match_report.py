@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from ..data import EditGroup, LanguageEdit
 from ..text.matching import MATCHERS, Match, SubjectMatcher
@@ -113,11 +113,13 @@ def _share(x: float | None) -> float | None:
     return None if x is None else round(x, 6)
 
 
-def coverage_report(groups: Sequence[EditGroup], matchers: Sequence[str] = MATCHERS
+def coverage_report(groups: Sequence[EditGroup], matchers: Sequence[str] = MATCHERS, built: Mapping | None = None
                     ) -> tuple[dict[str, dict[str, dict[str, float | None]]], dict[str, dict[str, LanguageCoverage]]]:
     """``(report, counts)``: ``report`` is the JSON ``{matcher: {language: {"found", "false_match"}}}``,
-    ``counts`` the :class:`LanguageCoverage` behind each cell."""
-    counts = {mode: measure(groups, mode) for mode in matchers}
+    ``counts`` the :class:`LanguageCoverage` behind each cell. ``built``: name -> a matcher object
+    already holding every group (e.g. ``{"router": RouterMatcher(...)}``) for names not in MATCHERS."""
+    built = built or {}
+    counts = {mode: measure(groups, mode, matcher=built.get(mode)) for mode in matchers}
     report = {mode: {lang: {"found": _share(c.found_share), "false_match": _share(c.false_match_share)}
                      for lang, c in per_lang.items()}
               for mode, per_lang in counts.items()}

@@ -23,7 +23,8 @@ from .router import Router, calibrate_threshold
 from .keys import KeyStore
 from .states import encode_with_offsets, ids_states
 
-__all__ = ["new_store", "aligned_token", "group_keys", "add_group", "negative_scores", "calibrate"]
+__all__ = ["new_store", "aligned_token", "group_keys", "add_group", "negative_scores", "calibrate",
+           "background_questions", "update_cache_keys", "store_for_groups"]
 
 
 def _states(model, tokenizer, texts: Sequence[str], layer: int):
@@ -119,3 +120,51 @@ def routed_subject_span(model, tokenizer, store: KeyStore, question: str, own_su
     (ids, spans), st = [x[0] for x in _states(model, tokenizer, [question], store.layer)]
     a, b = spans[aligned_token(store.project(st), spans, anchors)]
     return a, b, "aligned"
+
+
+def background_questions() -> list[str]:
+    """The ordinary questions that centre every key store of a backbone: zsRE training lines
+    0, 2, ..., 148 of each MzsRE language (the calibration in docs/router.md used exactly these),
+    so that stores built by different fits share one centring vector and can be merged."""
+    from ..data import MZSRE_LANGUAGES
+    from ..data.packaged import read_zsre_train
+
+    return [q for lang in MZSRE_LANGUAGES for q, _ in read_zsre_train(lang, limit=150)[::2] if q]
+
+
+def store_for_groups(model, tokenizer, groups, *, layer: int, fingerprint: dict | None = None,
+                     store: KeyStore | None = None, threshold: float | None = None,
+                     lexical_threshold: float | None = None) -> KeyStore:
+    """``store`` (or a new one, centred by :func:`background_questions`) with the keys of
+    ``groups`` added; thresholds set where given."""
+    if store is None:
+        store = new_store(model, tokenizer, layer, background_questions(), fingerprint)
+    if threshold is not None:
+        store.threshold = float(threshold)
+    if lexical_threshold is not None:
+        store.lexical_threshold = float(lexical_threshold)
+    for g in groups:
+        add_group(model, tokenizer, store, g)
+    return store
+
+
+def update_cache_keys(model, tokenizer, cache_dir, groups, *, layer: int, fingerprint: dict,
+                      threshold: float | None = None, lexical_threshold: float | None = None) -> KeyStore:
+    """Add ``groups``' keys to ``<cache_dir>/router_keys.safetensors`` (created on first use),
+    atomically. Call under the cache lock (concurrent writers add their own groups in turn).
+
+        update_cache_keys(model, tok, "edit_cache", groups, layer=5, fingerprint=fp, threshold=1.0001)
+    """
+    from pathlib import Path
+
+    from .keys import KEYS_FILE
+
+    path = Path(cache_dir) / KEYS_FILE
+    store = KeyStore.load(path, fingerprint=fingerprint) if path.exists() else None
+    if store is not None and store.layer != layer:
+        raise ValueError(f"{path}: router keys of layer {store.layer}, but this fit routes at layer {layer} "
+                         "(the first edited layer); use another cache_dir")
+    store = store_for_groups(model, tokenizer, groups, layer=layer, fingerprint=fingerprint, store=store,
+                             threshold=threshold, lexical_threshold=lexical_threshold)
+    store.save(path)
+    return store

@@ -172,8 +172,8 @@ class KeyStore:
         for s in stores:
             if s.layer != first.layer or (s.dim and first.dim and s.dim != first.dim):
                 raise ValueError(f"merge: layer/dim differ ({s.layer}/{s.dim} vs {first.layer}/{first.dim})")
-            if (s.center is None) != (first.center is None) or (
-                    s.center is not None and not torch.equal(s.center, first.center)):
+            if (s.center is None) != (first.center is None) or (  # fp noise across devices is fine
+                    s.center is not None and not torch.allclose(s.center, first.center, atol=1e-3)):
                 raise ValueError("merge: the stores were built with different centring vectors")
             diff = fingerprints_differ(first.fingerprint, s.fingerprint)
             if diff:

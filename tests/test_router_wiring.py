@@ -1,0 +1,72 @@
+"""Router keys in the edit cache: built by `lafn fit`, pruned by `lafn cache delete`, merged by
+`lafn cache merge`, read by `matcher="router"` and `lafn match-report --matchers router`."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import CONFIGS, fit
+from lafn_lightning.cli import main
+from lafn_lightning.inference import EditedModel
+from lafn_lightning.routing.build import group_keys
+from lafn_lightning.routing.keys import KEYS_FILE, KeyStore
+
+THRESHOLDS = ("--export.router_threshold", "0.95", "--export.router_lexical_threshold", "0.5")
+
+
+def _fit(tmp_path, name, groups):
+    return fit(tmp_path / name, "--data.groups", groups, "--trainer.max_steps", "2", *THRESHOLDS)
+
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("router_wiring")
+    torch.set_num_threads(1)
+    a = _fit(tmp, "a", "0:2")
+    b = _fit(tmp, "b", "2:3")
+    return tmp, a, b
+
+
+def test_fit_stores_each_exported_group_keys_with_the_thresholds(caches):
+    tmp, cli, _ = caches
+    store = KeyStore.load(tmp / "a" / "cache" / KEYS_FILE)
+    assert store.group_ids() == ["mzsre:0", "mzsre:1"]
+    assert store.layer == min(cli.model.layers) and (store.threshold, store.lexical_threshold) == (0.95, 0.5)
+    model, tok = cli.model.backbone, cli.model.tokenizer
+    for group in cli.datamodule.groups:   # the stored keys are the group's own (anchors + edit prompts)
+        want, _ = group_keys(model, tok, store, group)
+        assert torch.allclose(store.keys(group.group_id).float(), want / want.norm(dim=-1, keepdim=True), atol=2e-3)
+    routed = EditedModel.from_cache(tmp / "a" / "cache", matcher="router")
+    assert set(routed.router._group_rows) == {"mzsre:0", "mzsre:1"} and routed.router.threshold == 0.95
+
+
+def test_cache_merge_merges_keys_and_delete_prunes_them(caches, tmp_path):
+    tmp, _, _ = caches
+    dest = tmp_path / "merged"
+    main(["cache", "merge", str(dest), str(tmp / "a" / "cache"), str(tmp / "b" / "cache")])
+    merged = KeyStore.load(dest / KEYS_FILE)
+    assert sorted(merged.group_ids()) == ["mzsre:0", "mzsre:1", "mzsre:2"]
+    a = KeyStore.load(tmp / "a" / "cache" / KEYS_FILE)
+    assert torch.equal(merged.keys("mzsre:1"), a.keys("mzsre:1"))
+
+    main(["cache", "delete", str(dest), "mzsre:1"])
+    assert sorted(KeyStore.load(dest / KEYS_FILE).group_ids()) == ["mzsre:0", "mzsre:2"]
+    routed = EditedModel.from_cache(dest, matcher="router")
+    assert "mzsre:1" not in routed.router and "mzsre:2" in routed.router
+
+
+def test_match_report_compares_the_router_with_the_string_matchers(tmp_path, capsys):
+    out = tmp_path / "coverage.json"
+    main(["match-report", "-c", str(CONFIGS / "tiny.yaml"), "--data.groups", "0:6", "--data.languages", "[en, ru, th]",
+          "--matchers", "[exact, router]", *THRESHOLDS, "--output", str(out)])
+    report = json.loads(out.read_text())
+    assert set(report) == {"exact", "router"}
+    for lang in ("en", "ru", "th"):   # stage 1 is the exact matcher: the router finds at least as much
+        assert report["router"][lang]["found"] >= report["exact"][lang]["found"]
+    assert "router" in capsys.readouterr().out
+
+    with pytest.raises(SystemExit) as exc:
+        main(["match-report", "-c", str(CONFIGS / "tiny.yaml"), "--matchers", "[router]"])
+    assert exc.value.code == 2 and "export.router_threshold is not set" in capsys.readouterr().err
