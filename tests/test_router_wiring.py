@@ -70,3 +70,33 @@ def test_match_report_compares_the_router_with_the_string_matchers(tmp_path, cap
     with pytest.raises(SystemExit) as exc:
         main(["match-report", "-c", str(CONFIGS / "tiny.yaml"), "--matchers", "[router]"])
     assert exc.value.code == 2 and "export.router_threshold is not set" in capsys.readouterr().err
+
+
+def test_routed_subject_site_puts_the_delta_where_the_router_fires(tmp_path):
+    """The ru question spells the subject differently ("Moskva" for "Москва"): the paper's rule
+    puts ΔV on its last token; `data.subject_site routed` on the token whose state the router keys."""
+    from lafn_lightning.api.settings import Settings
+    from lafn_lightning.routing.build import background_questions, new_store
+
+    data = tmp_path / "edits.jsonl"
+    data.write_text(json.dumps({"id": "moscow", "edits": {
+        "en": {"subject": "Moscow", "prompt": "Where is Moscow located?", "target": "Russia"},
+        "ru": {"subject": "Москва", "prompt": "Где находится Moskva сейчас?", "target": "Россия"}}}) + "\n")
+    sites = {}
+    for rule in ("fallback", "routed"):
+        settings = Settings.from_config(CONFIGS / "tiny.yaml", overrides={
+            "data.dataset": str(data), "data.format": "jsonl", "data.languages": ["en", "ru"], "data.groups": None,
+            "data.num_prefixes": 0, "data.subject_site": rule})
+        _, module, dm = settings.instantiate()
+        dm.setup("fit")
+        ru = (dm.batch["language"] == 1).nonzero()[0, 0]
+        ids = dm.batch["input_ids"][ru][dm.batch["attention_mask"][ru].bool()].tolist()
+        sites[rule] = (int(dm.batch["subject_pos"][ru]) - (len(dm.batch["input_ids"][ru]) - len(ids)),
+                       dict(dm.rule_counts["ru"]))
+    model, tok = module.backbone, module.tokenizer
+    store = new_store(model, tok, 1, background_questions())
+    _, key_sites = group_keys(model, tok, store, dm.groups[0])
+    question_tokens = len(tok("Где находится Moskva сейчас?")["input_ids"])
+    assert sites["fallback"][1]["fallback"] == 1 and sites["routed"][1]["aligned"] == 1
+    assert key_sites[1][2] == "aligned" and sites["routed"][0] == key_sites[1][1]   # where the router keys it
+    assert sites["fallback"][0] >= question_tokens - 2 and sites["routed"][0] != sites["fallback"][0]

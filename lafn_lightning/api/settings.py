@@ -111,6 +111,7 @@ class LafnCLI(LightningCLI):
         parser.link_arguments("cache_dir", "export.cache_dir")
         parser.link_arguments("model.backbone", "data.backbone")
         parser.link_arguments("model.dtype", "data.dtype")
+        parser.link_arguments("model.layers", "data.router_layer", compute_fn=lambda layers: min(layers))
         if self.command is not None:
             parser.add_function_arguments(self.command, skip={"settings"})
 

@@ -25,6 +25,11 @@ from .prompts import RULES, anchor_text, encode_edit_text, sample_prefixes
 log = logging.getLogger(__name__)
 
 
+#: where a prompt's ΔV sits when no subject form occurs in it: ``fallback`` (the paper: the
+#: question's last token) or ``routed`` (the token the router fires on, rule ``aligned``)
+SUBJECT_SITES = ("fallback", "routed")
+
+
 def locating_corpus(group: EditGroup) -> dict[str, list[str]]:
     """Per language: the paraphrases when the data has them, else the edit question itself.
     Never the rephrase, locality or portability probes."""
@@ -57,7 +62,10 @@ class EditBatchDataModule(L.LightningDataModule):
         seed: seed of the prefix sampling (prefixes depend only on seed and language).
         check_subjects: refuse subjects that cannot be matched sensibly (no letter or digit, a single
             character, or found in more than 1% of ordinary questions); false to edit them anyway.
-        backbone, dtype: linked from the model.
+        subject_site: where ΔV sits in an edit question that carries no subject form of its group:
+            ``fallback`` (the paper: its last token, where no matcher fires at inference) or
+            ``routed`` (the token the hidden-state router fires on, rule ``aligned``; docs/router.md).
+        backbone, dtype: linked from the model; router_layer: the first edited layer (linked).
     """
 
     def __init__(
@@ -71,13 +79,17 @@ class EditBatchDataModule(L.LightningDataModule):
         prefix_length: int = 5,
         seed: int = 0,
         check_subjects: bool = True,
+        subject_site: str = "fallback",
         backbone: str = "tiny-llama",
         dtype: str = "float32",
+        router_layer: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         if num_prefixes < 0 or prefix_length < 1:
             raise ValueError("data.num_prefixes must be >= 0 and data.prefix_length >= 1")
+        if subject_site not in SUBJECT_SITES:
+            raise ValueError(f"data.subject_site={subject_site!r}: one of {', '.join(SUBJECT_SITES)}")
         self.dataset = dataset or default_dataset()
         self.groups: list[EditGroup] = select_groups(self.dataset, format, languages, groups, paraphrases,
                                                      check=check_subjects)
@@ -114,11 +126,14 @@ class EditBatchDataModule(L.LightningDataModule):
         }
         rows, anchors = [], []
         self.rule_counts = {lang: Counter({r: 0 for r in RULES}) for lang in self.languages}
+        site = self._site_rule(model, tokenizer)
         for k in self.mine:
             group = self.groups[k]
             for li, (lang, edit) in enumerate(group.edits.items()):
+                span = site(group, edit)
                 for prefix in prefixes[lang]:
-                    enc = encode_edit_text(tokenizer, prefix, edit.prompt, edit.target, edit.subject, group.subjects)
+                    enc = encode_edit_text(tokenizer, prefix, edit.prompt, edit.target, edit.subject, group.subjects,
+                                           span)
                     rows.append((k, li, enc))
                 self.rule_counts[lang][enc.rule] += 1
                 a = encode_edit_text(tokenizer, "", anchor_text(lang, edit.subject), None, edit.subject, group.subjects)
@@ -140,7 +155,28 @@ class EditBatchDataModule(L.LightningDataModule):
         for lang, counts in self.rule_counts.items():
             if counts["fallback"]:
                 log.warning("%s: %d of %d edit questions contain no subject of their group; ΔV attaches to "
-                            "their last token (rule 'fallback')", lang, counts["fallback"], sum(counts.values()))
+                            "their last token (rule 'fallback'; no matcher fires there at inference: "
+                            "data.subject_site routed puts it where the router fires)", lang, counts["fallback"],
+                            sum(counts.values()))
+            if counts.get("aligned"):
+                log.info("%s: %d of %d edit questions contain no subject of their group; ΔV attaches to the "
+                         "token the router fires on (rule 'aligned')", lang, counts["aligned"], sum(counts.values()))
+
+    def _site_rule(self, model, tokenizer):
+        """``site(group, edit) -> (start, end, rule)`` in the edit question, or None for the default rule."""
+        if self.hparams.subject_site == "fallback":
+            return lambda group, edit: None
+        from ..routing.build import anchor_keys, new_store, background_questions, routed_subject_span
+
+        layer = self.hparams.router_layer
+        if layer is None:
+            raise ValueError("data.subject_site routed needs data.router_layer (linked from model.layers by lafn)")
+        store = new_store(model, tokenizer, int(layer), background_questions())
+
+        def site(group, edit):
+            anchors = anchor_keys(model, tokenizer, store, group)
+            return routed_subject_span(model, tokenizer, store, edit.prompt, edit.subject, group.subjects, anchors)
+        return site
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(RepeatBatch(self.batch), batch_size=None, num_workers=0)

@@ -58,10 +58,13 @@ class Encoded:
     rule: str
 
 
-def encode_edit_text(tokenizer, prefix: str, question: str, target: str | None, own_subject: str, group_subjects) -> Encoded:
-    """Tokenise ``prefix + question (+ answer)``, locating the subject's last token and the answer tokens."""
+def encode_edit_text(tokenizer, prefix: str, question: str, target: str | None, own_subject: str, group_subjects,
+                     span: tuple[int, int, str] | None = None) -> Encoded:
+    """Tokenise ``prefix + question (+ answer)``, locating the subject's last token and the answer tokens.
+    ``span``: the subject's ``(start, end, rule)`` in ``question`` when already known (default:
+    :func:`subject_span`; the router's site: ``routing.build.routed_subject_span``)."""
     head = (prefix.rstrip() + " ") if prefix else ""
-    s0, s1, rule = subject_span(question, own_subject, group_subjects)
+    s0, s1, rule = span if span is not None else subject_span(question, own_subject, group_subjects)
     if target is None:
         text, t0 = head + question, None
     else:

@@ -19,7 +19,7 @@ import torch
 
 from ..text.spans import last_token_of_span
 from ..text.subjects import anchor_text, subject_span
-from .router import Router, calibrate_threshold
+from .router import Router, calibrate_threshold, site_tokens
 from .keys import KeyStore
 from .states import encode_with_offsets, ids_states
 
@@ -44,7 +44,7 @@ def new_store(model, tokenizer, layer: int, background: Sequence[str], fingerpri
 
 def aligned_token(states: torch.Tensor, spans, anchor_keys: torch.Tensor) -> int:
     """The non-special token whose (projected) state is closest to any anchor key."""
-    cand = [i for i, (a, b) in enumerate(spans) if b > a]
+    cand = site_tokens(spans)
     sim = (states[cand] @ anchor_keys.T).max(1).values
     return cand[int(sim.argmax())]
 
@@ -84,7 +84,7 @@ def negative_scores(model, tokenizer, router: Router, texts: Sequence[str]) -> l
     encs, states = _states(model, tokenizer, texts, router.layer)
     out = []
     for (ids, spans), st in zip(encs, states):
-        best = router.scores(st, [i for i, (a, b) in enumerate(spans) if b > a])
+        best = router.scores(st, site_tokens(spans))
         out.append(max((s for s, _ in best.values()), default=-1.0))
     return out
 

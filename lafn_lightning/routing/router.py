@@ -310,7 +310,7 @@ class Router:
                     routes.append(Route(m.group_id, tok, 1.0, self.stage1, "subject"))
         if states is None:
             return routes
-        cand = [i for i, (a, b) in enumerate(spans) if b > a]
+        cand = site_tokens(spans)
         best = self.scores(states, cand, margins=True)
         if not best:
             return routes
@@ -323,6 +323,17 @@ class Router:
                     routes.append(Route(gid, pos, score, "state", rule))
                 break
         return routes
+
+
+def site_tokens(spans: Sequence[tuple[int, int]]) -> list[int]:
+    """The tokens an edit can sit on: non-special ones that end their character span (a character
+    split into several byte tokens counts once, at its last token, the token a character span
+    maps back to), so a site found here is the site training derives from its characters.
+
+    >>> site_tokens([(0, 0), (0, 1), (0, 1), (1, 2)])
+    [2, 3]
+    """
+    return [i for i, (a, b) in enumerate(spans) if b > a and (i + 1 == len(spans) or tuple(spans[i + 1]) != (a, b))]
 
 
 def calibrate_threshold(negative_scores: Sequence[float], false_rate: float = 0.0025, floor: float = 0.0) -> float:
