@@ -2,6 +2,7 @@
 
     python benchmarks/inference_overhead.py                      # demo backbone (Gemma-3-270M)
     python benchmarks/inference_overhead.py --backbone tiny      # tiny random Llama: a quick run
+    python benchmarks/inference_overhead.py --matcher router --sizes 100,10000   # the hidden-state router
 
 In one process, on one backbone:
 
@@ -26,6 +27,13 @@ The last line is ``overhead_nonmatching=X% overhead_matching=Y% lookup_ratio_100
 where X and Y are the worst over the cache sizes and Z compares the largest size with the smallest
 (100k vs 100 by default). The machine may be shared: keep ``--threads``
 at what is really free.
+
+With ``--matcher router`` every cache also gets a router key file: the real groups' keys are
+built from their prompts (``routing.build.add_group``), each synthetic group gets 3 random unit
+keys (the count of a distractor fact: anchor + 2 questions; random keys never fire, so the
+router's cost, not its accuracy, is measured); thresholds from ``configs/<backbone>.yaml``
+(``export.router_*``). Routing happens inside the edited forward (a pre-hook at the router's
+layer), and "lookup" times ``find_sites``, which also runs the layers below the router.
 
 The overhead is a fixed cost per query (text recovery and lookup, ~20-30 µs; on a match also the
 hooks, ~0.1-0.2 ms), so its share depends on the backbone: against the demo model's ~150 ms
@@ -127,6 +135,44 @@ def build_caches(root: Path, sizes: list[int], real_groups, fp: dict, layers: li
     return dirs
 
 
+def router_thresholds(backbone: str) -> tuple[float, float | None]:
+    import yaml
+
+    name = "tiny" if backbone.startswith("tiny") else backbone
+    export = (yaml.safe_load((REPO / "configs" / f"{name}.yaml").read_text()) or {}).get("export") or {}
+    if export.get("router_threshold") is None:
+        return 0.999, None   # a backbone without calibrated thresholds (tiny): only near-copies fire
+    return export["router_threshold"], export.get("router_lexical_threshold")
+
+
+def build_router_keys(model, tokenizer, dirs: dict[int, Path], real_groups, fp: dict, layer: int,
+                      thresholds: tuple[float, float | None], seed: int) -> None:
+    """A router key file in each cache: real groups' keys from their prompts, 3 random unit keys
+    per synthetic group."""
+    from lafn_lightning.routing.build import add_group, background_questions, new_store
+    from lafn_lightning.routing.keys import KEYS_FILE, KeyStore
+
+    t0 = time.perf_counter()
+    base = new_store(model, tokenizer, layer, background_questions(), fp)
+    base.threshold, base.lexical_threshold = thresholds
+    for g in real_groups:
+        add_group(model, tokenizer, base, g)
+    gen = torch.Generator().manual_seed(seed)
+    top = max(dirs)
+    synthetic = {f"synthetic:{i}": torch.randn(3, base.dim, generator=gen) for i in range(len(real_groups), top)}
+    for n, d in sorted(dirs.items()):
+        if (d / KEYS_FILE).exists():
+            continue
+        store = KeyStore(layer, fp, base.dim, center=base.center, threshold=base.threshold,
+                         lexical_threshold=base.lexical_threshold)
+        for gid, keys in base.items():
+            store.add(gid, keys.float())
+        for i in range(len(real_groups), n):
+            store.add(f"synthetic:{i}", synthetic[f"synthetic:{i}"])
+        store.save(d / KEYS_FILE)
+    print(f"  router keys built ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+
+
 def pick_queries(groups, tokenizer, per_language: int = 1):
     """Matching: edit questions whose own group is found; non-matching: locality questions."""
     from lafn_lightning.text.matching import SubjectMatcher
@@ -165,7 +211,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions (interleaved)")
     parser.add_argument("--queries", type=int, default=6, help="matching and non-matching queries each "
                         "(one per language, up to 12)")
-    parser.add_argument("--matcher", default="exact", choices=("exact", "normalized", "fuzzy"))
+    parser.add_argument("--matcher", default="exact", choices=("exact", "normalized", "fuzzy", "router"))
     parser.add_argument("--located", type=float, default=0.03, help="share of d_ff located per layer")
     parser.add_argument("--shard-size", type=int, default=5000, help="groups per synthetic shard")
     parser.add_argument("--threads", type=int, default=1)
@@ -188,6 +234,8 @@ def main() -> None:
               f"{args.threads} thread(s); building caches in {root}", file=sys.stderr)
         t0 = time.perf_counter()
         dirs = build_caches(root, sizes, real, fp, layers, adapter.d_ff, args.located, args.shard_size, args.seed)
+        if args.matcher == "router":
+            build_router_keys(model, tokenizer, dirs, real, fp, min(layers), router_thresholds(spec), args.seed)
         build_s = time.perf_counter() - t0
 
         models, open_s, stats = {}, {}, {}

@@ -146,3 +146,27 @@ def test_edited_model_with_matcher_router_is_the_routed_model(tiny, tmp_path):
     enc = tok([MOSCOW.edits["ru"].prompt], return_tensors="pt")
     assert [s.group_id for s in em.find_sites(enc.input_ids, enc.attention_mask)] == ["moscow"]
     assert type(EditedModel(model, tok, cache, matcher="exact")) is EditedModel
+
+
+def test_one_pass_forward_equals_routing_first_then_running(tiny, tmp_path):
+    """forward() routes inside the same pass (pre-hook at the router's layer); it must give the
+    logits of find_sites() + a forward with those sites, on a padded batch of hits and misses."""
+    from lafn_lightning.inference.edited_model import EditedModel
+
+    model, tok = tiny
+    em = RoutedEditedModel(model, tok, make_cache(tmp_path, model, tok))
+    texts = [MOSCOW.edits["ru"].prompt, "Tell me a story about a cat, please, now.", "Which river flows through Paris?"]
+    enc = tok(texts, return_tensors="pt", padding=True, padding_side="left")
+    calls = []
+    original = em.find_sites
+    em.find_sites = lambda *a, **k: calls.append(1) or original(*a, **k)
+    with torch.no_grad():
+        one_pass = em(**enc).logits
+        assert calls == []                                  # no separate routing forward
+        two_pass = EditedModel.forward(em, **enc).logits     # find_sites, then the hooked forward
+    assert calls == [1]
+    assert [s.group_id for s in original(enc.input_ids, enc.attention_mask)] == ["moscow", "paris"]
+    assert torch.allclose(one_pass, two_pass, atol=1e-5)
+    with torch.no_grad():
+        base = model(**enc).logits
+    assert not torch.allclose(one_pass[0], base[0]) and torch.allclose(one_pass[1], base[1], atol=1e-6)

@@ -203,15 +203,48 @@ class RoutedEditedModel(EditedModel):
         self.router = Router(keys, subjects, threshold=threshold, lexical_threshold=lexical_threshold,
                              stage1=stage1, index=index)
 
-    def find_sites(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> list[EditSite]:
+    def _kept(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> list[tuple[list[int], list[int]]]:
         rows = input_ids.tolist()
         masks = attention_mask.tolist() if attention_mask is not None else None
         kept = []
         for row, row_ids in enumerate(rows):
             index = range(len(row_ids)) if masks is None else [i for i, m in enumerate(masks[row]) if m]
             kept.append((list(index), [row_ids[i] for i in index]))
+        return kept
+
+    def find_sites(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> list[EditSite]:
+        kept = self._kept(input_ids, attention_mask)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         states = ids_states(self.model, [ids for _, ids in kept], self.router.layer, pad_id=pad)
+        return self._route(kept, states)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+        """One pass: a pre-hook on the router's layer routes on the very states this forward
+        computes there and attaches the ΔV hooks of the layers from there on (all edited layers
+        are, when the router sits at the first one), so routing costs no second forward."""
+        if self.router.layer > min(self.layers):
+            return super().forward(input_ids, attention_mask, **kwargs)
+        import contextlib
+
+        from ..routing.states import normalize
+
+        kept = self._kept(input_ids, attention_mask)
+        blocks = self.model.get_submodule(self.adapter.layers_path)
+        with contextlib.ExitStack() as attached:
+            def route(_module, args, kw):
+                x = (args[0] if args else kw["hidden_states"]).detach()
+                states = [normalize(x[r, index].float()).cpu() for r, (index, _) in enumerate(kept)]
+                sites = self._route(kept, states)
+                if sites:
+                    attached.enter_context(self._hooks(sites))
+
+            handle = blocks[self.router.layer].register_forward_pre_hook(route, with_kwargs=True)
+            try:
+                return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+            finally:
+                handle.remove()
+
+    def _route(self, kept, states) -> list[EditSite]:
         sites = []
         for row, ((index, ids), st) in enumerate(zip(kept, states)):
             text, spans = token_spans(self.tokenizer, ids, self._special)
