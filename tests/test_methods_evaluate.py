@@ -99,6 +99,10 @@ def test_a_bad_method_config_is_refused_before_compute(tmp_path, capsys):
                   str(tmp_path / "r.json"), "--cache_dir", str(tmp_path / "cache")])
         err = capsys.readouterr().err
         assert exc.value.code == 2 and message in err and str(path) in err, err
+    with pytest.raises(SystemExit):
+        main(["evaluate", "-c", str(CONFIGS / "tiny.yaml"), "--method", "methods/no-such", "--output",
+              str(tmp_path / "r.json"), "--cache_dir", str(tmp_path / "cache")])
+    assert "--method methods/no-such: no such config file; shipped configs:" in capsys.readouterr().err
     assert not (tmp_path / "r.json").exists() and not (tmp_path / "cache").exists()
 
 

@@ -311,7 +311,10 @@ def _load_method(name: str):
     from ..methods.config import from_config
     from .settings import resolve_config
 
-    path = resolve_config(name)
+    try:
+        path = resolve_config(name)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(str(exc).replace(f"-c {name}:", f"--method {name}:", 1)) from None
     try:
         spec = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
