@@ -114,3 +114,18 @@ def test_shipped_method_configs_build_their_method():
     for path in names:
         method = from_config(yaml.safe_load(path.read_text())["method"])
         assert callable(method.edited), path
+
+
+def test_monolingual_mode_edits_each_language_alone(tmp_path, zsre):
+    class_path, init_args = METHODS["rome"]
+    method_file = tmp_path / "rome.yaml"
+    method_file.write_text(yaml.safe_dump({"method": {"class_path": class_path, "init_args": init_args}}))
+    out = tmp_path / "mono.json"
+    main(["evaluate", "-c", str(CONFIGS / "tiny.yaml"), "--data.groups", "0:1", "--method", str(method_file),
+          "--mode", "monolingual", "--cache_dir", str(tmp_path / "cache"), "--output", str(out),
+          "--generation", "false", "--trainer.logger", "false"])
+    results = json.loads(out.read_text())
+    assert set(results["meta"]["runs"]) == {"en", "zh"}
+    for lang in ("en", "zh"):
+        records = [json.loads(p.read_text()) for p in (tmp_path / "cache" / "rome" / lang / "artifacts").glob("*.json")]
+        assert len(records) == 1 and {r["language"] for r in records[0]["requests"]} == {lang}

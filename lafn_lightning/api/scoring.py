@@ -131,8 +131,9 @@ def evaluate(settings: Settings, output: str, mode: str = "multilingual", edit_l
         method: score a comparison method instead of LU-LAFNs: a method config (a path or a shipped
             name such as ``methods/memit-demo``, ``methods/lora_ft-demo``, ``methods/remake-demo``:
             ``method: {class_path, init_args}``). Each group is edited alone in all its languages
-            (edit_one_test_one; no all_cached setting); results and artifacts go to
-            ``cache_dir/<method name>`` and are reused on resume. Multilingual mode only.
+            (edit_one_test_one; no all_cached setting), in every mode; results and artifacts go to
+            ``cache_dir/<method name>`` (per edit language in the one-language modes) and are reused
+            on resume.
     """
     mode = _mode(mode)
     if edit_batch_size < 1 or batch_size < 1 or margin < 0:
@@ -143,8 +144,6 @@ def evaluate(settings: Settings, output: str, mode: str = "multilingual", edit_l
         raise ValueError("edit_languages applies to mode monolingual or cross-lingual; multilingual edits every "
                          "language of data.languages")
     editor = _load_method(method) if method else None
-    if editor is not None and mode != "multilingual":
-        raise ValueError(f"method={method!r}: comparison methods are evaluated in mode multilingual only")
     own = SimpleNamespace(mode=mode, edit_languages=edit_languages, edit_batch_size=edit_batch_size,
                           generation=generation, margin=margin, matcher=matcher, batch_size=batch_size,
                           log_dir=log_dir, restart=restart, no_edit=no_edit, cache_dir=str(settings.cache_dir),
@@ -256,10 +255,11 @@ def evaluate(settings: Settings, output: str, mode: str = "multilingual", edit_l
             cache = caches[run.name]
             todo = [g for g in run.groups if not progress.done(run.name, g.group_id)]
             cached_ids = set(cache.group_ids) if cache is not None else set()
-            if editor is not None:
+            if editor is not None:   # what the method edits: the group, or in one language alone
                 cached_ids = {g.group_id for g in run.groups}
+                edit_of = {g.group_id: e for g, e in zip(run.groups, run.edit_groups)}
                 if todo and hasattr(editor, "prepare"):
-                    editor.prepare(model, tokenizer, run.groups, run.cache_dir)
+                    editor.prepare(model, tokenizer, run.edit_groups or run.groups, run.cache_dir)
             not_cached[run.name] = [g.group_id for g in run.groups if g.group_id not in cached_ids]
             if not todo:
                 continue
@@ -271,7 +271,7 @@ def evaluate(settings: Settings, output: str, mode: str = "multilingual", edit_l
                 with contextlib.ExitStack() as stack:
                     if editor is not None:   # edit this group alone (or reuse its artifact), score, undo
                         edited = {"edit_one_test_one": stack.enter_context(
-                            editor.edited(model, tokenizer, [group], run.cache_dir))}
+                            editor.edited(model, tokenizer, [edit_of.get(group.group_id, group)], run.cache_dir))}
                     else:
                         edited = {"edit_one_test_one": EditedModel(model, tokenizer, cache, matcher=own.matcher,
                                                                    site=hp.site, groups=[group.group_id]),
