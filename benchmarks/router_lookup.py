@@ -2,9 +2,10 @@
 
     python benchmarks/router_lookup.py                    # 100 / 10k / 100k keys, d=640
     python benchmarks/router_lookup.py --sizes 100,10000 --tokens 20
+    python benchmarks/router_lookup.py --sizes 400,40000,400000 --per_group 4   # 100 / 10k / 100k en+zh edits
 
-Keys are random unit vectors in clusters (24 keys per group around a group centre, like a
-group's 12 anchors + 12 prompts); a query is ``--tokens`` unit vectors, half of the queries
+Keys are random unit vectors in clusters (``--per_group`` keys around a group centre: 24 like a
+12-language group's 12 anchors + 12 prompts, 4 for an en+zh group); a query is ``--tokens`` unit vectors, half of the queries
 holding one token near a cached key. The figure is the median time of ``Router.scores`` (index
 search + per-group reduction) per query, in process CPU time (the machine may be shared); HNSW
 build time (CPU) is reported separately; recall@1 = HNSW's best group equals the flat scan's.
@@ -45,6 +46,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--hnsw-m", type=int, default=16)
     ap.add_argument("--ef-search", type=int, default=48)
+    ap.add_argument("--per_group", type=int, default=24, help="keys per cached edit group")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     import faiss
@@ -54,7 +56,7 @@ def main() -> None:
     print(f"{'keys':>8}{'flat ms':>10}{'hnsw ms':>10}{'hnsw build s':>14}{'hnsw recall@1':>15}")
     rows = {}
     for n in sizes:
-        store = make_store(n, args.dim)
+        store = make_store(n, args.dim, per_group=args.per_group)
         all_keys = torch.cat([k.float() for _, k in store.items()])
         queries = []
         for q in range(args.queries):
