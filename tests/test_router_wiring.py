@@ -87,6 +87,8 @@ def test_routed_subject_site_puts_the_delta_where_the_router_fires(tmp_path):
         settings = Settings.from_config(CONFIGS / "tiny.yaml", overrides={
             "data.dataset": str(data), "data.format": "jsonl", "data.languages": ["en", "ru"], "data.groups": None,
             "data.num_prefixes": 0, "data.subject_site": rule})
+        record = settings.record(["en", "ru"])   # a cache records a non-default site rule
+        assert record.get("subject_site") == (None if rule == "fallback" else "routed")
         _, module, dm = settings.instantiate()
         dm.setup("fit")
         ru = (dm.batch["language"] == 1).nonzero()[0, 0]

@@ -69,7 +69,8 @@ class CacheExport(L.Callback):
         return edit_record(pl_module.hparams, languages=dm.languages, num_prefixes=dm.hparams.num_prefixes,
                            prefix_length=dm.hparams.prefix_length, seed=dm.hparams.seed,
                            paraphrases=dm.hparams.paraphrases, beta=getattr(locator, "beta", None),
-                           strategy=getattr(locator, "strategy", None), max_steps=trainer.max_steps)
+                           strategy=getattr(locator, "strategy", None), max_steps=trainer.max_steps,
+                           subject_site=dm.hparams.subject_site)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module) -> None:
         if trainer.fast_dev_run or trainer.interrupted:
