@@ -102,3 +102,11 @@ def test_routed_subject_site_puts_the_delta_where_the_router_fires(tmp_path):
     assert sites["fallback"][1]["fallback"] == 1 and sites["routed"][1]["aligned"] == 1
     assert key_sites[1][2] == "aligned" and sites["routed"][0] == key_sites[1][1]   # where the router keys it
     assert sites["fallback"][0] >= question_tokens - 2 and sites["routed"][0] != sites["fallback"][0]
+
+
+def test_a_cache_without_keys_says_how_to_get_them(tmp_path):
+    cli = fit(tmp_path, "--data.groups", "0:1", "--trainer.max_steps", "1", "--export.router_keys", "false")
+    cache = tmp_path / "cache"
+    assert (cache / "manifest.json").exists() and not (cache / KEYS_FILE).exists()
+    with pytest.raises(FileNotFoundError, match="no router key file .*export.router_keys"):
+        EditedModel(cli.model.backbone, cli.model.tokenizer, cache, matcher="router")

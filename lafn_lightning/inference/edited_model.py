@@ -191,7 +191,12 @@ class RoutedEditedModel(EditedModel):
         kwargs.pop("matcher", None)
         super().__init__(model, tokenizer, cache, matcher="exact", **kwargs)
         if not isinstance(keys, KeyStore):
-            keys = KeyStore.load(keys or Path(self.cache.path) / KEYS_FILE)
+            path = Path(keys or Path(self.cache.path) / KEYS_FILE)
+            if not path.is_file():
+                raise FileNotFoundError(f"matcher router: no router key file {path}; `lafn fit` writes it "
+                                        "(export.router_keys true); for a cache written without it, build it "
+                                        "with lafn_lightning.routing.build.update_cache_keys")
+            keys = KeyStore.load(path)
         groups = kwargs.get("groups")
         wanted = [g for g in (self.cache.group_ids if groups is None else groups) if g in self.cache]
         keys.prune(wanted)
