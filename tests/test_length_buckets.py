@@ -29,3 +29,32 @@ def test_length_buckets_give_the_single_forward_loss_with_less_padding(tmp_path,
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
     real = int(batch["attention_mask"].sum())
     assert cells[0] == batch["input_ids"].numel() and real < cells[1] < cells[0]
+
+
+def test_max_rows_checkpoints_parts_with_the_same_loss_and_gradient(tmp_path, dev_data):
+    """model.max_rows: forwards of at most N rows, each checkpointed (recomputed in backward)."""
+    cli = fit(tmp_path, "--data.languages", "null", "--data.groups", "0:2", "--data.dataset", str(dev_data),
+              "--trainer.fast_dev_run", "true")
+    module, batch = cli.model, cli.datamodule.batch
+    with torch.no_grad():
+        module.delta_v.copy_(torch.randn_like(module.delta_v))
+    embed = module.backbone.get_input_embeddings()
+    results, forwards = [], []
+    for max_rows in (None, 10):
+        module.hparams.max_rows = max_rows
+        module.delta_v.grad = None
+        seen = []
+        with Hooks() as hooks:
+            hooks.on_output(embed, lambda out: seen.append(out.shape[0]))
+            out = module.losses(batch)
+            n_forward = len(seen)
+            (out["target"].sum() + out["kl"].sum()).backward()
+        results.append((out["target"].detach(), out["row_logprob"].detach(), module.delta_v.grad.clone()))
+        forwards.append((n_forward, len(seen), max(seen[:n_forward - 1])))
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    rows = batch["input_ids"].shape[0]
+    parts = -(-rows // 10)
+    assert forwards[0] == (2, 2, rows)                     # one answer forward + the KL anchors, no recompute
+    assert forwards[1][0] == parts + 1 and forwards[1][2] <= 10
+    assert forwards[1][1] == 2 * parts + 1                 # each part ran again in the backward pass

@@ -15,6 +15,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..backbone.ffn import SITES, adapter_for
 from ..backbone.inputs import position_ids
@@ -49,6 +50,11 @@ class LafnEditModule(L.LightningModule):
             (detached) target loss, so lagging languages get more of the update.
         length_buckets: run the answer rows in this many forwards of rows of similar length
             (sorted by length, equal counts) instead of one padded to the longest row; same loss.
+        max_rows: at most this many answer rows per forward, each forward checkpointed (its
+            activations are recomputed in the backward pass instead of kept), so the step's peak
+            memory is that of one part, not of the whole edit batch (16 groups x 12 languages x 4
+            prefixes is 768 rows); about one extra forward of compute; same loss and gradient.
+            None: every row in one graph (the paper's setting; fastest where memory allows).
     """
 
     def __init__(
@@ -66,10 +72,13 @@ class LafnEditModule(L.LightningModule):
         stop_rule: str = "mean",
         language_weighting: str = "uniform",
         length_buckets: int = 1,
+        max_rows: int | None = None,
     ) -> None:
         super().__init__()
         if site not in SITES:
             raise ValueError(f"model.site={site!r}: one of {SITES}")
+        if max_rows is not None and max_rows < 1:
+            raise ValueError(f"model.max_rows={max_rows}: at least 1 (or null: every row in one forward)")
         if stop_rule not in STOP_RULES:
             raise ValueError(f"model.stop_rule={stop_rule!r}: one of {STOP_RULES}")
         if language_weighting not in WEIGHTINGS:
@@ -222,10 +231,15 @@ class LafnEditModule(L.LightningModule):
         # Rows of very different lengths (12 scripts) waste compute on padding: with
         # `length_buckets` > 1 the rows run in that many forwards of similar length (same loss).
         order = batch["attention_mask"][rows].sum(1).argsort(stable=True)
-        parts = [p for p in order.tensor_split(max(1, self.hparams.get("length_buckets", 1))) if len(p)]
+        max_rows = self.hparams.get("max_rows")
+        n_parts = max(1, self.hparams.get("length_buckets", 1), -(-len(rows) // max_rows) if max_rows else 1)
+        parts = [p for p in order.tensor_split(n_parts) if len(p)]
         tok_parts, row_parts = [], []
         for part in parts:
-            tok_nll, row_of = self._answer_token_nll(batch, rows[part])
+            if max_rows and torch.is_grad_enabled():   # keep only this part's outputs; recompute in backward
+                tok_nll, row_of = checkpoint(self._answer_token_nll, batch, rows[part], use_reentrant=False)
+            else:
+                tok_nll, row_of = self._answer_token_nll(batch, rows[part])
             tok_parts.append(tok_nll)
             row_parts.append(part[row_of])
         tok_nll, row_of = torch.cat(tok_parts), torch.cat(row_parts)
