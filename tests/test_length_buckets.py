@@ -5,12 +5,17 @@ from conftest import fit
 from lafn_lightning.backbone.hooks import Hooks
 
 
-def test_length_buckets_give_the_single_forward_loss_with_less_padding(tmp_path, dev_data):
+def _twelve_language_batch(tmp_path, dev_data):
+    """The edit module and batch of 2 groups in 12 languages, with a random ΔV."""
     cli = fit(tmp_path, "--data.languages", "null", "--data.groups", "0:2", "--data.dataset", str(dev_data),
               "--trainer.fast_dev_run", "true")
-    module, batch = cli.model, cli.datamodule.batch
     with torch.no_grad():
-        module.delta_v.copy_(torch.randn_like(module.delta_v))
+        cli.model.delta_v.copy_(torch.randn_like(cli.model.delta_v))
+    return cli.model, cli.datamodule.batch
+
+
+def test_length_buckets_give_the_single_forward_loss_with_less_padding(tmp_path, dev_data):
+    module, batch = _twelve_language_batch(tmp_path, dev_data)
     embed = module.backbone.get_input_embeddings()
     results, cells = [], []
     for buckets in (1, 3):
@@ -33,11 +38,7 @@ def test_length_buckets_give_the_single_forward_loss_with_less_padding(tmp_path,
 
 def test_max_rows_checkpoints_parts_with_the_same_loss_and_gradient(tmp_path, dev_data):
     """model.max_rows: forwards of at most N rows, each checkpointed (recomputed in backward)."""
-    cli = fit(tmp_path, "--data.languages", "null", "--data.groups", "0:2", "--data.dataset", str(dev_data),
-              "--trainer.fast_dev_run", "true")
-    module, batch = cli.model, cli.datamodule.batch
-    with torch.no_grad():
-        module.delta_v.copy_(torch.randn_like(module.delta_v))
+    module, batch = _twelve_language_batch(tmp_path, dev_data)
     embed = module.backbone.get_input_embeddings()
     results, forwards = [], []
     for max_rows in (None, 10):
