@@ -149,11 +149,11 @@ def build_router_keys(model, tokenizer, dirs: dict[int, Path], real_groups, fp: 
                       thresholds: tuple[float, float | None], seed: int) -> None:
     """A router key file in each cache: real groups' keys from their prompts, 3 random unit keys
     per synthetic group."""
-    from lafn_lightning.routing.build import add_group, background_questions, new_store
+    from lafn_lightning.routing.build import add_group, standard_store
     from lafn_lightning.routing.keys import KEYS_FILE, KeyStore
 
     t0 = time.perf_counter()
-    base = new_store(model, tokenizer, layer, background_questions(), fp)
+    base = standard_store(model, tokenizer, layer, fp)
     base.threshold, base.lexical_threshold = thresholds
     for g in real_groups:
         add_group(model, tokenizer, base, g)

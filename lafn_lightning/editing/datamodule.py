@@ -20,7 +20,7 @@ from ..backbone.loading import load_backbone
 from ..backbone.inputs import pad_rows
 from ..data import EditGroup, default_dataset
 from ..data.selection import select_groups
-from .prompts import RULES, anchor_text, encode_edit_text, sample_prefixes
+from .prompts import RULES, anchor_text, encode_edit_text, sample_prefixes, subject_span
 
 log = logging.getLogger(__name__)
 
@@ -166,16 +166,22 @@ class EditBatchDataModule(L.LightningDataModule):
         """``site(group, edit) -> (start, end, rule)`` in the edit question, or None for the default rule."""
         if self.hparams.subject_site == "fallback":
             return lambda group, edit: None
-        from ..routing.build import anchor_keys, new_store, background_questions, routed_subject_span
+        from ..routing.build import anchor_keys, routed_subject_span, standard_store
 
         layer = self.hparams.router_layer
         if layer is None:
             raise ValueError("data.subject_site routed needs data.router_layer (linked from model.layers by lafn)")
-        store = new_store(model, tokenizer, int(layer), background_questions())
+        store = standard_store(model, tokenizer, int(layer))
+        anchors: dict[str, torch.Tensor] = {}   # per group, computed only for a question that needs them
 
         def site(group, edit):
-            anchors = anchor_keys(model, tokenizer, store, group)
-            return routed_subject_span(model, tokenizer, store, edit.prompt, edit.subject, group.subjects, anchors)
+            span = subject_span(edit.prompt, edit.subject, group.subjects)
+            if span[2] != "fallback":
+                return span
+            if group.group_id not in anchors:
+                anchors[group.group_id] = anchor_keys(model, tokenizer, store, group)
+            return routed_subject_span(model, tokenizer, store, edit.prompt, edit.subject, group.subjects,
+                                       anchors[group.group_id])
         return site
 
     def train_dataloader(self) -> DataLoader:

@@ -9,6 +9,7 @@ untouched backbone (identical logits). Cost and caching: docs/inference.md.
 from __future__ import annotations
 
 from collections import OrderedDict
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from ..cache import EditCache
 from ..editing.injection import delta_hooks
 from ..routing.keys import KEYS_FILE, KeyStore
 from ..routing.router import Router
-from ..routing.states import ids_states
+from ..routing.states import ids_states, normalize
 from ..text.matching import SubjectMatcher
 from ..text.spans import last_token_of_span, token_spans
 
@@ -229,13 +230,9 @@ class RoutedEditedModel(EditedModel):
         are, when the router sits at the first one), so routing costs no second forward."""
         if self.router.layer > min(self.layers):
             return super().forward(input_ids, attention_mask, **kwargs)
-        import contextlib
-
-        from ..routing.states import normalize
-
         kept = self._kept(input_ids, attention_mask)
         blocks = self.model.get_submodule(self.adapter.layers_path)
-        with contextlib.ExitStack() as attached:
+        with ExitStack() as attached:
             def route(_module, args, kw):
                 x = (args[0] if args else kw["hidden_states"]).detach()
                 states = [normalize(x[r, index].float()).cpu() for r, (index, _) in enumerate(kept)]

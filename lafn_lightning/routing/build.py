@@ -13,6 +13,7 @@ so the ΔV sits where the router fires at inference.
 from __future__ import annotations
 
 from collections import Counter
+from functools import lru_cache
 from collections.abc import Sequence
 
 import torch
@@ -24,7 +25,7 @@ from .keys import KeyStore
 from .states import encode_with_offsets, ids_states
 
 __all__ = ["new_store", "aligned_token", "group_keys", "add_group", "negative_scores", "calibrate",
-           "background_questions", "update_cache_keys", "store_for_groups"]
+           "background_questions", "standard_store", "update_cache_keys", "store_for_groups"]
 
 
 def _states(model, tokenizer, texts: Sequence[str], layer: int):
@@ -132,13 +133,24 @@ def background_questions() -> list[str]:
     return [q for lang in MZSRE_LANGUAGES for q, _ in read_zsre_train(lang, limit=150)[::2] if q]
 
 
+@lru_cache(maxsize=4)
+def _standard_center(model, tokenizer, layer: int) -> torch.Tensor:
+    return new_store(model, tokenizer, layer, background_questions()).center
+
+
+def standard_store(model, tokenizer, layer: int, fingerprint: dict | None = None) -> KeyStore:
+    """An empty store centred by :func:`background_questions`; the centring forward runs once per
+    (backbone, layer) in a process (a fit's training sites and its key export share it)."""
+    return KeyStore(layer, fingerprint, center=_standard_center(model, tokenizer, int(layer)).clone())
+
+
 def store_for_groups(model, tokenizer, groups, *, layer: int, fingerprint: dict | None = None,
                      store: KeyStore | None = None, threshold: float | None = None,
                      lexical_threshold: float | None = None) -> KeyStore:
     """``store`` (or a new one, centred by :func:`background_questions`) with the keys of
     ``groups`` added; thresholds set where given."""
     if store is None:
-        store = new_store(model, tokenizer, layer, background_questions(), fingerprint)
+        store = standard_store(model, tokenizer, layer, fingerprint)
     if threshold is not None:
         store.threshold = float(threshold)
     if lexical_threshold is not None:
