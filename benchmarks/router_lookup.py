@@ -1,8 +1,9 @@
-"""Stage-2 lookup cost of the router vs the number of cached keys (flat scan vs faiss HNSW).
+"""Stage-2 lookup cost of the router vs the number of cached keys (flat scan, faiss HNSW, lexical-first).
 
     python benchmarks/router_lookup.py                    # 100 / 10k / 100k keys, d=640
     python benchmarks/router_lookup.py --sizes 100,10000 --tokens 20
     python benchmarks/router_lookup.py --sizes 400,40000,400000 --per_group 4   # 100 / 10k / 100k en+zh edits
+    python benchmarks/router_lookup.py --sizes 400,40000,400000 --per_group 4 --kinds lexical
 
 Keys are random unit vectors in clusters (``--per_group`` keys around a group centre: 24 like a
 12-language group's 12 anchors + 12 prompts, 4 for an en+zh group); a query is ``--tokens`` unit vectors, half of the queries
@@ -10,10 +11,27 @@ holding one token near a cached key. The figure is the median time of ``Router.s
 search + per-group reduction) per query, in process CPU time (the machine may be shared); HNSW
 build time (CPU) is reported separately; recall@1 = HNSW's best group equals the flat scan's, on
 the queries that hold a token near a cached key (on the others every score is noise).
+
+``lexical`` (the lexical-first path, ``Router(lookup="auto")`` with the calibrated demo thresholds
+1.0001 / 0.8748, lexical_min 0.5): every group also gets real subject strings, from the packaged
+zsRE training facts whose guessed English subject has 4+ letters (9,941 of 10,000; group k: the
+k-th of those, cyclically; en + zh for the first 9,941 groups, a random pair of languages after
+that, so beyond that facts repeat in other language pairs), subjects guessed from the
+questions (the English one where a question spells it, else ``router_dev/subj.py`` for
+alphabetic scripts, for zh a 《title》 or the leading noun phrase). Queries are real
+questions: half a cached fact's question (facts 0..99, cached at every size; one token's state near
+one of that group's keys), half an MzsRE dev locality question (en / zh, random states). Timed:
+``Router.scores(states, tokens, margins=True, text=question)`` ("lex ms", comparable with the other
+columns) and the whole ``Router.route`` without stage 1 ("lex route ms": + the acceptance rule and
+the site); "cands/q": groups with lexical support >= 0.5 per query (the only ones scored); "fired":
+share of cached-fact queries routed to their group, "false": share of locality queries routed.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import random
+import re
 import statistics
 import sys
 import time
@@ -23,8 +41,73 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lafn_lightning.routing.router import Router  # noqa: E402
+from lafn_lightning.routing.router import Router, site_tokens  # noqa: E402
 from lafn_lightning.routing.keys import KeyStore  # noqa: E402
+from lafn_lightning.routing.lexical import _grams, fold  # noqa: E402
+
+LANGS = ("en", "zh", "cz", "de", "du", "es", "fr", "pt", "ru", "tr", "vi")   # th: no reliable subject guess
+_ZH_STOP = re.compile(r"[的是在属于有哪谁什位参出由为被与和及？?，,。]")
+
+
+def zh_subject(question: str, en_subject: str) -> str:
+    """A zh question's subject: the English one where it is spelled, else a 《title》, else the
+    leading noun phrase (text before the first function character)."""
+    if en_subject and fold(en_subject) in fold(question):
+        return en_subject
+    m = re.search(r"《(.+?)》", question)
+    if m:
+        return m.group(1)
+    pieces = [p for p in _ZH_STOP.split(question) if len(p) >= 2]
+    return pieces[0] if pieces else question[:4]
+
+
+def fact_subjects() -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """(language -> subject, language -> question) of each of the 10,000 packaged zsRE training
+    facts."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "router_dev"))
+    from subj import guess_subject
+
+    from lafn_lightning.data.packaged import read_zsre_train
+    questions = {lang: [q for q, _ in read_zsre_train(lang)] for lang in LANGS}
+    en = [guess_subject(q) for q in questions["en"]]
+    out = {"en": en, "zh": [zh_subject(q, s) for q, s in zip(questions["zh"], en)]}
+    for lang in LANGS[2:]:
+        out[lang] = [other_subject(q, s, guess_subject) for q, s in zip(questions[lang], en)]
+    return out, questions
+
+
+def other_subject(question: str, en_subject: str, guess) -> str:
+    """An alphabetic-script question's subject: the English one where it is spelled, else the
+    guessed capitalised run, unless that is shorter than 4 letters (a capitalised article such
+    as "La", "Le"): then the English one."""
+    if en_subject and fold(en_subject) in fold(question):
+        return en_subject
+    s = guess(question)
+    return s if len(fold(s)) >= 4 else en_subject
+
+
+def group_languages(k: int, n_facts: int) -> tuple[str, str]:
+    """en + zh for the first ``n_facts`` groups (each fact once), then a random pair (fixed per
+    group)."""
+    if k < n_facts:
+        return ("en", "zh")
+    a, b = random.Random(k).sample(LANGS, 2)
+    return (a, b)
+
+
+def locality_questions() -> list[str]:
+    path = Path(__file__).resolve().parents[1] / "lafn_lightning/data/mzsre_dev/mzsre_test_duplicate_enzh.json"
+    recs = json.loads(path.read_text(encoding="utf-8"))
+    out = []
+    for r in recs:
+        out += [r["en"]["loc"].removeprefix("nq question: ").strip(), r["zh"]["loc"].strip()]
+    return out
+
+
+def even_spans(text: str, tokens: int) -> list[tuple[int, int]]:
+    """A BOS (empty span) and ``tokens - 1`` tokens cutting ``text`` in equal pieces."""
+    cuts = [round(i * len(text) / (tokens - 1)) for i in range(tokens)]
+    return [(0, 0)] + [(a, b) for a, b in zip(cuts, cuts[1:])]
 
 
 def make_store(n_keys: int, dim: int, per_group: int = 24, seed: int = 0) -> KeyStore:
@@ -48,14 +131,19 @@ def main() -> None:
     ap.add_argument("--hnsw-m", type=int, default=16)
     ap.add_argument("--ef-search", type=int, default=48)
     ap.add_argument("--per_group", type=int, default=24, help="keys per cached edit group")
+    ap.add_argument("--kinds", default="flat,hnsw,lexical", help="columns to measure (flat, hnsw, lexical)")
     args = ap.parse_args()
+    kinds = args.kinds.split(",")
     torch.set_num_threads(args.threads)
     import faiss
     faiss.omp_set_num_threads(args.threads)
     sizes = [int(s) for s in args.sizes.split(",")]
     g = torch.Generator().manual_seed(1)
-    print(f"{'keys':>8}{'flat ms':>10}{'hnsw ms':>10}{'hnsw build s':>14}{'hnsw recall@1':>15}")
+    lex_data = (fact_subjects(), locality_questions()) if "lexical" in kinds else None
+    print(f"{'keys':>8}{'edits':>8}{'flat ms':>10}{'hnsw ms':>10}{'hnsw build s':>14}{'hnsw recall@1':>15}"
+          f"{'lex ms':>9}{'lex route ms':>14}{'cands/q':>9}{'fired':>7}{'false':>7}")
     rows = {}
+    nan = float("nan")
     for n in sizes:
         store = make_store(n, args.dim, per_group=args.per_group)
         all_keys = torch.cat([k.float() for _, k in store.items()])
@@ -67,6 +155,9 @@ def main() -> None:
             queries.append(x)
         res = {}
         for kind in ("flat", "hnsw"):
+            if kind not in kinds:
+                res[kind] = (nan, nan, [None] * len(queries))
+                continue
             router = Router(store, threshold=0.9, index=kind, hnsw_m=args.hnsw_m, ef_construction=40,
                             ef_search=args.ef_search)
             t0 = time.process_time()
@@ -80,13 +171,60 @@ def main() -> None:
                 hits.append(max(best.items(), key=lambda kv: kv[1][0])[0] if best else None)
             res[kind] = (statistics.median(times) * 1e3, build, hits)
         planted = range(1, len(queries), 2)   # queries holding a token near a cached key (the others match nothing)
-        recall = sum(res["flat"][2][q] == res["hnsw"][2][q] for q in planted) / max(1, len(planted))
-        rows[n] = res
-        print(f"{n:8d}{res['flat'][0]:10.3f}{res['hnsw'][0]:10.3f}{res['hnsw'][1]:14.1f}{recall:15.3f}", flush=True)
+        recall = (sum(res["flat"][2][q] == res["hnsw"][2][q] for q in planted) / max(1, len(planted))
+                  if "flat" in kinds and "hnsw" in kinds else nan)
+        lex = measure_lexical(store, lex_data, args, g) if lex_data else (nan, nan, nan, nan, nan)
+        rows[n] = {**{k: v[0] for k, v in res.items()}, "lexical": lex[0]}
+        print(f"{n:8d}{n // args.per_group:8d}{res['flat'][0]:10.3f}{res['hnsw'][0]:10.3f}{res['hnsw'][1]:14.1f}"
+              f"{recall:15.3f}{lex[0]:9.3f}{lex[1]:14.3f}{lex[2]:9.1f}{lex[3]:7.2f}{lex[4]:7.2f}", flush=True)
     lo, hi = min(sizes), max(sizes)
-    print(f"lookup ratio {hi} vs {lo} keys: flat {rows[hi]['flat'][0] / rows[lo]['flat'][0]:.1f}x, "
-          f"hnsw {rows[hi]['hnsw'][0] / rows[lo]['hnsw'][0]:.1f}x")
+    print(f"lookup ratio {hi} vs {lo} keys ({hi // args.per_group} vs {lo // args.per_group} edits): "
+          + ", ".join(f"{k} {rows[hi][k] / rows[lo][k]:.2f}x" for k in ("flat", "hnsw", "lexical") if k in kinds))
 
+
+def measure_lexical(store: KeyStore, data, args, g: torch.Generator) -> tuple[float, float, float, float, float]:
+    """(scores ms, route ms, candidate groups per query, fired, false) of the lexical-first path."""
+    (subjects, questions), locality = data
+    gids = store.group_ids()
+    facts = [i for i, s in enumerate(subjects["en"]) if len(fold(s)) >= 4]   # no "La", "Ma" guesses
+    subs = {}
+    for k, gid in enumerate(gids):
+        i = facts[k % len(facts)]
+        subs[gid] = list(dict.fromkeys(subjects[lang][i] for lang in group_languages(k, len(facts))))
+    router = Router(store, subs, threshold=1.0001, lexical_threshold=0.8748, lexical_min=0.5, stage1=None,
+                    index="flat", lookup="lexical")
+    cases = []   # (text, states, group the query is about or None)
+    for q in range(args.queries):
+        x = torch.nn.functional.normalize(torch.randn(args.tokens, args.dim, generator=g), dim=-1)
+        if q % 2:
+            k = (q // 2) % min(100, len(gids))
+            text = questions[group_languages(k, len(facts))[(q // 2) % 2]][facts[k]]
+            keys = store.keys(gids[k]).float()
+            sites = site_tokens(even_spans(text, args.tokens))   # a token route() considers
+            t = sites[min(3, len(sites) - 1)]
+            x[t] = torch.nn.functional.normalize(keys[q % len(keys)] + 0.05 * x[t], dim=0)
+            cases.append((text, x, gids[k]))
+        else:
+            cases.append((locality[(q // 2) % len(locality)], x, None))
+    tokens = list(range(args.tokens))
+    router.scores(cases[0][1], tokens, margins=True, text=cases[0][0])   # warm the caches
+    t_scores, t_route, cands, fired, false = [], [], [], 0, 0
+    for text, x, own in cases:
+        spans = even_spans(text, args.tokens)
+        fold.cache_clear(), _grams.cache_clear()   # every query new to the folding caches
+        t0 = time.process_time()
+        router.scores(x, tokens, margins=True, text=text)
+        t_scores.append(time.process_time() - t0)
+        fold.cache_clear(), _grams.cache_clear()
+        t0 = time.process_time()
+        routes = router.route(text, spans, x)
+        t_route.append(time.process_time() - t0)
+        cands.append(len(router.lexical_candidates(text)))
+        fired += own is not None and any(r.group_id == own for r in routes)
+        false += own is None and bool(routes)
+    half = max(1, len(cases) // 2)
+    return (statistics.median(t_scores) * 1e3, statistics.median(t_route) * 1e3, statistics.mean(cands),
+            fired / half, false / half)
 
 if __name__ == "__main__":
     main()

@@ -173,3 +173,157 @@ def test_lexical_rule_accepts_a_lower_cosine_only_with_the_subject_spelled(store
     unrelated = spans_of(["Что", "в", "Казани", "?"])
     assert [r.group_id for r in router.route(*inflected, states_for(5, {3: mid}))] == ["moscow"]
     assert router.route(*unrelated, states_for(5, {3: mid})) == []
+
+
+# --- lexical-first lookup (threshold > 1: only groups with lexical support can fire) ---------
+
+LEX_SUBJECTS = {
+    "moscow": ["Moscow", "Москва"], "bangkok": ["Bangkok", "กรุงเทพมหานคร"], "paris": ["Paris", "巴黎"],
+    "berlin": ["Berlin", "柏林"], "cohendy": ["Christiane Cohendy"], "flames": ["Atlanta Flames", "亚特兰大火焰队"],
+    "hepburn": ["Cameron Hepburn"], "marshalls": ["Marshalls"], "creech": ["Jesse Orin Creech"],
+    "barnett": ["Doris Barnett", "多丽丝·巴尼特"], "warner": ["Guy Warner", "盖伊·沃纳"],
+    "evry": ["Évry Cathedral", "埃夫里大教堂"],
+}
+
+
+def lex_store() -> KeyStore:
+    s = KeyStore(layer=4)
+    for i, g in enumerate(LEX_SUBJECTS):   # group i: keys near axis i (axes 13..15: background)
+        s.add(g, torch.stack([unit(i), unit(i, noise=0.3, seed=100 + i)]))
+    return s
+
+
+def lex_routers(**kw) -> tuple[Router, Router]:
+    args = dict(threshold=1.0001, lexical_threshold=0.6, lexical_min=0.5, index="flat", **kw)
+    return Router(lex_store(), LEX_SUBJECTS, lookup="index", **args), Router(lex_store(), LEX_SUBJECTS, **args)
+
+
+def no_search(*a, **k):
+    raise AssertionError("the lexical-first path must not search the vector index")
+
+
+def test_lexical_first_lookup_gives_the_index_lookups_routes():
+    by_index, lexical = lex_routers(stage1=None)
+    assert lexical.uses_lexical and not by_index.uses_lexical
+    for r in (by_index, lexical):   # a group with a radius: fires only above it
+        r.add("ville", unit(12)[None], ["Ville lumière"], radii=torch.tensor([0.95]))
+    lexical.index.search = no_search
+    cases, expected = [], []
+    for i, (g, subs) in enumerate(LEX_SUBJECTS.items()):
+        words = ["Where", "is", *subs[0].split(), "now", "?"]
+        at = 2 + len(subs[0].split())   # the last subject word (token 0: BOS)
+        near, other = unit(i, noise=0.5, seed=i), unit((i + 1) % 12, noise=0.5, seed=i)
+        cases += [(words, {at: near}), (words, {at + 1: other}), (["Where", "is", "it", "?"], {2: unit(i)})]
+        expected += [[(g, at, "subject")], [], []]            # own subject + near state: fires; else never
+        if len(subs) > 1:                                     # the other language's subject, inflected
+            words = ["Москве" if g == "moscow" else subs[1], "где", "?"]
+            cases.append((words, {1: near}))
+            expected.append([(g, 1, "subject")])
+    cases += [(["Ville", "lumière", "?"], {2: unit(12, noise=0.5)}), (["Ville", "lumière", "?"], {2: unit(12, noise=0.2)})]
+    expected += [[], [("ville", 2, "subject")]]                # cosine 0.89 < radius 0.95 < 0.98
+    for (words, at), want in zip(cases, expected):
+        text, spans = spans_of(words)
+        states = states_for(len(spans), at)
+        a, b = by_index.route(text, spans, states), lexical.route(text, spans, states)
+        assert [(r.group_id, r.position, r.rule) for r in b] == want, (text, b)
+        assert [(r.group_id, r.position, r.stage, r.rule) for r in a] == [(r.group_id, r.position, r.stage, r.rule) for r in b]
+        assert [r.score for r in a] == pytest.approx([r.score for r in b], abs=1e-6)
+        assert by_index.scores(states, list(range(1, len(spans))), margins=True).keys() >= \
+            lexical.scores(states, list(range(1, len(spans))), margins=True, text=text).keys()
+
+
+def test_lookup_option_is_checked():
+    with pytest.raises(ValueError):
+        Router(lex_store(), LEX_SUBJECTS, threshold=0.9, lexical_threshold=0.6, lookup="lexical")
+    with pytest.raises(ValueError):
+        Router(lex_store(), LEX_SUBJECTS, threshold=1.0001, lookup="nearest")
+    # state-only routing on (threshold <= 1): the index path, unchanged
+    assert not Router(lex_store(), LEX_SUBJECTS, threshold=0.9, lexical_threshold=0.6).uses_lexical
+
+
+def test_subject_below_lexical_min_is_never_a_candidate():
+    from lafn_lightning.routing.lexical import lexical_support
+    _, router = lex_routers(stage1=None)
+    router.index.search = no_search
+    text, spans = spans_of(["Who", "is", "Christian", "Dior", "?"])
+    assert 0.2 < lexical_support(text, LEX_SUBJECTS["cohendy"]) < 0.5   # shares n-grams, below lexical_min
+    states = states_for(len(spans), {3: unit(4)})                         # its key exactly: cosine 1
+    assert "cohendy" not in router.lexical_candidates(text)
+    assert router.scores(states, list(range(1, len(spans))), margins=True, text=text) == {}
+    assert router.route(text, spans, states) == []
+    full = spans_of(["Who", "is", "Christiane", "Cohendy", "?"])
+    assert router.lexical_candidates(full[0]) == ["cohendy"]
+    assert [r.group_id for r in router.route(*full, states)] == ["cohendy"]
+
+
+def test_removed_group_is_no_longer_a_lexical_candidate():
+    _, router = lex_routers(stage1=None)
+    router.add("moscow_ru", unit(0, noise=0.1)[None], ["Москва"])        # shares a subject with "moscow"
+    text, spans = spans_of(["Что", "в", "Москве", "?"])
+    states = states_for(len(spans), {3: unit(0, noise=0.5)})
+    assert router.lexical_candidates(text) == ["moscow", "moscow_ru"]
+    router.remove("moscow")
+    assert router.lexical_candidates(text) == ["moscow_ru"]              # the shared subject stays
+    assert router._lexical.groups(text) == {"moscow_ru"} and "moscow" not in router._lexical
+    assert [r.group_id for r in router.route(text, spans, states)] == ["moscow_ru"]
+    router.remove("moscow_ru")
+    assert router.lexical_candidates(text) == [] and router.route(text, spans, states) == []
+    assert router._lexical.groups(text) == set()                          # its n-grams unposted
+    router.add("moscow", unit(0)[None], ["Moskau"])                       # re-added, other subject
+    assert router.lexical_candidates(text) == []
+    assert router.lexical_candidates("Wo liegt Moskau?") == ["moscow"]
+    # compaction (many removals) rebuilds the rows; the lookup follows
+    for j in range(1500):
+        router.add(f"x{j}", unit(12, noise=0.5, seed=j)[None], [f"Filler {j:04d} Town"])
+    for j in range(1400):
+        router.remove(f"x{j}")
+    assert len(router.index._vecs) < 1000   # compacted
+    text, spans = spans_of(["Where", "is", "Filler", "1450", "Town", "?"])
+    assert "x1450" in router.lexical_candidates(text) and "x1000" not in router.lexical_candidates("Filler 1000 Town")
+    hit = router.route(text, spans, states_for(len(spans), {5: unit(12, noise=0.5, seed=1450)}))
+    assert [r.group_id for r in hit] == ["x1450"] and hit[0].score == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("overlap", [1, 2, 3])
+@pytest.mark.parametrize("share", [0.5, 0.34, 0.75, 1.0])
+def test_prefix_filtering_finds_every_subject_reaching_lexical_min(share, overlap):
+    """Property: the inverted index with prefix filtering finds exactly the groups that a brute
+    force ``lexical_support >= share`` finds, on random strings built to sit at the boundary,
+    under incremental adds, removals and rebuilds."""
+    import random
+
+    from lafn_lightning.routing.lexical import SubjectGramIndex, _grams, _need, fold, lexical_support
+
+    rng = random.Random(int(share * 100))
+    latin, cjk = "abcdeéfgh", "中文东京大学北"
+
+    def word(alphabet: str) -> str:
+        return "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 7)))
+
+    def subject() -> str:
+        if rng.random() < 0.3:
+            return word(cjk)
+        return " ".join(word(latin) for _ in range(rng.randint(1, 3))).title()
+
+    ix = SubjectGramIndex(share, overlap=overlap, rebuild_from=8)
+    groups: dict[str, list[str]] = {}
+    boundary = 0
+    for step in range(400):
+        gid = f"g{step}"
+        groups[gid] = [subject() for _ in range(rng.randint(1, 2))]
+        ix.add(gid, groups[gid])
+        if rng.random() < 0.25 and len(groups) > 1:
+            gone = rng.choice(sorted(groups))
+            ix.remove(gone)
+            del groups[gone]
+        # a query made of part of a cached subject's n-grams (near the boundary) plus noise
+        s = fold(rng.choice(groups[rng.choice(sorted(groups))]))
+        n = 2 if any(c in cjk for c in s) else 3
+        grams = sorted(_grams(s, n))
+        keep = rng.sample(grams, min(len(grams), max(0, _need(len(grams), share) + rng.choice([-1, 0, 0, 1]))))
+        query = " | ".join([*keep, word(latin), word(cjk)])
+        want = {g for g, subs in groups.items() if lexical_support(query, subs) >= share}
+        hits = len(set(grams) & _grams(fold(query), n))
+        boundary += hits == _need(len(grams), share)   # exactly the fewest n-grams that reach share
+        assert ix.groups(query) == want, (query, want)
+    assert boundary >= 100  # the exact boundary was exercised

@@ -10,6 +10,11 @@ the query's per-token residual states at ``store.layer`` against every group's k
 :class:`VectorIndex`: the best group fires when its best cosine reaches ``threshold``, or
 ``lexical_threshold`` with part of its subject spelled in the query (both calibrated on other
 facts' questions, :func:`calibrate_threshold`).  Its site is :func:`state_site`.
+
+When no cosine can reach ``threshold`` (above 1, as calibrated for the demo backbone), only groups
+with lexical support can fire, so :meth:`Router.route` looks those up first (an n-gram inverted
+index, :class:`~lafn_lightning.routing.lexical.SubjectGramIndex`) and scores only their keys,
+exactly: the lookup cost follows the number of lexical candidates, not the number of cached keys.
 """
 from __future__ import annotations
 
@@ -22,9 +27,11 @@ import torch
 from ..text.matching import SubjectMatcher
 from ..text.spans import last_token_of_span
 from .keys import KeyStore
-from .lexical import lexical_support
+from .lexical import SubjectGramIndex, lexical_support
 
 __all__ = ["Route", "VectorIndex", "Router", "state_site", "calibrate_threshold"]
+
+_COS_SLACK = 1e-5  # float32 cosines of unit vectors stay below 1 + _COS_SLACK
 
 
 @dataclass(frozen=True)
@@ -175,12 +182,24 @@ class Router:
         stage1: the subject matcher of stage 1 (``exact``, ``normalized``, ``fuzzy``; None: off).
         index: ``auto``, ``flat`` or ``hnsw`` (:class:`VectorIndex`); ``k``: neighbours per token.
         candidates: how many best-scoring groups stage 2 tries, in order, against its rule.
+        lookup: how :meth:`route` finds stage-2 candidates. ``index``: every group's keys through
+            the :class:`VectorIndex` (``k`` nearest keys per token). ``lexical``: only the groups
+            with ``lexical_support >= lexical_min`` (a :class:`SubjectGramIndex` over the
+            subjects), their keys scored exactly (a matmul with only their rows); valid only when
+            no cosine can reach ``threshold`` (``threshold > 1 + 1e-5``: state-only routing off)
+            and ``lexical_min > 0``, since then no other group can fire (ValueError otherwise).
+            The same rule then accepts the same groups, but groups that can never fire no longer
+            take the ``k`` neighbours or the ``candidates`` slots. ``auto`` (default):
+            ``lexical`` where valid, else ``index``. :meth:`scores` uses it only when given the
+            query ``text`` with ``margins=True``.
     """
 
     def __init__(self, store: KeyStore, subjects: Mapping[str, Iterable[str]] | None = None, *,
                  threshold: float, lexical_threshold: float | None = None, lexical_min: float = 0.5,
                  stage1: str | None = "exact", index: str = "auto", k: int = 8, candidates: int = 1,
-                 **index_kwargs) -> None:
+                 lookup: str = "auto", **index_kwargs) -> None:
+        if lookup not in ("auto", "index", "lexical"):
+            raise ValueError(f"lookup must be auto, index or lexical, got {lookup!r}")
         self.layer = store.layer
         self.center = store.center
         self.threshold = float(threshold)
@@ -189,7 +208,12 @@ class Router:
         self.k = k
         self.candidates = candidates
         self.stage1 = stage1
+        self.lookup = lookup
+        if lookup == "lexical" and not self._lexical_valid:
+            raise ValueError("lookup='lexical' needs threshold > 1 + 1e-5 (no cosine reaches it) and "
+                             f"lexical_min > 0, got threshold={threshold}, lexical_min={lexical_min}")
         self._subjects: dict[str, tuple[str, ...]] = {}
+        self._lexical = SubjectGramIndex(self.lexical_min) if self.lexical_min > 0 and lookup != "index" else None
         self.matcher = SubjectMatcher({}, mode=stage1 or "exact")
         self.index = VectorIndex(store.dim or 1, kind=index, **index_kwargs)
         self._row_group: list[str] = []
@@ -214,6 +238,8 @@ class Router:
         if subs:
             self._subjects[gid] = subs
             self.matcher.add(gid, subs)
+            if self._lexical is not None:
+                self._lexical.add(gid, subs)
 
     def add(self, group_id: str, keys: torch.Tensor, subjects: Iterable[str] = (),
             radii: torch.Tensor | None = None) -> None:
@@ -239,6 +265,8 @@ class Router:
             self.index.remove(rows)
         if self._subjects.pop(group_id, None) is not None:
             self.matcher.remove(group_id)
+            if self._lexical is not None:
+                self._lexical.remove(group_id)
         if self.index.compact_needed:
             self._compact()
 
@@ -251,6 +279,28 @@ class Router:
             self._radius.extend(rad)
             self._row_group.extend([g] * len(rows))
             self._group_rows[g] = rows
+        if self._lexical is not None:
+            self._lexical.rebuild()
+
+    @property
+    def _lexical_valid(self) -> bool:
+        # cosines of unit vectors are <= 1 (+ float32 rounding): state-only routing can never fire
+        return self.threshold > 1.0 + _COS_SLACK and self.lexical_min > 0
+
+    @property
+    def uses_lexical(self) -> bool:
+        """Whether :meth:`route` takes the lexical-first path (see ``lookup``)."""
+        return self.lookup != "index" and self._lexical_valid and self._lexical is not None
+
+    def lexical_candidates(self, text: str) -> list[str]:
+        """The keyed groups with at least ``lexical_min`` of a subject spelled in ``text`` (what
+        :func:`lexical_support` says), in registration order: the only ones the lexical-first
+        path scores."""
+        if self._lexical is None:
+            raise ValueError("lexical_candidates needs lexical_min > 0 and lookup auto or lexical")
+        found = self._lexical.groups(text)
+        rows = self._group_rows
+        return sorted((g for g in found if rows.get(g)), key=lambda g: rows[g].start)
 
     @property
     def floor(self) -> float:
@@ -275,13 +325,38 @@ class Router:
             x = x - self.center
         return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-6)
 
-    def scores(self, states: torch.Tensor, candidates: Sequence[int], *, margins: bool = False
-               ) -> dict[str, tuple[float, int]]:
+    def _lexical_scores(self, states: torch.Tensor, candidates: Sequence[int], text: str
+                        ) -> dict[str, tuple[float, int]]:
+        if self.lexical_threshold is None:  # nothing reaches the floor (threshold > 1)
+            return {}
+        gids = self.lexical_candidates(text)
+        if not gids:
+            return {}
+        spans = [self._group_rows[g] for g in gids]
+        first_row = np.fromiter((r.start for r in spans), np.int64, len(spans))
+        n_rows = np.fromiter((len(r) for r in spans), np.int64, len(spans))
+        starts = np.cumsum(n_rows) - n_rows                                   # group -> its first column
+        rows = np.repeat(first_row - starts, n_rows) + np.arange(int(n_rows.sum()))
+        keys = torch.from_numpy(self.index._vecs[rows])
+        sim = (self.project(states[list(candidates)]) @ keys.T).numpy().astype(np.float64)  # [tokens, rows]
+        radius = np.array([self._radius[r] for r in rows], dtype=np.float64)
+        sim = np.where((sim < radius) | (sim < self.floor), -np.inf, sim)
+        per_token = np.maximum.reduceat(sim, starts, axis=1)                # [tokens, groups]
+        best = per_token.max(axis=0)
+        first = (per_token == best).argmax(axis=0)                          # earliest best token
+        return {g: (float(best[j]), candidates[int(first[j])]) for j, g in enumerate(gids) if best[j] > -np.inf}
+
+    def scores(self, states: torch.Tensor, candidates: Sequence[int], *, margins: bool = False,
+               text: str | None = None) -> dict[str, tuple[float, int]]:
         """Group -> (best cosine, token index) over the ``candidates`` tokens of ``states``
         (unit states as :mod:`router_states` returns them; projected here). ``margins``: only
-        keys reaching their radius and :attr:`floor` count."""
+        keys reaching their radius and :attr:`floor` count. ``text`` (the query, with
+        ``margins``): where :attr:`uses_lexical`, only the groups that could fire on it
+        (:meth:`lexical_candidates`) are scored, exactly (see ``lookup``)."""
         if not len(candidates) or not len(self._row_group):
             return {}
+        if text is not None and margins and self.uses_lexical:
+            return self._lexical_scores(states, candidates, text)
         sc, rows = self.index.search(self.project(states[list(candidates)]), self.k)
         best: dict[str, tuple[float, int]] = {}
         for t, (srow, rrow) in enumerate(zip(sc, rows)):
@@ -311,7 +386,7 @@ class Router:
         if states is None:
             return routes
         cand = site_tokens(spans)
-        best = self.scores(states, cand, margins=True)
+        best = self.scores(states, cand, margins=True, text=text)
         if not best:
             return routes
         taken = {r.group_id for r in routes}
