@@ -87,6 +87,54 @@ def test_update_shape_rank_and_artifact_round_trip(tiny, tmp_path, method):
     assert _param_digest(model) == before_params
 
 
+def test_joint_rome_writes_every_language_value_at_once(tiny):
+    """joint: one update of rank = requests whose left rows are dual to the requests' keys, so
+    request i's value change lands in full at its own key and nothing of it at the others' (the
+    sequential rank-one updates move each other's sites)."""
+    from lafn_lightning.methods.compute_z import read_sites
+    model, tok = tiny
+    reqs = {"en": REQUESTS["en"][:1], "zh": REQUESTS["zh"][:1]}
+    flat = reqs["en"] + reqs["zh"]
+    update = rome_edit(model, tok, reqs, RomeHParams(layer=1, value=FAST, prefixes=[[3, 2]], mom2_n_samples=40,
+                                                     joint=True), log=lambda *_: None)
+    left, right = update.factors[1]
+    assert left.shape[0] == 2 and update.rank(1) == 2
+    k_star, v_before = read_sites(model, tok, flat, [("down", 1, "in"), ("down", 1, "out")])
+    torch.testing.assert_close(k_star.double() @ left.double().T, torch.eye(2, dtype=torch.float64),
+                               rtol=1e-4, atol=1e-4)
+    with update.applied(model):
+        [v_after] = read_sites(model, tok, flat, [("down", 1, "out")])
+    torch.testing.assert_close(v_after - v_before, right, rtol=1e-3, atol=1e-3)
+    assert right.norm(dim=-1).min() > 0
+
+
+@pytest.mark.parametrize("joint", [False, True])
+def test_memit_joint_languages_is_one_solve_with_the_mean_statistics(tiny, monkeypatch, joint):
+    """joint_languages: all languages' requests in one least-squares solve whose C is the mean of
+    the languages' C_l; else one solve per language with its own C_l."""
+    from lafn_lightning.methods import memit
+    model, tok = tiny
+    calls = []
+    real = memit.spread
+
+    def spy(model_, tok_, reqs, hp, prefixes, C, *args, **kwargs):
+        calls.append(([r.language for r in reqs], {layer: c.clone() for layer, c in C.items()}))
+        return real(model_, tok_, reqs, hp, prefixes, C, *args, **kwargs)
+
+    monkeypatch.setattr(memit, "spread", spy)
+    hp = MemitHParams(layers=[1, 2], value=FAST, prefixes=[[3, 2]], mom2_update_weight=10.0, mom2_n_samples=40,
+                      joint_languages=joint)
+    update = memit_edit(model, tok, REQUESTS, hp, log=lambda *_: None)
+    C = {lang: stats.key_second_moments(model, tok, [1, 2], lang, n_samples=40) for lang in ("en", "zh")}
+    if joint:
+        assert [langs for langs, _ in calls] == [["en", "en", "zh", "zh"]]
+        torch.testing.assert_close(calls[0][1][1], (C["en"][1] + C["zh"][1]) / 2)
+    else:
+        assert [langs for langs, _ in calls] == [["en", "en"], ["zh", "zh"]]
+        torch.testing.assert_close(calls[1][1][2], C["zh"][2])
+    assert update.factors[1][0].shape[0] == 4
+
+
 def test_artifact_hooks_equal_dense_weight_edit(tiny, tmp_path):
     model, tok = tiny
     update = EDITS["memit"][0](model, tok, {"en": REQUESTS["en"]})
@@ -127,6 +175,10 @@ def test_statistics_per_language_cached_and_reused(tiny, tmp_path):
         assert len(calls) == n_first                          # read from disk, no forward pass
         more = stats.key_second_moments(model, tok, [1, 3], "en", n_samples=40, progress=False)
         assert len(calls) > n_first                           # layer 3 was missing: computed
+        n_more = len(calls)
+        model.config.name_or_path = "/elsewhere/same-weights"  # the same weights under another name
+        stats.key_second_moments(model, tok, [1, 2], "en", n_samples=40, progress=False)
+        assert len(calls) == n_more                           # still read from disk
     finally:
         handle.remove()
     files = sorted(p.name for p in (tmp_path / "stats").iterdir())
@@ -184,6 +236,43 @@ def test_edit_groups_writes_one_request_per_language(tiny, tmp_path):
     record = json.loads(path.read_text())
     assert record["method"] == "rome" and record["ranks"] == {"1": 2}
     assert [(r["language"], r["target"]) for r in record["requests"]] == [("en", "Paris"), ("zh", "巴黎")]
+
+
+def test_skip_special_tokens_leaves_bos_untouched_in_prefill_and_edits_decoding(tiny, tmp_path):
+    """skip_special_tokens: the artifact records the skipped ids and its hooks leave the positions
+    of those ids (BOS) as the backbone computes them, also when read back from disk; other
+    positions, and decoding steps past the prompt, get the update."""
+    import json
+
+    from lafn_lightning.data import EditGroup, LanguageEdit
+    from lafn_lightning.methods.run import edit_groups
+
+    model, tok = tiny
+    group = EditGroup("g0", 0, {"en": LanguageEdit("en", "Alice Smith", "Where was Alice Smith born?", "Paris")})
+    outs = {}
+    for skip in (False, True):
+        method = RomeHParams(layer=1, value=FAST, prefixes=[[3, 1]], mom2_n_samples=40, skip_special_tokens=skip)
+        outs[skip] = edit_groups(method, model, tok, [group], out=tmp_path / f"s{skip}", log=lambda *_: None)
+    assert json.loads(outs[True].read_text())["skip_token_ids"] == sorted(set(tok.all_special_ids))
+    enc = tok(["Where was Alice Smith born? Paris"], return_tensors="pt")
+    assert enc["input_ids"][0, 0] == tok.bos_token_id
+    with torch.no_grad():
+        base = model(**enc).logits[0]
+        plain = artifact.ArtifactModel(model, outs[False])(**enc).logits[0]
+        edited_model = artifact.ArtifactModel(model, outs[True])
+        skipped = edited_model(**enc).logits[0]
+    assert not torch.allclose(plain[0], base[0])               # without skipping, BOS is edited too
+    torch.testing.assert_close(skipped[0], base[0])            # with it, BOS is the backbone's
+    assert not torch.allclose(skipped[1:], base[1:])           # and the rest is edited
+    # a decoding step after the prompt (one non-special token, KV cache) still gets the update
+    with torch.no_grad():
+        past = model(input_ids=enc["input_ids"][:, :-1], use_cache=True).past_key_values
+        step_base = model(input_ids=enc["input_ids"][:, -1:], past_key_values=past, use_cache=True).logits
+        with edited_model.update.applied(model):
+            past_e = model(input_ids=enc["input_ids"][:, :-1], use_cache=True).past_key_values
+            step_edit = model(input_ids=enc["input_ids"][:, -1:], past_key_values=past_e, use_cache=True).logits
+    torch.testing.assert_close(step_edit[0, -1], skipped[-1], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(step_edit, step_base)
 
 
 def test_residual_to_down_inverts_the_post_ffn_norm_and_survives_a_zero_gain():

@@ -21,6 +21,7 @@ class Hooks(AbstractContextManager):
     ``on_output(module, fn)``: ``fn(output) -> new output or None`` (None keeps the output).
     ``on_input(module, fn)``: ``fn(first input) -> new input or None`` (the first positional
     argument, else ``hidden_states=`` or the first keyword argument).
+    ``on_call(module, fn)``: ``fn(args, kwargs)`` before each call (observes only).
     """
 
     def __init__(self) -> None:
@@ -41,6 +42,14 @@ class Hooks(AbstractContextManager):
             name = "hidden_states" if "hidden_states" in kwargs else next(iter(kwargs))  # called by keyword
             new = fn(kwargs[name])
             return None if new is None else (args, {**kwargs, name: new})
+
+        self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+        return self
+
+    def on_call(self, module: nn.Module, fn: Callable[[tuple, dict], None]) -> "Hooks":
+        """``fn(args, kwargs)`` before every call of ``module`` (observes; changes nothing)."""
+        def hook(_mod, args, kwargs):
+            fn(args, kwargs)
 
         self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
         return self

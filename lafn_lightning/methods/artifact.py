@@ -9,7 +9,7 @@ Usage::
 
 Files: ``<path>.safetensors`` (``layers.<i>.left`` [r, d_ff], ``layers.<i>.right`` [r, d_model],
 float32; delta W = right^T @ left) and ``<path>.json`` (method, hyper-parameters, requests,
-ranks, backbone fingerprint). The backbone's weights are never written; applying an artifact
+ranks, backbone fingerprint, the token ids the update skips). The backbone's weights are never written; applying an artifact
 to a backbone whose edited layers differ from the fingerprint is refused.
 """
 from __future__ import annotations
@@ -47,6 +47,7 @@ def save_artifact(update: LowRankUpdate, path, *, model, method: str, hparams: d
         "format": FORMAT, "method": method, "hparams": hparams or {},
         "layers": update.layers, "ranks": {str(l): int(update.factors[l][0].shape[0]) for l in update.layers},
         "fingerprint": fingerprint(model, update.layers),
+        "skip_token_ids": list(update.skip_ids),
         "requests": [r.as_dict() if hasattr(r, "as_dict") else r for r in (requests or [])],
         **(extra or {}),
     }
@@ -65,7 +66,7 @@ def load_artifact(path) -> tuple[LowRankUpdate, dict]:
     if record.get("format") != FORMAT:
         raise ValueError(f"{record_path}: not a {FORMAT} artifact (format {record.get('format')!r})")
     tensors = load_file(str(tensors_path))
-    update = LowRankUpdate()
+    update = LowRankUpdate(skip_ids=record.get("skip_token_ids", ()))
     for layer in record["layers"]:
         update.add(int(layer), tensors[f"layers.{layer}.left"], tensors[f"layers.{layer}.right"])
     return update, record

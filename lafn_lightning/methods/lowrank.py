@@ -9,6 +9,10 @@ Usage::
     update.delta(6)                                     # the dense [d_model, d_ff] matrix
 
 Factors are kept in float32; the hook computes in float32 and casts back to the output dtype.
+``LowRankUpdate(skip_ids=tokenizer.all_special_ids)`` leaves the positions of those token ids
+unchanged (read from the ``input_ids`` of the model's call; BOS, padding): the key statistics
+leave special tokens out, so nothing controls what the update does there (Gemma's BOS is the
+attention sink every later token reads; docs/locate_then_edit.md).
 """
 from __future__ import annotations
 
@@ -25,8 +29,9 @@ from ..backbone.hooks import Hooks
 class LowRankUpdate:
     """Per layer, factors ``left`` [r, d_ff] and ``right`` [r, d_out] of ``delta W = right^T @ left``."""
 
-    def __init__(self) -> None:
+    def __init__(self, skip_ids=()) -> None:
         self.factors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.skip_ids: tuple[int, ...] = tuple(sorted({int(i) for i in skip_ids}))
 
     @property
     def layers(self) -> list[int]:
@@ -55,6 +60,16 @@ class LowRankUpdate:
         adapter = adapter_for(model)
         hooks = Hooks()
         device = next(model.parameters()).device
+        keep = {}   # [batch, seq, 1] of the current call: 0 at the skipped token ids
+        if self.skip_ids:
+            skip = torch.tensor(self.skip_ids, device=device)
+
+            def read_ids(args, kwargs):
+                ids = kwargs.get("input_ids", args[0] if args and torch.is_tensor(args[0]) else None)
+                keep.clear()
+                if ids is not None:
+                    keep["m"] = (~torch.isin(ids, skip.to(ids.device)))[..., None].float()
+            hooks.on_call(model, read_ids)
         for layer, (left, right) in self.factors.items():
             l, r = left.to(device), right.to(device)
             module = adapter.down_module(model, layer)
@@ -65,7 +80,10 @@ class LowRankUpdate:
 
             def add(out, box=box, l=l, r=r):
                 x = box.pop("x")
-                return out + ((x.to(torch.float32) @ l.T) @ r).to(out.dtype)
+                d = (x.to(torch.float32) @ l.T) @ r
+                if "m" in keep and keep["m"].shape[:2] == d.shape[:2]:
+                    d = d * keep["m"]
+                return out + d.to(out.dtype)
 
             hooks.on_input(module, grab)
             hooks.on_output(module, add)

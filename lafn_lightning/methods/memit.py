@@ -8,7 +8,8 @@ Per language l (Meng et al. 2023, ``memit_main.py``): z_i at the residual stream
 last edit layer is optimised per request (``compute_z``); then for each layer in order, with the
 earlier layers' updates applied: K = keys (mean over prefixed prompts), R = (z - current z) /
 (layers left), delta W = R K^T (lambda C_l + K K^T)^{-1}. Languages are edited one after the other
-(the second on the model edited by the first), each with its own statistics C_l.
+(the second on the model edited by the first), each with its own statistics C_l;
+``joint_languages: true`` solves all languages' requests at once with the mean of their C_l.
 Where the FFN output passes through a post-FFN norm before the residual (Gemma 2/3), R is
 converted to down_proj-output units with the norm's local scale ``rms(y) / gain`` (see
 :func:`residual_to_down`), which the original (GPT-J/Llama, no post-norm) does not need.
@@ -34,6 +35,9 @@ class MemitHParams(ArtifactEditing):
     prefixes: list = field(default_factory=lambda: [[10, 5]])
     mom2_update_weight: float = 15000.0
     mom2_n_samples: int = 2000
+    #: one least-squares solve for all languages' requests, with the mean of their statistics C_l
+    #: (false: the languages one after the other, each with its own C_l)
+    joint_languages: bool = False
 
     name = "memit"
 
@@ -60,11 +64,16 @@ def residual_to_down(model, layer: int, y: torch.Tensor, resid: torch.Tensor) ->
 
 
 def spread(model, tokenizer, reqs, hp, prefixes, C_by_layer, z_targets, z_site, update, *, scale, log=print):
-    """MEMIT/PMET's layer loop: ``scale(i) `` divides the residual of the i-th edit layer."""
+    """MEMIT/PMET's layer loop: ``scale(i) `` divides the residual of the i-th edit layer;
+    ``prefixes``: one list of prefix groups, or language -> prefix groups."""
     z_kind, z_layer = z_site
+
+    def by_lang(req):
+        return prefixes[req.language] if isinstance(prefixes, dict) else prefixes
+
     for i, layer in enumerate(hp.layers):
         with update.applied(model):
-            K = torch.stack([keys_at(model, tokenizer, req, [layer], prefixes)[layer] for req in reqs]).double()
+            K = torch.stack([keys_at(model, tokenizer, req, [layer], by_lang(req))[layer] for req in reqs]).double()
             cur_z, y = read_sites(model, tokenizer, reqs, [(z_kind, z_layer, "out"), ("down", layer, "out")])
         R = (z_targets.double() - cur_z.double()) / scale(i)
         if z_kind == "residual":
@@ -81,15 +90,20 @@ def memit_edit(model, tokenizer, requests: dict, hp: MemitHParams, *, stats_dir=
     update = update if update is not None else LowRankUpdate()
     z_site = ("residual", hp.layers[-1])
     n = len(hp.layers)
-    for lang, reqs in requests.items():
-        C = key_second_moments(model, tokenizer, hp.layers, lang, n_samples=hp.mom2_n_samples, stats_dir=stats_dir)
-        prefixes = prefix_groups(model, tokenizer, lang, hp.prefixes)
+    batches = [requests] if hp.joint_languages else [{lang: reqs} for lang, reqs in requests.items()]
+    for batch in batches:
+        C = {lang: key_second_moments(model, tokenizer, hp.layers, lang, n_samples=hp.mom2_n_samples,
+                                      stats_dir=stats_dir) for lang in batch}
+        C_batch = {layer: sum(c[layer] for c in C.values()) / len(C) for layer in hp.layers}
+        prefixes = {lang: prefix_groups(model, tokenizer, lang, hp.prefixes) for lang in batch}
+        reqs = [req for rs in batch.values() for req in rs]
         with update.applied(model):
             zs = []
             for req in reqs:
-                [z] = optimise_values(model, tokenizer, req, [z_site], hp.value, prefixes)
+                [z] = optimise_values(model, tokenizer, req, [z_site], hp.value, prefixes[req.language])
                 zs.append(z.target)
-                log(f"memit z {lang} {req.subject!r} -> {req.target!r}: nll {z.final_nll:.3f} |delta| {z.delta.norm():.2f} |init| {z.init.norm():.2f}")
-        spread(model, tokenizer, reqs, hp, prefixes, C, torch.stack(zs), z_site, update,
+                log(f"memit z {req.language} {req.subject!r} -> {req.target!r}: nll {z.final_nll:.3f} "
+                    f"|delta| {z.delta.norm():.2f} |init| {z.init.norm():.2f}")
+        spread(model, tokenizer, reqs, hp, prefixes, C_batch, torch.stack(zs), z_site, update,
                scale=lambda i: float(n - i), log=log)
     return update

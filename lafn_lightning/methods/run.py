@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .artifact import ArtifactModel, load_artifact, save_artifact
 from .base import artifact_stem
+from .lowrank import LowRankUpdate
 from .requests import requests_by_language
 
 
@@ -24,17 +25,26 @@ def edit_groups(method, model, tokenizer, groups, languages=None, out="artifact"
     the artifact's ``.json`` path (its record holds the wall time of the edit)."""
     requests = requests_by_language(groups, languages)
     start = time.time()
-    update = method.edit(model, tokenizer, requests, stats_dir=stats_dir, log=log)
+    skip = tokenizer.all_special_ids if getattr(method, "skip_special_tokens", False) else ()
+    update = method.edit(model, tokenizer, requests, stats_dir=stats_dir, log=log, update=LowRankUpdate(skip_ids=skip))
     return save_artifact(update, out, model=model, method=method.name, hparams=dataclasses.asdict(method),
                          requests=[r for rs in requests.values() for r in rs],
                          extra={"languages": list(requests), "groups": [g.group_id for g in groups],
                                 "edit_seconds": round(time.time() - start, 1)})
 
 
+@dataclasses.dataclass
 class ArtifactEditing:
     """``edited`` of the closed-form methods (M-ROME, M-MEMIT, M-PMET; see :mod:`.base`): the
     artifact of an edit batch lives in ``workdir/artifacts``; one made with the same method and
-    hyper-parameters is reused (resume), else the batch is edited and the artifact written."""
+    hyper-parameters is reused (resume), else the batch is edited and the artifact written.
+
+    ``skip_special_tokens``: the update is not applied at the tokenizer's special tokens (BOS,
+    padding), which the key statistics leave out (:class:`.lowrank.LowRankUpdate` ``skip_ids``;
+    recorded in the artifact). False: the originals, applied at every position.
+    """
+
+    skip_special_tokens: bool = False
 
     @contextlib.contextmanager
     def edited(self, model, tokenizer, groups, workdir, *, log=print):

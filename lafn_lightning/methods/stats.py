@@ -7,7 +7,8 @@ Usage::
 Text: the first ``n_samples`` zsRE training facts of the language (``question + answer``; never
 MzsRE evaluation data); every non-special token position counts. Computed in one forward pass
 per batch for all missing layers (stopping after the highest one), cached on disk as safetensors
-keyed by backbone fingerprint + layer + language + sample count + text digest, reused afterwards.
+keyed by the layer's weights + layer + language + sample count + text digest, reused afterwards
+(also when the same weights are loaded under another name or path).
 """
 from __future__ import annotations
 
@@ -41,14 +42,18 @@ class _Stop(Exception):
 
 
 def _key(model, layer: int, language: str, n_samples: int, text_digest: str) -> dict:
-    return {"backbone": fingerprint(model, [layer]), "layer": layer, "language": language,
+    """What the statistics depend on: the layer's weights (fingerprint without the name the
+    backbone was loaded under), the language, the texts."""
+    backbone = {k: v for k, v in fingerprint(model, [layer]).items() if k != "name"}
+    return {"backbone": backbone, "layer": layer, "language": language,
             "n_samples": n_samples, "texts": text_digest, "statistic": "mom2(down_proj input)"}
 
 
-def _path(stats_dir: Path, key: dict) -> Path:
+def _path(stats_dir: Path, key: dict, name: str) -> Path:
     digest = hashlib.blake2b(json.dumps(key, sort_keys=True).encode(), digest_size=8).hexdigest()
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", key["backbone"]["name"])[-40:]
-    return stats_dir / f"{name}_L{key['layer']}_{key['language']}_n{key['n_samples']}_{digest}.safetensors"
+    tail = f"_L{key['layer']}_{key['language']}_n{key['n_samples']}_{digest}.safetensors"
+    found = sorted(stats_dir.glob(f"*{tail}")) if stats_dir.is_dir() else []   # made under another name
+    return found[0] if found else stats_dir / (re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[-40:] + tail)
 
 
 def key_second_moments(model, tokenizer, layers: Sequence[int], language: str, *, n_samples: int = 2000,
@@ -64,7 +69,7 @@ def key_second_moments(model, tokenizer, layers: Sequence[int], language: str, *
     missing: dict[int, tuple[dict, Path]] = {}
     for layer in sorted(set(int(i) for i in layers)):
         key = _key(model, layer, language, len(texts), text_digest)
-        path = _path(stats_dir, key)
+        path = _path(stats_dir, key, fingerprint(model, [layer])["name"])
         if path.exists():
             out[layer] = load_file(path)["mom2"]
         else:
