@@ -24,11 +24,13 @@ METHODS = ("lu-lafn", "rome", "memit", "pmet", "lora_ft", "remake")
 METRICS = ("reliability", "generality", "locality", "portability")
 
 
-def run(cmd: list[str], log: Path) -> tuple[int, float, float]:
-    """(exit code, wall seconds, peak RSS in GiB) of one child process."""
+def run(cmd: list[str], log: Path, threads: int | None = None) -> tuple[int, float, float]:
+    """(exit code, wall seconds, peak RSS in GiB) of one child process (``threads``: its
+    OMP_NUM_THREADS, which torch takes as its thread count)."""
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     t0 = time.perf_counter()
     with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
         _, status, usage = os.wait4(proc.pid, 0)
     return os.waitstatus_to_exitcode(status), time.perf_counter() - t0, usage.ru_maxrss / 2**20
 
@@ -54,9 +56,6 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     langs = "null" if args.languages == "null" else "[" + args.languages + "]"
-    env = dict(os.environ)
-    if args.threads:
-        env["OMP_NUM_THREADS"] = str(args.threads)
     rows = {}
     for method in args.methods.split(","):
         d = out / method
@@ -67,7 +66,7 @@ def main() -> None:
         if method != "lu-lafn":
             cmd += ["--method", f"methods/{method}-{args.backbone_name}"]
         print(f"[compare] {method}: {' '.join(cmd[2:])}", file=sys.stderr, flush=True)
-        code, wall, rss = run(cmd, d / "log.txt")
+        code, wall, rss = run(cmd, d / "log.txt", args.threads)
         if code != 0:
             print(f"[compare] {method} failed (exit {code}); see {d / 'log.txt'}", file=sys.stderr)
             continue

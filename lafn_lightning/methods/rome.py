@@ -62,11 +62,9 @@ def joint_update(U: torch.Tensor, K: torch.Tensor, R: torch.Tensor) -> tuple[tor
     return left, R
 
 
-def rome_edit(model, tokenizer, requests: dict, hp: RomeHParams, *, stats_dir=None, update: LowRankUpdate | None = None,
-              log=print) -> LowRankUpdate:
-    update = update if update is not None else LowRankUpdate()
-    if hp.joint:
-        return _rome_joint(model, tokenizer, requests, hp, stats_dir=stats_dir, update=update, log=log)
+def _request_values(model, tokenizer, requests: dict, hp: RomeHParams, stats_dir, update: LowRankUpdate, log):
+    """Per request, on the model with ``update`` as it is when the request comes: ``(request,
+    whitened key direction u, optimised value z, bare-prompt key k*, current value W k*)``."""
     layer = hp.layer
     for lang, reqs in requests.items():
         C = None
@@ -79,35 +77,24 @@ def rome_edit(model, tokenizer, requests: dict, hp: RomeHParams, *, stats_dir=No
                 u = keys_at(model, tokenizer, req, [layer], prefixes)[layer].double()
                 if C is not None:
                     u = torch.linalg.solve(C, u)
-                left = u / u.norm()
                 [z] = optimise_values(model, tokenizer, req, [("down", layer)], hp.value, prefixes)
                 k_star, v_now = read_sites(model, tokenizer, [req], [("down", layer, "in"), ("down", layer, "out")])
-            right = (z.target.double() - v_now[0].double()) / torch.dot(k_star[0].double(), left)
-            update.add(layer, left.float(), right.float())
             log(f"rome {lang} {req.subject!r} -> {req.target!r}: nll {z.final_nll:.3f} |delta| {z.delta.norm():.2f} |init| {z.init.norm():.2f}")
-    return update
+            yield req, u, z, k_star[0].double(), v_now[0].double()
 
 
-def _rome_joint(model, tokenizer, requests: dict, hp: RomeHParams, *, stats_dir, update: LowRankUpdate,
-                log) -> LowRankUpdate:
-    layer = hp.layer
-    U, zs, reqs_all = [], [], []
-    with update.applied(model):
-        for lang, reqs in requests.items():
-            C = None
-            if hp.mom2_adjustment:
-                C = key_second_moments(model, tokenizer, [layer], lang, n_samples=hp.mom2_n_samples,
-                                       stats_dir=stats_dir)[layer].double()
-            prefixes = prefix_groups(model, tokenizer, lang, hp.prefixes)
-            for req in reqs:
-                u = keys_at(model, tokenizer, req, [layer], prefixes)[layer].double()
-                U.append(torch.linalg.solve(C, u) if C is not None else u)
-                [z] = optimise_values(model, tokenizer, req, [("down", layer)], hp.value, prefixes)
-                zs.append(z.target.double())
-                reqs_all.append(req)
-                log(f"rome {lang} {req.subject!r} -> {req.target!r}: nll {z.final_nll:.3f} |delta| {z.delta.norm():.2f} |init| {z.init.norm():.2f}")
-        k_star, v_now = read_sites(model, tokenizer, reqs_all, [("down", layer, "in"), ("down", layer, "out")])
-    left, right = joint_update(torch.stack(U), k_star.double(), torch.stack(zs) - v_now.double())
-    update.add(layer, left.float(), right.float())
-    log(f"rome joint: {len(reqs_all)} requests written at layer {layer}")
+def rome_edit(model, tokenizer, requests: dict, hp: RomeHParams, *, stats_dir=None, update: LowRankUpdate | None = None,
+              log=print) -> LowRankUpdate:
+    update = update if update is not None else LowRankUpdate()
+    values = _request_values(model, tokenizer, requests, hp, stats_dir, update, log)
+    if hp.joint:   # every value taken on the model before the batch, then one update
+        rows = list(values)
+        left, right = joint_update(torch.stack([u for _, u, _, _, _ in rows]), torch.stack([k for *_, k, _ in rows]),
+                                   torch.stack([z.target.double() - v for _, _, z, _, v in rows]))
+        update.add(hp.layer, left.float(), right.float())
+        return update
+    for _, u, z, k_star, v_now in values:   # each request on the model holding the earlier ones
+        left = u / u.norm()
+        right = (z.target.double() - v_now) / torch.dot(k_star, left)
+        update.add(hp.layer, left.float(), right.float())
     return update
