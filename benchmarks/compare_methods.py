@@ -2,6 +2,7 @@
 
     python benchmarks/compare_methods.py runs/compare --groups 0:10 --languages en,zh
     python benchmarks/compare_methods.py runs/compare --methods lu-lafn,memit,lora_ft --languages null  # 12 languages
+    python benchmarks/compare_methods.py runs/mono --groups 0:5 -- --mode monolingual   # after --: lafn evaluate options
 
 Each method is one ``lafn evaluate -c CONFIG --data.groups G --data.languages L --generation false``
 process (LU-LAFNs: the config's own edit; the others: ``--method methods/<name>-<backbone>``), run
@@ -51,8 +52,9 @@ def main() -> None:
     ap.add_argument("--languages", default="en,zh", help="comma-separated, or null for every language")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--threads", type=int, default=None, help="OMP/torch threads per process (default: all)")
-    ap.add_argument("extra", nargs="*", help="more `lafn evaluate` options, after --")
-    args = ap.parse_args()
+    argv = sys.argv[1:]
+    cut = argv.index("--") if "--" in argv else len(argv)   # after --: more `lafn evaluate` options
+    args, extra = ap.parse_args(argv[:cut]), argv[cut + 1:]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     langs = "null" if args.languages == "null" else "[" + args.languages + "]"
@@ -62,7 +64,7 @@ def main() -> None:
         d.mkdir(exist_ok=True)
         cmd = [sys.executable, "-m", "lafn_lightning.cli", "evaluate", "-c", args.config, "--data.groups", args.groups,
                "--data.languages", langs, "--generation", "false", "--cache_dir", str(d / "cache"),
-               "--output", str(d / "results.json"), "--trainer.logger", "false", *args.extra]
+               "--output", str(d / "results.json"), "--trainer.logger", "false", *extra]
         if method != "lu-lafn":
             cmd += ["--method", f"methods/{method}-{args.backbone_name}"]
         print(f"[compare] {method}: {' '.join(cmd[2:])}", file=sys.stderr, flush=True)

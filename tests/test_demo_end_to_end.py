@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from conftest import fit
-from lafn_lightning import EditedModel
+from lafn_lightning import EditCache, EditedModel
 from lafn_lightning.data import load_groups
 from lafn_lightning.evaluation.metrics import teacher_forced_predictions
 
@@ -12,8 +12,13 @@ pytestmark = pytest.mark.demo
 
 def test_edit_real_facts_and_leave_the_rest_alone(tmp_path, dev_data):
     torch.set_num_threads(2)
+    # 80 steps, not the paper's 40: group mzsre:1's zh answer ends 40 steps at a loss of about
+    # 0.1-0.2 (unconverged), where a token or two flips with the float reduction order (thread
+    # count); every group must reach the stop loss here, so the accuracy below is not borderline.
     fit(tmp_path, "--data.groups", "0:3", "--data.languages", "[en, zh]",
-        "--trainer.max_steps", "40", config="demo.yaml")
+        "--trainer.max_steps", "80", config="demo.yaml")
+    cache = EditCache.open(tmp_path / "cache")
+    assert {g: cache.info(g)["meta"]["converged"] for g in cache} == {f"mzsre:{i}": True for i in range(3)}
     edited = EditedModel.from_cache(tmp_path / "cache", backbone="demo")
     groups = load_groups(dev_data, languages=["en", "zh"], select="0:3")
     prompts = [e.prompt for g in groups for e in g.edits.values()]
