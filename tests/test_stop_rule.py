@@ -5,6 +5,7 @@ from lafn_lightning.api.settings import LafnCLI
 import torch
 
 from conftest import CONFIGS, fit
+from lafn_lightning import EditCache
 
 
 class _Record(L.Callback):
@@ -50,3 +51,14 @@ def test_mean_rule_is_the_default_and_stops_on_the_mean(tmp_path):
 def test_unknown_stop_rule_is_refused(tmp_path):
     with pytest.raises(ValueError, match="stop_rule"):
         fit(tmp_path, "--model.stop_rule", "median", "--trainer.fast_dev_run", "true")
+
+
+def test_twelve_language_preset_reaches_the_fit_and_the_cache(tmp_path, dev_data):
+    """``-c presets/twelve_languages`` after a backbone config: every language, the every-language
+    stop rule, loss weighting, beta 0.1 and routed sites reach the fit and its cache settings."""
+    cli = fit(tmp_path, "-c", str(CONFIGS / "presets" / "twelve_languages.yaml"), "--data.dataset", str(dev_data),
+              "--data.groups", "0:1", "--trainer.max_steps", "2")
+    assert cli.datamodule.hparams.subject_site == "routed"
+    settings = EditCache.open(tmp_path / "cache").settings
+    assert len(settings["languages"]) == 12
+    assert (settings["stop_rule"], settings["language_weighting"], settings["beta"]) == ("every_language", "loss", 0.1)
