@@ -73,11 +73,11 @@ def main():
             quiet = lambda *_: None  # noqa: E731
             if mode == "sequential":
                 for req in reqs:
-                    spread(model, tok, [req], h, prefixes[req.language], C[req.language],
-                           zs[req.language].target[None], z_site, up, scale=lambda i: float(n - i), log=quiet)
+                    spread(model, tok, [req], h, prefixes[req.language],
+                           [("down", z_site, C[req.language], zs[req.language].target[None])], up, scale=lambda i: float(n - i), log=quiet)
             else:  # one solve; each request's keys with its own language's prefixes
-                spread(model, tok, reqs, h, prefixes, C_mix, torch.stack([zs[r.language].target for r in reqs]),
-                       z_site, up, scale=lambda i: float(n - i), log=quiet)
+                spread(model, tok, reqs, h, prefixes,
+                       [("down", z_site, C_mix, torch.stack([zs[r.language].target for r in reqs]))], up, scale=lambda i: float(n - i), log=quiet)
             for k, v in score(model, tok, g, a.languages, lambda up=up: up.hooks(model)).items():
                 cells[(lam, mode)].setdefault(k, []).append(v)
         log.append({"group": g.group_id, "nll": [round(z.final_nll, 3) for z in zs.values()],

@@ -48,7 +48,7 @@ from lafn_lightning.methods.stats import key_second_moments  # noqa: E402
 def no_bos(update: LowRankUpdate, tok) -> LowRankUpdate:
     """The same factors, not applied at special tokens (``skip_special_tokens: true``)."""
     out = LowRankUpdate(skip_ids=tok.all_special_ids)
-    out.factors = dict(update.factors)
+    out.parts = dict(update.parts)
     return out
 
 

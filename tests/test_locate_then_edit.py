@@ -117,9 +117,10 @@ def test_memit_joint_languages_is_one_solve_with_the_mean_statistics(tiny, monke
     calls = []
     real = memit.spread
 
-    def spy(model_, tok_, reqs, hp, prefixes, C, *args, **kwargs):
+    def spy(model_, tok_, reqs, hp, prefixes, writes, *args, **kwargs):
+        [(_, _, C, _)] = writes
         calls.append(([r.language for r in reqs], {layer: c.clone() for layer, c in C.items()}))
-        return real(model_, tok_, reqs, hp, prefixes, C, *args, **kwargs)
+        return real(model_, tok_, reqs, hp, prefixes, writes, *args, **kwargs)
 
     monkeypatch.setattr(memit, "spread", spy)
     hp = MemitHParams(layers=[1, 2], value=FAST, prefixes=[[3, 2]], mom2_update_weight=10.0, mom2_n_samples=40,
@@ -133,6 +134,48 @@ def test_memit_joint_languages_is_one_solve_with_the_mean_statistics(tiny, monke
         assert [langs for langs, _ in calls] == [["en", "en"], ["zh", "zh"]]
         torch.testing.assert_close(calls[1][1][2], C["zh"][2])
     assert update.factors[1][0].shape[0] == 4
+
+
+def test_pmet_rewrite_o_proj_lands_the_attention_target_and_round_trips(tiny, tmp_path, monkeypatch):
+    """rewrite [down, o_proj]: both optimised targets are written, the attention one into the
+    attention output projection with its own key statistics; with a tiny lambda and the bare
+    prompt as the only key, the attention output at the last edit layer reaches its target; the
+    artifact stores and restores the o_proj factors."""
+    from lafn_lightning.methods import memit, pmet
+    from lafn_lightning.methods.compute_z import read_sites
+    model, tok = tiny
+    seen = []
+    real = memit.spread
+    monkeypatch.setattr(pmet, "spread", lambda *a, **k: (seen.append(a[5]), real(*a, **k))[1])
+    hp = PmetHParams(layers=[1, 2], value=FAST, prefixes=[], mom2_update_weight=1e-6, mom2_n_samples=40,
+                     rewrite=["down", "o_proj"], joint_languages=True)
+    update = pmet_edit(model, tok, REQUESTS, hp, log=lambda *_: None)
+    [writes] = seen
+    assert [(m, site) for m, site, _, _ in writes] == [("down", ("down", 2)), ("o_proj", ("attn", 2))]
+    d_attn = model.config.num_attention_heads * model.config.head_dim
+    C_o = stats.key_second_moments(model, tok, [1], "en", n_samples=40, module="o_proj")[1]
+    assert C_o.shape == (d_attn, d_attn)
+    assert not torch.equal(C_o[:4, :4], stats.key_second_moments(model, tok, [1], "en", n_samples=40)[1][:4, :4])
+    for layer in (1, 2):
+        assert update.delta(layer, module="o_proj").shape == (model.config.hidden_size, d_attn)
+        assert update.rank(layer, module="o_proj") == 4
+    flat = REQUESTS["en"] + REQUESTS["zh"]
+    z_attn = writes[1][3]
+    [before] = read_sites(model, tok, flat, [("attn", 2, "out")])
+    with update.applied(model):
+        [after] = read_sites(model, tok, flat, [("attn", 2, "out")])
+    assert (after - z_attn).norm() < 0.05 * (before - z_attn).norm()
+    before_logits = _logits(model, tok)
+    path = artifact.save_artifact(update, tmp_path / "pmet", model=model, method="pmet")
+    loaded, record = artifact.load_artifact(path)
+    assert sorted(loaded.parts) == sorted(update.parts) and record["ranks"]["o_proj.2"] == 4
+    torch.testing.assert_close(loaded.delta(2, module="o_proj"), update.delta(2, module="o_proj"))
+    handle = artifact.apply_artifact(model, path)
+    assert not torch.equal(_logits(model, tok), before_logits)
+    handle.remove()
+    assert torch.equal(_logits(model, tok), before_logits)
+    with pytest.raises(ValueError, match="rewrite"):
+        PmetHParams(rewrite=["o_proj"])
 
 
 def test_artifact_hooks_equal_dense_weight_edit(tiny, tmp_path):

@@ -43,6 +43,23 @@ class FFNAdapter:
     def layer_module(self, model: nn.Module, layer: int) -> nn.Module:
         return model.get_submodule(f"{self.layers_path}.{layer}")
 
+    def attn_out_module(self, model: nn.Module, layer: int) -> nn.Module:
+        """The attention block's output projection (``o_proj``; Bloom ``dense``; GPT-2 ``c_proj``)."""
+        block = self.layer_module(model, layer)
+        for attn in ("self_attn", "self_attention", "attn"):
+            for out in ("o_proj", "dense", "out_proj", "c_proj"):
+                if hasattr(block, attn) and hasattr(getattr(block, attn), out):
+                    return getattr(getattr(block, attn), out)
+        raise UnsupportedBackbone(f"no attention output projection in {type(block).__name__}")
+
+    def linear_module(self, model: nn.Module, kind: str, layer: int) -> nn.Module:
+        """A matrix a weight edit writes: ``down`` (the FFN down-projection) or ``o_proj``."""
+        if kind == "down":
+            return self.down_module(model, layer)
+        if kind == "o_proj":
+            return self.attn_out_module(model, layer)
+        raise ValueError(f"unknown module {kind!r}: down or o_proj")
+
     def check_layers(self, layers, *, key: str = "model.layers") -> None:
         if not layers:
             raise ValueError(f"{key}: no edited layers given")

@@ -8,7 +8,8 @@ Usage::
     handle.remove()                                  # the backbone again, bit for bit
 
 Files: ``<path>.safetensors`` (``layers.<i>.left`` [r, d_ff], ``layers.<i>.right`` [r, d_model],
-float32; delta W = right^T @ left) and ``<path>.json`` (method, hyper-parameters, requests,
+float32; delta W = right^T @ left of down_proj; ``o_proj.<i>.left/right`` of the attention output
+projection where a method writes it) and ``<path>.json`` (method, hyper-parameters, requests,
 ranks, backbone fingerprint, the token ids the update skips). The backbone's weights are never written; applying an artifact
 to a backbone whose edited layers differ from the fingerprint is refused.
 """
@@ -25,6 +26,7 @@ from ..backbone.fingerprint import fingerprint
 from .lowrank import LowRankUpdate
 
 FORMAT = "lafn-weight-edit/1"
+_PREFIX = {"down": "layers"}   # tensor-name prefix per module (down_proj: the format's first names)
 
 
 def _paths(path) -> tuple[Path, Path]:
@@ -39,13 +41,14 @@ def save_artifact(update: LowRankUpdate, path, *, model, method: str, hparams: d
     """Write the two files atomically; return the ``.json`` path."""
     tensors_path, record_path = _paths(path)
     tensors_path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {}
-    for layer, (left, right) in update.factors.items():
-        tensors[f"layers.{layer}.left"] = left.contiguous()
-        tensors[f"layers.{layer}.right"] = right.contiguous()
+    tensors, ranks = {}, {}
+    for (module, layer), (left, right) in sorted(update.parts.items()):
+        name = _PREFIX.get(module, module) + f".{layer}"
+        tensors[f"{name}.left"], tensors[f"{name}.right"] = left.contiguous(), right.contiguous()
+        ranks[str(layer) if module == "down" else name] = int(left.shape[0])
     record = {
         "format": FORMAT, "method": method, "hparams": hparams or {},
-        "layers": update.layers, "ranks": {str(l): int(update.factors[l][0].shape[0]) for l in update.layers},
+        "layers": update.layers, "ranks": ranks,
         "fingerprint": fingerprint(model, update.layers),
         "skip_token_ids": list(update.skip_ids),
         "requests": [r.as_dict() if hasattr(r, "as_dict") else r for r in (requests or [])],
@@ -67,8 +70,10 @@ def load_artifact(path) -> tuple[LowRankUpdate, dict]:
         raise ValueError(f"{record_path}: not a {FORMAT} artifact (format {record.get('format')!r})")
     tensors = load_file(str(tensors_path))
     update = LowRankUpdate(skip_ids=record.get("skip_token_ids", ()))
-    for layer in record["layers"]:
-        update.add(int(layer), tensors[f"layers.{layer}.left"], tensors[f"layers.{layer}.right"])
+    modules = {v: k for k, v in _PREFIX.items()}
+    for name in sorted(k[: -len(".left")] for k in tensors if k.endswith(".left")):
+        prefix, layer = name.rsplit(".", 1)
+        update.add(int(layer), tensors[f"{name}.left"], tensors[f"{name}.right"], modules.get(prefix, prefix))
     return update, record
 
 

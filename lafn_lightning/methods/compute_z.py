@@ -10,7 +10,7 @@ Usage::
 A delta vector per site is added at the subject's last token of every row (prefix + question +
 answer, and the KL anchor); loss = NLL of the answer + kl_factor * KL at the anchor + weight decay,
 Adam, norm clamp, as in the originals. Sites: ``down`` (down_proj output), ``residual`` (decoder
-layer output), ``attn`` (attention block output). Layers below the lowest site run once.
+layer output), ``attn`` (attention block output), ``o_proj`` (its output projection). Layers below the lowest site run once.
 """
 from __future__ import annotations
 
@@ -61,8 +61,8 @@ def prefix_groups(model, tokenizer, language: str, spec: Sequence[Sequence[int]]
 
 def site_module(model, kind: str, layer: int):
     adapter = adapter_for(model)
-    if kind == "down":
-        return adapter.down_module(model, layer)
+    if kind in ("down", "o_proj"):
+        return adapter.linear_module(model, kind, layer)
     block = adapter.layer_module(model, layer)
     if kind == "residual":
         return block
@@ -71,7 +71,7 @@ def site_module(model, kind: str, layer: int):
             if hasattr(block, name):
                 return getattr(block, name)
         raise UnsupportedBackbone(f"no attention block in {type(block).__name__}")
-    raise ValueError(f"unknown site {kind!r}: down, residual or attn")
+    raise ValueError(f"unknown site {kind!r}: down, o_proj, residual or attn")
 
 
 def _first(out):
@@ -191,9 +191,10 @@ def optimise_values(model, tokenizer, request, sites: Sequence[tuple[str, int]],
 
 
 @torch.no_grad()
-def keys_at(model, tokenizer, request, layers: Sequence[int], prefixes: list[list[str]]) -> dict[int, torch.Tensor]:
-    """Mean down_proj input at the subject's last token over the prefixed prompts: the mean within
-    each prefix length, then over lengths (ROME compute_u / MEMIT compute_ks)."""
+def keys_at(model, tokenizer, request, layers: Sequence[int], prefixes: list[list[str]],
+            module: str = "down") -> dict[int, torch.Tensor]:
+    """Mean input of ``module`` (down_proj, or o_proj) at the subject's last token over the prefixed
+    prompts: the mean within each prefix length, then over lengths (ROME compute_u / MEMIT compute_ks)."""
     adapter = adapter_for(model)
     device = next(model.parameters()).device
     r = _rows(tokenizer, request, prefixes, with_target=False, kl=False, device=device)
@@ -201,7 +202,7 @@ def keys_at(model, tokenizer, request, layers: Sequence[int], prefixes: list[lis
     seen: dict[int, torch.Tensor] = {}
     with Hooks() as hooks:
         for layer in layers:
-            hooks.on_input(adapter.down_module(model, layer),
+            hooks.on_input(adapter.linear_module(model, module, layer),
                            lambda x, layer=layer: seen.__setitem__(layer, x[rows, r.subject_pos].float()))
         model(input_ids=r.input_ids, attention_mask=r.attention_mask, use_cache=False, logits_to_keep=1)
     types = torch.tensor(r.types)

@@ -1,4 +1,4 @@
-"""A low-rank update of the down-projections, applied by forward hooks (weights never change).
+"""A low-rank update of the down-projections (or attention output projections), applied by forward hooks (weights never change).
 
 Usage::
 
@@ -27,32 +27,42 @@ from ..backbone.hooks import Hooks
 
 
 class LowRankUpdate:
-    """Per layer, factors ``left`` [r, d_ff] and ``right`` [r, d_out] of ``delta W = right^T @ left``."""
+    """Per (module, layer), factors ``left`` [r, d_in] and ``right`` [r, d_out] of ``delta W = right^T @ left``.
+
+    ``module`` is ``"down"`` (the FFN down-projection, every method's default) or ``"o_proj"``
+    (the attention output projection; M-PMET with ``rewrite: [down, o_proj]``)."""
 
     def __init__(self, skip_ids=()) -> None:
-        self.factors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.parts: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self.skip_ids: tuple[int, ...] = tuple(sorted({int(i) for i in skip_ids}))
 
     @property
-    def layers(self) -> list[int]:
-        return sorted(self.factors)
+    def factors(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """The down-projection factors by layer."""
+        return {layer: f for (module, layer), f in self.parts.items() if module == "down"}
 
-    def add(self, layer: int, left: torch.Tensor, right: torch.Tensor) -> None:
-        """Add ``right^T @ left`` (``left`` [r, d_ff] or [d_ff], ``right`` [r, d_out] or [d_out])."""
+    @property
+    def layers(self) -> list[int]:
+        """Every layer with an update (of any module)."""
+        return sorted({layer for _, layer in self.parts})
+
+    def add(self, layer: int, left: torch.Tensor, right: torch.Tensor, module: str = "down") -> None:
+        """Add ``right^T @ left`` (``left`` [r, d_in] or [d_in], ``right`` [r, d_out] or [d_out])."""
         left = left.detach().to("cpu", torch.float32).reshape(-1, left.shape[-1])
         right = right.detach().to("cpu", torch.float32).reshape(-1, right.shape[-1])
         if left.shape[0] != right.shape[0]:
             raise ValueError(f"rank mismatch: left {tuple(left.shape)}, right {tuple(right.shape)}")
-        if layer in self.factors:
-            old_l, old_r = self.factors[layer]
+        key = (module, int(layer))
+        if key in self.parts:
+            old_l, old_r = self.parts[key]
             left, right = torch.cat([old_l, left]), torch.cat([old_r, right])
-        self.factors[int(layer)] = (left, right)
+        self.parts[key] = (left, right)
 
-    def rank(self, layer: int) -> int:
-        return int(torch.linalg.matrix_rank(self.delta(layer, torch.float64)))
+    def rank(self, layer: int, module: str = "down") -> int:
+        return int(torch.linalg.matrix_rank(self.delta(layer, torch.float64, module)))
 
-    def delta(self, layer: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        left, right = self.factors[layer]
+    def delta(self, layer: int, dtype: torch.dtype = torch.float32, module: str = "down") -> torch.Tensor:
+        left, right = self.parts[(module, layer)]
         return right.to(dtype).T @ left.to(dtype)
 
     def hooks(self, model: nn.Module) -> Hooks:
@@ -70,9 +80,9 @@ class LowRankUpdate:
                 if ids is not None:
                     keep["m"] = (~torch.isin(ids, skip.to(ids.device)))[..., None].float()
             hooks.on_call(model, read_ids)
-        for layer, (left, right) in self.factors.items():
+        for (kind, layer), (left, right) in self.parts.items():
             l, r = left.to(device), right.to(device)
-            module = adapter.down_module(model, layer)
+            module = adapter.linear_module(model, kind, layer)
             box = {}
 
             def grab(x, box=box):

@@ -63,26 +63,40 @@ def residual_to_down(model, layer: int, y: torch.Tensor, resid: torch.Tensor) ->
     return resid * rms * gain / (gain ** 2 + damp)
 
 
-def spread(model, tokenizer, reqs, hp, prefixes, C_by_layer, z_targets, z_site, update, *, scale, log=print):
-    """MEMIT/PMET's layer loop: ``scale(i) `` divides the residual of the i-th edit layer;
-    ``prefixes``: one list of prefix groups, or language -> prefix groups."""
-    z_kind, z_layer = z_site
+def spread(model, tokenizer, reqs, hp, prefixes, writes, update, *, scale, log=print):
+    """MEMIT/PMET's layer loop. ``writes``: ``[(module, z_site, C_by_layer, z_targets), ...]``; for
+    each layer of ``hp.layers`` in order and each write, with the updates so far applied: K = the
+    requests' keys at ``module``'s input, R = (z_targets - current value at ``z_site``) / ``scale(i)``
+    (converted through a post-FFN norm when ``z_site`` is a residual), delta W = R K^T (lambda C +
+    K K^T)^-1 added to ``module`` (``down`` or ``o_proj``) of that layer. ``prefixes``: one list of
+    prefix groups, or language -> prefix groups."""
 
     def by_lang(req):
         return prefixes[req.language] if isinstance(prefixes, dict) else prefixes
 
     for i, layer in enumerate(hp.layers):
-        with update.applied(model):
-            K = torch.stack([keys_at(model, tokenizer, req, [layer], by_lang(req))[layer] for req in reqs]).double()
-            cur_z, y = read_sites(model, tokenizer, reqs, [(z_kind, z_layer, "out"), ("down", layer, "out")])
-        R = (z_targets.double() - cur_z.double()) / scale(i)
-        if z_kind == "residual":
-            R = residual_to_down(model, layer, y, R)
-        C = C_by_layer[layer].double()
-        adj = torch.linalg.solve(hp.mom2_update_weight * C + K.T @ K, K.T)   # [d_ff, n]
-        update.add(layer, adj.T.float(), R.float())
-        log(f"layer {layer}: |z - cur| {(z_targets - cur_z).norm(dim=-1).mean():.2f} |R| {R.norm(dim=-1).mean():.2f}")
+        for module, (z_kind, z_layer), C_by_layer, z_targets in writes:
+            with update.applied(model):
+                K = torch.stack([keys_at(model, tokenizer, req, [layer], by_lang(req), module)[layer]
+                                 for req in reqs]).double()
+                cur_z, y = read_sites(model, tokenizer, reqs, [(z_kind, z_layer, "out"), ("down", layer, "out")])
+            R = (z_targets.double() - cur_z.double()) / scale(i)
+            if z_kind == "residual":
+                R = residual_to_down(model, layer, y, R)
+            C = C_by_layer[layer].double()
+            adj = torch.linalg.solve(hp.mom2_update_weight * C + K.T @ K, K.T)   # [d_in, n]
+            update.add(layer, adj.T.float(), R.float(), module)
+            log(f"layer {layer} {module}: |z - cur| {(z_targets - cur_z).norm(dim=-1).mean():.2f} "
+                f"|R| {R.norm(dim=-1).mean():.2f}")
     return update
+
+
+def mean_statistics(model, tokenizer, hp, languages, *, stats_dir=None, module: str = "down") -> dict:
+    """``{layer: C}``: the mean over ``languages`` of each language's key second moments at
+    ``module``'s input (one language: its own statistics)."""
+    C = [key_second_moments(model, tokenizer, hp.layers, lang, n_samples=hp.mom2_n_samples, stats_dir=stats_dir,
+                            module=module) for lang in languages]
+    return {layer: sum(c[layer] for c in C) / len(C) for layer in hp.layers}
 
 
 def memit_edit(model, tokenizer, requests: dict, hp: MemitHParams, *, stats_dir=None,
@@ -92,9 +106,7 @@ def memit_edit(model, tokenizer, requests: dict, hp: MemitHParams, *, stats_dir=
     n = len(hp.layers)
     batches = [requests] if hp.joint_languages else [{lang: reqs} for lang, reqs in requests.items()]
     for batch in batches:
-        C = {lang: key_second_moments(model, tokenizer, hp.layers, lang, n_samples=hp.mom2_n_samples,
-                                      stats_dir=stats_dir) for lang in batch}
-        C_batch = {layer: sum(c[layer] for c in C.values()) / len(C) for layer in hp.layers}
+        C_batch = mean_statistics(model, tokenizer, hp, list(batch), stats_dir=stats_dir)
         prefixes = {lang: prefix_groups(model, tokenizer, lang, hp.prefixes) for lang in batch}
         reqs = [req for rs in batch.values() for req in rs]
         with update.applied(model):
@@ -104,6 +116,6 @@ def memit_edit(model, tokenizer, requests: dict, hp: MemitHParams, *, stats_dir=
                 zs.append(z.target)
                 log(f"memit z {req.language} {req.subject!r} -> {req.target!r}: nll {z.final_nll:.3f} "
                     f"|delta| {z.delta.norm():.2f} |init| {z.init.norm():.2f}")
-        spread(model, tokenizer, reqs, hp, prefixes, C_batch, torch.stack(zs), z_site, update,
+        spread(model, tokenizer, reqs, hp, prefixes, [("down", z_site, C_batch, torch.stack(zs))], update,
                scale=lambda i: float(n - i), log=log)
     return update

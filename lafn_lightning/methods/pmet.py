@@ -8,7 +8,10 @@ Per request, two deltas at the last edit layer are optimised jointly: one on the
 block's output and one on the FFN (down_proj) output (EasyEdit ``pmet/compute_zs.py``). Only the
 FFN target is written into the weights (PMET updates FFNs only; the attention delta is
 discarded): for each layer, R = (z_ffn - current FFN output at the last layer) / sqrt(layers
-left), delta W = R K^T (K K^T + lambda C_l)^{-1}. Per language, with that language's statistics.
+left), delta W = R K^T (K K^T + lambda C_l)^{-1}. Per language, with that language's statistics
+(``joint_languages: true``: one solve with their mean). ``rewrite: [down, o_proj]`` also writes
+the attention target into the attention output projection the same way (EasyEdit's
+``rewrite_module_tmps`` with both modules).
 """
 from __future__ import annotations
 
@@ -20,8 +23,7 @@ import torch
 from .compute_z import ValueHParams, optimise_values, prefix_groups
 from .lowrank import LowRankUpdate
 from .run import ArtifactEditing
-from .memit import spread
-from .stats import key_second_moments
+from .memit import mean_statistics, spread
 
 
 @dataclass
@@ -33,8 +35,20 @@ class PmetHParams(ArtifactEditing):
     prefixes: list = field(default_factory=lambda: [[10, 5]])
     mom2_update_weight: float = 15000.0
     mom2_n_samples: int = 2000
+    #: the matrices written (EasyEdit's ``rewrite_module_tmps``): ``[down]`` is PMET (FFN only; the
+    #: attention target is discarded); ``[down, o_proj]`` also writes the attention target into the
+    #: attention output projection, with its own key statistics
+    rewrite: list = field(default_factory=lambda: ["down"])
+    #: one least-squares solve for all languages' requests, with the mean of their statistics
+    #: (false: the languages one after the other, each with its own; as M-MEMIT)
+    joint_languages: bool = False
 
     name = "pmet"
+
+    def __post_init__(self):
+        bad = [m for m in self.rewrite if m not in ("down", "o_proj")]
+        if bad or "down" not in self.rewrite:
+            raise ValueError(f"method.init_args.rewrite: {list(self.rewrite)}; PMET writes [down] or [down, o_proj]")
 
     def edit(self, model, tokenizer, requests: dict, **kwargs) -> LowRankUpdate:
         """``pmet_edit(model, tokenizer, requests, self, **kwargs)`` (the config's ``class_path`` entry point)."""
@@ -46,17 +60,21 @@ def pmet_edit(model, tokenizer, requests: dict, hp: PmetHParams, *, stats_dir=No
     update = update if update is not None else LowRankUpdate()
     z_layer = hp.layers[-1]
     n = len(hp.layers)
-    for lang, reqs in requests.items():
-        C = key_second_moments(model, tokenizer, hp.layers, lang, n_samples=hp.mom2_n_samples, stats_dir=stats_dir)
-        prefixes = prefix_groups(model, tokenizer, lang, hp.prefixes)
+    sites = {"o_proj": ("attn", z_layer), "down": ("down", z_layer)}
+    batches = [requests] if hp.joint_languages else [{lang: reqs} for lang, reqs in requests.items()]
+    for batch in batches:
+        C = {m: mean_statistics(model, tokenizer, hp, list(batch), stats_dir=stats_dir, module=m) for m in hp.rewrite}
+        prefixes = {lang: prefix_groups(model, tokenizer, lang, hp.prefixes) for lang in batch}
+        reqs = [req for rs in batch.values() for req in rs]
+        zs = {"o_proj": [], "down": []}
         with update.applied(model):
-            zs = []
             for req in reqs:
-                z_attn, z_ffn = optimise_values(model, tokenizer, req, [("attn", z_layer), ("down", z_layer)],
-                                                hp.value, prefixes)
-                zs.append(z_ffn.target)
-                log(f"pmet z {lang} {req.subject!r} -> {req.target!r}: nll {z_ffn.final_nll:.3f} "
+                z_attn, z_ffn = optimise_values(model, tokenizer, req, [sites["o_proj"], sites["down"]],
+                                                hp.value, prefixes[req.language])
+                zs["o_proj"].append(z_attn.target)
+                zs["down"].append(z_ffn.target)
+                log(f"pmet z {req.language} {req.subject!r} -> {req.target!r}: nll {z_ffn.final_nll:.3f} "
                     f"|d_attn| {z_attn.delta.norm():.2f} |d_ffn| {z_ffn.delta.norm():.2f}")
-        spread(model, tokenizer, reqs, hp, prefixes, C, torch.stack(zs), ("down", z_layer), update,
-               scale=lambda i: math.sqrt(n - i), log=log)
+        writes = [(m, sites[m], C[m], torch.stack(zs[m])) for m in hp.rewrite]
+        spread(model, tokenizer, reqs, hp, prefixes, writes, update, scale=lambda i: math.sqrt(n - i), log=log)
     return update

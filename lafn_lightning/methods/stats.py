@@ -1,4 +1,4 @@
-"""Per-language second moments C = E[k k^T] of the FFN keys (the input of ``down_proj``).
+"""Per-language second moments C = E[k k^T] of the FFN keys (the input of ``down_proj``; or of ``o_proj``).
 
 Usage::
 
@@ -41,25 +41,27 @@ class _Stop(Exception):
     pass
 
 
-def _key(model, layer: int, language: str, n_samples: int, text_digest: str) -> dict:
+def _key(model, layer: int, language: str, n_samples: int, text_digest: str, module: str = "down") -> dict:
     """What the statistics depend on: the layer's weights (fingerprint without the name the
-    backbone was loaded under), the language, the texts."""
+    backbone was loaded under), the language, the texts, the module whose input is counted."""
     backbone = {k: v for k, v in fingerprint(model, [layer]).items() if k != "name"}
+    statistic = "mom2(down_proj input)" if module == "down" else f"mom2({module} input)"
     return {"backbone": backbone, "layer": layer, "language": language,
-            "n_samples": n_samples, "texts": text_digest, "statistic": "mom2(down_proj input)"}
+            "n_samples": n_samples, "texts": text_digest, "statistic": statistic}
 
 
 def _path(stats_dir: Path, key: dict, name: str) -> Path:
     digest = hashlib.blake2b(json.dumps(key, sort_keys=True).encode(), digest_size=8).hexdigest()
-    tail = f"_L{key['layer']}_{key['language']}_n{key['n_samples']}_{digest}.safetensors"
+    tail = f"_L{key['layer']}_{key['language']}_n{key['n_samples']}_{digest}.safetensors"   # digest covers the module
     found = sorted(stats_dir.glob(f"*{tail}")) if stats_dir.is_dir() else []   # made under another name
     return found[0] if found else stats_dir / (re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[-40:] + tail)
 
 
 def key_second_moments(model, tokenizer, layers: Sequence[int], language: str, *, n_samples: int = 2000,
                        stats_dir: str | Path | None = None, batch_size: int = 32, texts: Sequence[str] | None = None,
-                       progress: bool = True) -> dict[int, torch.Tensor]:
-    """``{layer: C}`` with ``C = mean over token positions of k k^T`` (float32, on CPU)."""
+                       progress: bool = True, module: str = "down") -> dict[int, torch.Tensor]:
+    """``{layer: C}`` with ``C = mean over token positions of k k^T`` (float32, on CPU); ``k`` is
+    the input of ``module``: ``down`` (the FFN keys) or ``o_proj`` (the attention heads' output)."""
     stats_dir = Path(stats_dir) if stats_dir is not None else default_stats_dir()
     if texts is None:
         texts = [join_prompt_target(q, a) for q, a in read_zsre_train(language, n_samples)]
@@ -68,14 +70,14 @@ def key_second_moments(model, tokenizer, layers: Sequence[int], language: str, *
     out: dict[int, torch.Tensor] = {}
     missing: dict[int, tuple[dict, Path]] = {}
     for layer in sorted(set(int(i) for i in layers)):
-        key = _key(model, layer, language, len(texts), text_digest)
+        key = _key(model, layer, language, len(texts), text_digest, module)
         path = _path(stats_dir, key, fingerprint(model, [layer])["name"])
         if path.exists():
             out[layer] = load_file(path)["mom2"]
         else:
             missing[layer] = (key, path)
     if missing:
-        moments, tokens = _compute(model, tokenizer, sorted(missing), texts, batch_size, progress, language)
+        moments, tokens = _compute(model, tokenizer, sorted(missing), texts, batch_size, progress, language, module)
         for layer, mom2 in moments.items():
             key, path = missing[layer]
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -88,9 +90,9 @@ def key_second_moments(model, tokenizer, layers: Sequence[int], language: str, *
 
 
 @torch.no_grad()
-def _compute(model, tokenizer, layers, texts, batch_size, progress, language) -> dict[int, torch.Tensor]:
+def _compute(model, tokenizer, layers, texts, batch_size, progress, language, module) -> dict[int, torch.Tensor]:
     adapter = adapter_for(model)
-    sums = {layer: torch.zeros(adapter.d_ff, adapter.d_ff, dtype=torch.float64) for layer in layers}
+    sums: dict[int, torch.Tensor] = {}   # [d_in, d_in] per layer, float64
     count = 0
     special = torch.tensor(sorted(set(tokenizer.all_special_ids or [])), dtype=torch.long)
     mask_now: dict[str, torch.Tensor] = {}
@@ -98,7 +100,8 @@ def _compute(model, tokenizer, layers, texts, batch_size, progress, language) ->
     def grab(layer):
         def fn(x):
             k = x[mask_now["m"]].float()   # per-batch product in float32, running sum in float64
-            sums[layer] += (k.T @ k).to("cpu", torch.float64)
+            prod = (k.T @ k).to("cpu", torch.float64)
+            sums[layer] = sums[layer] + prod if layer in sums else prod
             if layer == layers[-1]:
                 raise _Stop
         return fn
@@ -106,13 +109,13 @@ def _compute(model, tokenizer, layers, texts, batch_size, progress, language) ->
     batches = range(0, len(texts), batch_size)
     try:
         from tqdm.auto import tqdm
-        batches = tqdm(batches, desc=f"key statistics {language} L{layers}", disable=not progress)
+        batches = tqdm(batches, desc=f"key statistics {module} {language} L{layers}", disable=not progress)
     except ImportError:
         pass
     device = next(model.parameters()).device
     with Hooks() as hooks:
         for layer in layers:
-            hooks.on_input(adapter.down_module(model, layer), grab(layer))
+            hooks.on_input(adapter.linear_module(model, module, layer), grab(layer))
         for start in batches:
             enc = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True)
             ids = enc["input_ids"].to(device)

@@ -1,0 +1,120 @@
+"""Why M-PMET misses 90 F1 on the demo backbone: which matrices it writes, lambda, languages.
+
+    python benchmarks/pmet_variants.py --groups 0:8 --lambdas 15000,1000 --out runs/pmet_variants
+
+Per group (edit one, test one; MzsRE dev, en+zh by default), every language's attention and FFN
+targets at the last edit layer are optimised once, jointly, on the unedited model (PMET's
+``compute_zs``; the value hyper-parameters of configs/methods/pmet-demo.yaml), then spread over
+layers 4-8 (:func:`lafn_lightning.methods.memit.spread`, PMET's sqrt(layers left) scaling) in
+each combination of:
+
+- ``rewrite``: ``down`` (PMET: the FFN target only; the attention target is discarded) or
+  ``down+o_proj`` (the attention target also written into the attention output projection, with
+  the o_proj inputs' own statistics: EasyEdit's ``rewrite_module_tmps`` with both modules);
+- ``lambda`` (``mom2_update_weight``);
+- ``sequential`` (one language after the other, each with its own statistics) or ``joint`` (one
+  solve, the mean of the languages' statistics).
+
+Each update is scored (teacher-forced token F1 / EM x100, the project's protocol) on the
+group's probes. Prints one row per variant and writes ``<out>/pmet_variants.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from rome_variants import score  # noqa: E402
+
+from lafn_lightning.backbone.loading import load_backbone  # noqa: E402
+from lafn_lightning.data import default_dataset, load_groups  # noqa: E402
+from lafn_lightning.methods.compute_z import optimise_values, prefix_groups  # noqa: E402
+from lafn_lightning.methods.lowrank import LowRankUpdate  # noqa: E402
+from lafn_lightning.methods.memit import mean_statistics, spread  # noqa: E402
+from lafn_lightning.methods.pmet import PmetHParams  # noqa: E402
+from lafn_lightning.methods.requests import requests_by_language  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--groups", default="0:8")
+    ap.add_argument("--languages", nargs="+", default=["en", "zh"])
+    ap.add_argument("--lambdas", default="15000,1000")
+    ap.add_argument("--rewrites", default="down,down+o_proj")
+    ap.add_argument("--config", default="configs/methods/pmet-demo.yaml")
+    ap.add_argument("--steps", type=int, default=None, help="override value.v_num_grad_steps")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default="runs/pmet_variants")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    import yaml
+    from lafn_lightning.methods.config import from_config
+    hp: PmetHParams = from_config(yaml.safe_load(open(a.config))["method"])
+    if a.steps is not None:
+        hp.value.v_num_grad_steps = a.steps
+    model, tok = load_backbone("demo", "float32")
+    start, _, stop = a.groups.partition(":")
+    groups = load_groups(default_dataset(), languages=a.languages, select=slice(int(start), int(stop)))
+    z_layer, n = hp.layers[-1], len(hp.layers)
+    sites = {"down": ("down", z_layer), "o_proj": ("attn", z_layer)}
+    C = {(m, lang): mean_statistics(model, tok, hp, [lang], module=m) for m in sites for lang in a.languages}
+    C_mix = {m: mean_statistics(model, tok, hp, a.languages, module=m) for m in sites}
+    prefixes = {lang: prefix_groups(model, tok, lang, hp.prefixes) for lang in a.languages}
+    variants = [(rw, float(lam), mode) for rw in a.rewrites.split(",") for lam in a.lambdas.split(",")
+                for mode in ("sequential", "joint")]
+    cells: dict = {v: {} for v in variants}
+    log = []
+    quiet = lambda *_: None  # noqa: E731
+    for g in groups:
+        t0 = time.time()
+        reqs = [rs[0] for rs in requests_by_language([g], a.languages).values()]
+        zs = {}
+        for req in reqs:
+            z_attn, z_ffn = optimise_values(model, tok, req, [sites["o_proj"], sites["down"]], hp.value,
+                                            prefixes[req.language])
+            zs[req.language] = {"o_proj": z_attn, "down": z_ffn}
+        for rw, lam, mode in variants:
+            h = dataclasses.replace(hp, mom2_update_weight=lam)
+            modules = rw.split("+")
+            up = LowRankUpdate()
+            batches = [[r] for r in reqs] if mode == "sequential" else [reqs]
+            for batch in batches:
+                stats = (lambda m: C[(m, batch[0].language)]) if mode == "sequential" else (lambda m: C_mix[m])
+                writes = [(m, sites[m], stats(m), torch.stack([zs[r.language][m].target for r in batch]))
+                          for m in modules]
+                spread(model, tok, batch, h, prefixes, writes, up, scale=lambda i: math.sqrt(n - i), log=quiet)
+            for k, v in score(model, tok, g, a.languages, lambda up=up: up.hooks(model)).items():
+                cells[(rw, lam, mode)].setdefault(k, []).append(v)
+        log.append({"group": g.group_id, "seconds": round(time.time() - t0, 1),
+                    "nll": {lang: round(z["down"].final_nll, 3) for lang, z in zs.items()},
+                    "|d_attn|": {lang: round(float(z["o_proj"].delta.norm()), 2) for lang, z in zs.items()},
+                    "|d_ffn|": {lang: round(float(z["down"].delta.norm()), 2) for lang, z in zs.items()}})
+        print(json.dumps(log[-1], ensure_ascii=False), flush=True)
+    table = {}
+    for v in variants:
+        for (m, lang), vals in cells[v].items():
+            vals = [x for x in vals if x is not None]
+            table.setdefault(f"{v[0]} {v[1]:g} {v[2]}", {})[f"{m}/{lang}"] = [
+                round(100 * sum(x[0] for x in vals) / len(vals), 1), round(100 * sum(x[1] for x in vals) / len(vals), 1)]
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "pmet_variants.json").write_text(json.dumps({"argv": sys.argv[1:], "table": table, "groups": log},
+                                                       indent=1, ensure_ascii=False))
+    metrics = ("reliability", "generality", "locality", "portability")
+    print("| rewrite, lambda, languages | " + " | ".join(f"{m} F1 {'/'.join(a.languages)}" for m in metrics) + " |")
+    for key, row in table.items():
+        print(f"| {key} | " + " | ".join(" / ".join(str(row[f'{m}/{lang}'][0]) for lang in a.languages)
+                                        for m in metrics) + " |")
+
+
+if __name__ == "__main__":
+    main()
