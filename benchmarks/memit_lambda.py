@@ -25,10 +25,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rome_variants import score  # noqa: E402
+from rome_variants import common_args, report, score, setup  # noqa: E402
 
-from lafn_lightning.backbone.loading import load_backbone  # noqa: E402
-from lafn_lightning.data import default_dataset, load_groups  # noqa: E402
 from lafn_lightning.methods.compute_z import optimise_values, prefix_groups  # noqa: E402
 from lafn_lightning.methods.lowrank import LowRankUpdate  # noqa: E402
 from lafn_lightning.methods.memit import MemitHParams, spread  # noqa: E402
@@ -38,20 +36,11 @@ from lafn_lightning.methods.stats import key_second_moments  # noqa: E402
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--groups", default="0:8")
-    ap.add_argument("--languages", nargs="+", default=["en", "zh"])
+    common_args(ap, "0:8", "configs/methods/memit-demo.yaml", "runs/memit_lambda")
     ap.add_argument("--lambdas", default="15000,3000,1000,300")
-    ap.add_argument("--config", default="configs/methods/memit-demo.yaml")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default="runs/memit_lambda")
     a = ap.parse_args()
-    torch.set_num_threads(a.threads)
-    import yaml
-    from lafn_lightning.methods.config import from_config
-    hp: MemitHParams = from_config(yaml.safe_load(open(a.config))["method"])
-    model, tok = load_backbone("demo", "float32")
-    start, _, stop = a.groups.partition(":")
-    groups = load_groups(default_dataset(), languages=a.languages, select=slice(int(start), int(stop)))
+    hp: MemitHParams
+    hp, model, tok, groups = setup(a)
     C = {lang: key_second_moments(model, tok, hp.layers, lang, n_samples=hp.mom2_n_samples) for lang in a.languages}
     C_mix = {layer: sum(C[lang][layer] for lang in a.languages) / len(a.languages) for layer in hp.layers}
     prefixes = {lang: prefix_groups(model, tok, lang, hp.prefixes) for lang in a.languages}
@@ -83,21 +72,8 @@ def main():
         log.append({"group": g.group_id, "nll": [round(z.final_nll, 3) for z in zs.values()],
                     "seconds": round(time.time() - t0, 1)})
         print(json.dumps(log[-1]), flush=True)
-    table = {}
-    for v in variants:
-        for (m, lang), vals in cells[v].items():
-            vals = [x for x in vals if x is not None]
-            table.setdefault(f"{v[0]:g} {v[1]}", {})[f"{m}/{lang}"] = [
-                round(100 * sum(x[0] for x in vals) / len(vals), 1), round(100 * sum(x[1] for x in vals) / len(vals), 1)]
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "memit_lambda.json").write_text(json.dumps({"argv": sys.argv[1:], "table": table, "groups": log}, indent=1))
-    metrics = ("reliability", "generality", "locality", "portability")
-    print("| lambda, languages | " + " | ".join(f"{m} F1 {'/'.join(a.languages)}" for m in metrics) + " |")
-    for key, row in table.items():
-        print(f"| {key} | " + " | ".join(" / ".join(str(row[f'{m}/{lang}'][0]) for lang in a.languages)
-                                        for m in metrics) + " |")
-
+    report({f"{lam:g} {mode}": c for (lam, mode), c in cells.items()}, a.languages,
+           Path(a.out) / "memit_lambda.json", {"groups": log}, header="lambda, languages")
 
 if __name__ == "__main__":
     main()

@@ -33,10 +33,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rome_variants import score  # noqa: E402
+from rome_variants import common_args, report, score, setup  # noqa: E402
 
-from lafn_lightning.backbone.loading import load_backbone  # noqa: E402
-from lafn_lightning.data import default_dataset, load_groups  # noqa: E402
 from lafn_lightning.methods.compute_z import optimise_values, prefix_groups  # noqa: E402
 from lafn_lightning.methods.lowrank import LowRankUpdate  # noqa: E402
 from lafn_lightning.methods.memit import mean_statistics, spread  # noqa: E402
@@ -46,24 +44,12 @@ from lafn_lightning.methods.requests import requests_by_language  # noqa: E402
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--groups", default="0:8")
-    ap.add_argument("--languages", nargs="+", default=["en", "zh"])
+    common_args(ap, "0:8", "configs/methods/pmet-demo.yaml", "runs/pmet_variants")
     ap.add_argument("--lambdas", default="15000,1000")
     ap.add_argument("--rewrites", default="down,down+o_proj")
-    ap.add_argument("--config", default="configs/methods/pmet-demo.yaml")
-    ap.add_argument("--steps", type=int, default=None, help="override value.v_num_grad_steps")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default="runs/pmet_variants")
     a = ap.parse_args()
-    torch.set_num_threads(a.threads)
-    import yaml
-    from lafn_lightning.methods.config import from_config
-    hp: PmetHParams = from_config(yaml.safe_load(open(a.config))["method"])
-    if a.steps is not None:
-        hp.value.v_num_grad_steps = a.steps
-    model, tok = load_backbone("demo", "float32")
-    start, _, stop = a.groups.partition(":")
-    groups = load_groups(default_dataset(), languages=a.languages, select=slice(int(start), int(stop)))
+    hp: PmetHParams
+    hp, model, tok, groups = setup(a)
     z_layer, n = hp.layers[-1], len(hp.layers)
     sites = {"down": ("down", z_layer), "o_proj": ("attn", z_layer)}
     C = {(m, lang): mean_statistics(model, tok, hp, [lang], module=m) for m in sites for lang in a.languages}
@@ -99,22 +85,8 @@ def main():
                     "|d_attn|": {lang: round(float(z["o_proj"].delta.norm()), 2) for lang, z in zs.items()},
                     "|d_ffn|": {lang: round(float(z["down"].delta.norm()), 2) for lang, z in zs.items()}})
         print(json.dumps(log[-1], ensure_ascii=False), flush=True)
-    table = {}
-    for v in variants:
-        for (m, lang), vals in cells[v].items():
-            vals = [x for x in vals if x is not None]
-            table.setdefault(f"{v[0]} {v[1]:g} {v[2]}", {})[f"{m}/{lang}"] = [
-                round(100 * sum(x[0] for x in vals) / len(vals), 1), round(100 * sum(x[1] for x in vals) / len(vals), 1)]
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "pmet_variants.json").write_text(json.dumps({"argv": sys.argv[1:], "table": table, "groups": log},
-                                                       indent=1, ensure_ascii=False))
-    metrics = ("reliability", "generality", "locality", "portability")
-    print("| rewrite, lambda, languages | " + " | ".join(f"{m} F1 {'/'.join(a.languages)}" for m in metrics) + " |")
-    for key, row in table.items():
-        print(f"| {key} | " + " | ".join(" / ".join(str(row[f'{m}/{lang}'][0]) for lang in a.languages)
-                                        for m in metrics) + " |")
-
+    report({f"{rw} {lam:g} {mode}": c for (rw, lam, mode), c in cells.items()}, a.languages,
+           Path(a.out) / "pmet_variants.json", {"groups": log}, header="rewrite, lambda, languages")
 
 if __name__ == "__main__":
     main()

@@ -83,24 +83,55 @@ def bos_share(model, tok, update: LowRankUpdate, layer: int, text: str) -> tuple
     return float(d[0]), float(d[1:].mean())
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--groups", default="0:10")
+def common_args(ap, groups: str, config: str, out: str) -> None:
+    """The options every variants benchmark shares."""
+    ap.add_argument("--groups", default=groups)
     ap.add_argument("--languages", nargs="+", default=["en", "zh"])
-    ap.add_argument("--config", default="configs/methods/rome-demo.yaml")
+    ap.add_argument("--config", default=config)
     ap.add_argument("--steps", type=int, default=None, help="override value.v_num_grad_steps")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default="runs/rome_variants")
-    a = ap.parse_args()
-    torch.set_num_threads(a.threads)
+    ap.add_argument("--out", default=out)
+
+
+def setup(a):
+    """(hyper-parameters of ``--config``, demo backbone, tokenizer, the selected dev groups)."""
     import yaml
     from lafn_lightning.methods.config import from_config
-    hp: RomeHParams = from_config(yaml.safe_load(open(a.config))["method"])
+    torch.set_num_threads(a.threads)
+    hp = from_config(yaml.safe_load(open(a.config))["method"])
     if a.steps is not None:
         hp.value.v_num_grad_steps = a.steps
     model, tok = load_backbone("demo", "float32")
     start, _, stop = a.groups.partition(":")
     groups = load_groups(default_dataset(), languages=a.languages, select=slice(int(start), int(stop)))
+    return hp, model, tok, groups
+
+
+def report(cells: dict, languages, path: Path, record: dict, header: str = "variant") -> dict:
+    """Average each variant's per-group (F1, EM) over the groups (x100), write ``record`` with the
+    table to ``path`` and print one markdown row of F1 per variant."""
+    table = {}
+    for v, by_cell in cells.items():
+        for (m, lang), vals in by_cell.items():
+            vals = [x for x in vals if x is not None]
+            table.setdefault(v, {})[f"{m}/{lang}"] = [round(100 * sum(x[0] for x in vals) / len(vals), 1),
+                                                      round(100 * sum(x[1] for x in vals) / len(vals), 1)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"argv": sys.argv[1:], "table": table, **record}, indent=1, ensure_ascii=False))
+    metrics = ("reliability", "generality", "locality", "portability")
+    print(f"| {header} | " + " | ".join(f"{m} F1 {'/'.join(languages)}" for m in metrics) + " |")
+    for v, row in table.items():
+        print(f"| {v} | " + " | ".join(" / ".join(str(row[f'{m}/{lang}'][0]) for lang in languages)
+                                        for m in metrics) + " |")
+    return table
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    common_args(ap, "0:10", "configs/methods/rome-demo.yaml", "runs/rome_variants")
+    a = ap.parse_args()
+    hp: RomeHParams
+    hp, model, tok, groups = setup(a)
     layer = hp.layer
     C = {lang: key_second_moments(model, tok, [layer], lang, n_samples=hp.mom2_n_samples)[layer].double()
          for lang in a.languages}
@@ -149,22 +180,8 @@ def main():
                      "reliability_f1": {v: [round(cells[v][("reliability", lang)][-1][0], 3) for lang in a.languages]
                                         for v in variants}})
         print(json.dumps(diag[-1]), flush=True)
-    table = {}
-    for v in variants:
-        for (m, lang), vals in cells[v].items():
-            vals = [x for x in vals if x is not None]
-            table.setdefault(v, {})[f"{m}/{lang}"] = [round(100 * sum(x[0] for x in vals) / len(vals), 1),
-                                                      round(100 * sum(x[1] for x in vals) / len(vals), 1)]
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"rome_variants_steps{hp.value.v_num_grad_steps}.json").write_text(json.dumps({"argv": sys.argv[1:], "table": table, "diag": diag,
-                                                        "seconds": round(time.time() - t_all)}, indent=1))
-    metrics = ("reliability", "generality", "locality", "portability")
-    print("| variant | " + " | ".join(f"{m} {'/'.join(a.languages)}" for m in metrics) + " |")
-    for v in variants:
-        row = [" / ".join(f"{table[v][f'{m}/{lang}'][0]}" for lang in a.languages) for m in metrics]
-        print(f"| {v} | " + " | ".join(row) + " |")
-
+    report(cells, a.languages, Path(a.out) / f"rome_variants_steps{hp.value.v_num_grad_steps}.json",
+           {"diag": diag, "seconds": round(time.time() - t_all)})
 
 if __name__ == "__main__":
     main()
