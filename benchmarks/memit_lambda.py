@@ -29,9 +29,8 @@ from rome_variants import common_args, report, score, setup  # noqa: E402
 
 from lafn_lightning.methods.compute_z import optimise_values, prefix_groups  # noqa: E402
 from lafn_lightning.methods.lowrank import LowRankUpdate  # noqa: E402
-from lafn_lightning.methods.memit import MemitHParams, spread  # noqa: E402
+from lafn_lightning.methods.memit import MemitHParams, mean_statistics, spread  # noqa: E402
 from lafn_lightning.methods.requests import requests_by_language  # noqa: E402
-from lafn_lightning.methods.stats import key_second_moments  # noqa: E402
 
 
 def main():
@@ -41,8 +40,8 @@ def main():
     a = ap.parse_args()
     hp: MemitHParams
     hp, model, tok, groups = setup(a)
-    C = {lang: key_second_moments(model, tok, hp.layers, lang, n_samples=hp.mom2_n_samples) for lang in a.languages}
-    C_mix = {layer: sum(C[lang][layer] for lang in a.languages) / len(a.languages) for layer in hp.layers}
+    C = {lang: mean_statistics(model, tok, hp, [lang]) for lang in a.languages}
+    C_mix = mean_statistics(model, tok, hp, a.languages)
     prefixes = {lang: prefix_groups(model, tok, lang, hp.prefixes) for lang in a.languages}
     z_site = ("residual", hp.layers[-1])
     n = len(hp.layers)
@@ -62,11 +61,12 @@ def main():
             quiet = lambda *_: None  # noqa: E731
             if mode == "sequential":
                 for req in reqs:
-                    spread(model, tok, [req], h, prefixes[req.language],
-                           [("down", z_site, C[req.language], zs[req.language].target[None])], up, scale=lambda i: float(n - i), log=quiet)
+                    writes = [("down", z_site, C[req.language], zs[req.language].target[None])]
+                    spread(model, tok, [req], h, prefixes[req.language], writes, up,
+                           scale=lambda i: float(n - i), log=quiet)
             else:  # one solve; each request's keys with its own language's prefixes
-                spread(model, tok, reqs, h, prefixes,
-                       [("down", z_site, C_mix, torch.stack([zs[r.language].target for r in reqs]))], up, scale=lambda i: float(n - i), log=quiet)
+                writes = [("down", z_site, C_mix, torch.stack([zs[r.language].target for r in reqs]))]
+                spread(model, tok, reqs, h, prefixes, writes, up, scale=lambda i: float(n - i), log=quiet)
             for k, v in score(model, tok, g, a.languages, lambda up=up: up.hooks(model)).items():
                 cells[(lam, mode)].setdefault(k, []).append(v)
         log.append({"group": g.group_id, "nll": [round(z.final_nll, 3) for z in zs.values()],
@@ -74,6 +74,7 @@ def main():
         print(json.dumps(log[-1]), flush=True)
     report({f"{lam:g} {mode}": c for (lam, mode), c in cells.items()}, a.languages,
            Path(a.out) / "memit_lambda.json", {"groups": log}, header="lambda, languages")
+
 
 if __name__ == "__main__":
     main()

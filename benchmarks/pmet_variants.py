@@ -88,5 +88,6 @@ def main():
     report({f"{rw} {lam:g} {mode}": c for (rw, lam, mode), c in cells.items()}, a.languages,
            Path(a.out) / "pmet_variants.json", {"groups": log}, header="rewrite, lambda, languages")
 
+
 if __name__ == "__main__":
     main()

@@ -43,14 +43,21 @@ class FFNAdapter:
     def layer_module(self, model: nn.Module, layer: int) -> nn.Module:
         return model.get_submodule(f"{self.layers_path}.{layer}")
 
+    def attn_module(self, model: nn.Module, layer: int) -> nn.Module:
+        """The layer's attention block (``self_attn``; Bloom ``self_attention``; GPT-2 ``attn``)."""
+        block = self.layer_module(model, layer)
+        for name in ("self_attn", "attn", "self_attention"):
+            if hasattr(block, name):
+                return getattr(block, name)
+        raise UnsupportedBackbone(f"no attention block in {type(block).__name__}")
+
     def attn_out_module(self, model: nn.Module, layer: int) -> nn.Module:
         """The attention block's output projection (``o_proj``; Bloom ``dense``; GPT-2 ``c_proj``)."""
-        block = self.layer_module(model, layer)
-        for attn in ("self_attn", "self_attention", "attn"):
-            for out in ("o_proj", "dense", "out_proj", "c_proj"):
-                if hasattr(block, attn) and hasattr(getattr(block, attn), out):
-                    return getattr(getattr(block, attn), out)
-        raise UnsupportedBackbone(f"no attention output projection in {type(block).__name__}")
+        attn = self.attn_module(model, layer)
+        for name in ("o_proj", "dense", "out_proj", "c_proj"):
+            if hasattr(attn, name):
+                return getattr(attn, name)
+        raise UnsupportedBackbone(f"no output projection in {type(attn).__name__}")
 
     def linear_module(self, model: nn.Module, kind: str, layer: int) -> nn.Module:
         """A matrix a weight edit writes: ``down`` (the FFN down-projection) or ``o_proj``."""

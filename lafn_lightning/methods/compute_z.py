@@ -10,7 +10,8 @@ Usage::
 A delta vector per site is added at the subject's last token of every row (prefix + question +
 answer, and the KL anchor); loss = NLL of the answer + kl_factor * KL at the anchor + weight decay,
 Adam, norm clamp, as in the originals. Sites: ``down`` (down_proj output), ``residual`` (decoder
-layer output), ``attn`` (attention block output), ``o_proj`` (its output projection). Layers below the lowest site run once.
+layer output), ``attn`` (attention block output), ``o_proj`` (its output projection). Layers below
+the lowest site run once.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..backbone.ffn import UnsupportedBackbone, adapter_for
+from ..backbone.ffn import adapter_for
 from ..backbone.hooks import Hooks
 from ..editing.lower_layers import LowerLayers
 from ..editing.prompts import anchor_text, encode_edit_text, sample_prefixes
@@ -63,14 +64,10 @@ def site_module(model, kind: str, layer: int):
     adapter = adapter_for(model)
     if kind in ("down", "o_proj"):
         return adapter.linear_module(model, kind, layer)
-    block = adapter.layer_module(model, layer)
     if kind == "residual":
-        return block
+        return adapter.layer_module(model, layer)
     if kind == "attn":
-        for name in ("self_attn", "attn", "self_attention"):
-            if hasattr(block, name):
-                return getattr(block, name)
-        raise UnsupportedBackbone(f"no attention block in {type(block).__name__}")
+        return adapter.attn_module(model, layer)
     raise ValueError(f"unknown site {kind!r}: down, o_proj, residual or attn")
 
 

@@ -1,4 +1,5 @@
-"""A low-rank update of the down-projections (or attention output projections), applied by forward hooks (weights never change).
+"""A low-rank update of the down-projections (or attention output projections), applied by
+forward hooks (weights never change).
 
 Usage::
 
