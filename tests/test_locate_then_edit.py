@@ -25,14 +25,31 @@ REQUESTS = {
 FAST = ValueHParams(v_num_grad_steps=3)
 
 
-@pytest.fixture()
-def tiny(monkeypatch, tmp_path):
+def _tiny(family, monkeypatch, tmp_path):
     torch.manual_seed(0)
-    model, tok = load_backbone("tiny-llama")
+    model, tok = load_backbone(f"tiny-{family}")
     monkeypatch.setattr(stats, "read_zsre_train",
                         lambda lang, limit=None: TEXTS[lang][:limit])
     monkeypatch.setenv("LAFN_STATS_DIR", str(tmp_path / "stats"))
     return model, tok
+
+
+@pytest.fixture()
+def tiny(monkeypatch, tmp_path):
+    return _tiny("llama", monkeypatch, tmp_path)
+
+
+@pytest.fixture()
+def tiny_gemma(monkeypatch, tmp_path):
+    """Gemma-3 layout: post-attention and post-FFN norms around every block."""
+    return _tiny("gemma3", monkeypatch, tmp_path)
+
+
+def _record(monkeypatch, module, name: str) -> list:
+    """Patch ``module.name`` to record what each call returns; returns the record."""
+    seen, real = [], getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **k: (lambda out: (seen.append(out), out)[1])(real(*a, **k)))
+    return seen
 
 
 def _param_digest(model) -> str:
@@ -176,6 +193,94 @@ def test_pmet_rewrite_o_proj_lands_the_attention_target_and_round_trips(tiny, tm
     assert torch.equal(_logits(model, tok), before_logits)
     with pytest.raises(ValueError, match="rewrite"):
         PmetHParams(rewrite=["o_proj"])
+
+
+def test_pmet_attention_clamp_bounds_the_attention_delta(tiny, monkeypatch):
+    """attn_clamp_norm_factor bounds the attention delta relative to the attention output's norm
+    while the FFN delta keeps the value's clamp; 0 leaves the whole edit to the FFN delta; null
+    is PMET's (both deltas move)."""
+    from lafn_lightning.methods import pmet
+    model, tok = tiny
+    seen = _record(monkeypatch, pmet, "optimise_values")
+    value = ValueHParams(v_num_grad_steps=4, v_lr=2.0, v_weight_decay=0.0, clamp_norm_factor=4.0)
+    reqs = {"en": REQUESTS["en"][:1]}
+    for factor in (None, 0.01, 0.0):
+        seen.clear()
+        pmet_edit(model, tok, reqs, PmetHParams(layers=[1, 2], value=value, prefixes=[], mom2_update_weight=10.0,
+                                                mom2_n_samples=40, attn_clamp_norm_factor=factor),
+                  log=lambda *_: None)
+        [(z_attn, z_ffn)] = seen
+        attn, ffn = float(z_attn.delta.norm() / z_attn.init.norm()), float(z_ffn.delta.norm() / z_ffn.init.norm())
+        assert ffn > 0.05, (factor, ffn)
+        if factor is None:
+            assert attn > 0.05
+        else:
+            assert attn <= factor + 1e-6, (factor, attn)
+    assert z_attn.delta.abs().max() == 0
+    with pytest.raises(ValueError, match="attn_clamp_norm_factor"):
+        PmetHParams(attn_clamp_norm_factor=-1)
+
+
+def test_pmet_writes_the_ffn_target_in_residual_units_through_post_ffn_norms(tiny_gemma, monkeypatch):
+    """Gemma's post-FFN norms: PMET's layer-8 FFN-output target is a residual-stream change; an
+    earlier layer's down_proj write must add that change (/ sqrt(layers left)) after its own norm,
+    not the raw down_proj-unit difference (which a norm gain 8x the target layer's would scale
+    ~8x)."""
+    import math
+    from lafn_lightning.methods import memit, pmet
+    from lafn_lightning.methods.compute_z import read_sites
+    from lafn_lightning.methods.lowrank import LowRankUpdate
+    from lafn_lightning.methods.memit import down_to_residual
+    model, tok = tiny_gemma
+    with torch.no_grad():
+        model.model.layers[1].post_feedforward_layernorm.weight.fill_(7.0)   # gain 8
+        model.model.layers[2].post_feedforward_layernorm.weight.fill_(0.0)   # gain 1
+    seen = []
+    real = memit.spread
+    monkeypatch.setattr(pmet, "spread", lambda *a, **k: (seen.append(a[5]), real(*a, **k))[1])
+    req = REQUESTS["en"][0]
+    hp = PmetHParams(layers=[1, 2], value=ValueHParams(v_num_grad_steps=5, clamp_norm_factor=4.0), prefixes=[],
+                     mom2_update_weight=1e-6, mom2_n_samples=40)
+    y1, y2 = read_sites(model, tok, [req], [("down", 1, "out"), ("down", 2, "out")])
+    update = pmet_edit(model, tok, {"en": [req]}, hp, log=lambda *_: None)
+    [[(_, _, _, z)]] = seen
+    want = (down_to_residual(model, 2, z) - down_to_residual(model, 2, y2)) / math.sqrt(2)
+    first = LowRankUpdate()
+    first.parts[("down", 1)] = update.parts[("down", 1)]
+    with first.applied(model):
+        [y1_after] = read_sites(model, tok, [req], [("down", 1, "out")])
+    got = down_to_residual(model, 1, y1_after) - down_to_residual(model, 1, y1)
+    assert want.norm() > 0.1
+    assert (got - want).norm() < 0.25 * want.norm(), (float((got - want).norm()), float(want.norm()))
+
+
+def test_pmet_residual_spread_rule_lands_the_ffn_change_in_the_residual_stream(tiny_gemma, monkeypatch):
+    """spread_rule residual: the FFN target's change (after the post-FFN norm) becomes a target for
+    the last layer's residual output, and MEMIT's rule (which re-reads what earlier layers wrote)
+    lands it; PMET's own rule adds the change at every layer and overshoots."""
+    from lafn_lightning.methods import pmet
+    from lafn_lightning.methods.compute_z import read_sites
+    from lafn_lightning.methods.memit import down_to_residual
+    model, tok = tiny_gemma
+    seen = _record(monkeypatch, pmet, "optimise_values")
+    req = REQUESTS["en"][0]
+    [h, y] = read_sites(model, tok, [req], [("residual", 2, "out"), ("down", 2, "out")])
+    miss = {}
+    for rule in ("residual", "pmet"):
+        seen.clear()
+        hp = PmetHParams(layers=[0, 1, 2], value=ValueHParams(v_num_grad_steps=5, clamp_norm_factor=4.0),
+                         prefixes=[], mom2_update_weight=1e-6, mom2_n_samples=40, attn_clamp_norm_factor=0.0,
+                         spread_rule=rule)
+        update = pmet_edit(model, tok, {"en": [req]}, hp, log=lambda *_: None)
+        [(_, z_ffn)] = seen
+        target = h + down_to_residual(model, 2, z_ffn.target[None]) - down_to_residual(model, 2, y)
+        with update.applied(model):
+            [after] = read_sites(model, tok, [req], [("residual", 2, "out")])
+        miss[rule] = float((after - target).norm() / (h - target).norm())
+    assert miss["residual"] < 0.2, miss
+    assert miss["pmet"] > 2 * miss["residual"], miss
+    with pytest.raises(ValueError, match="spread_rule"):
+        PmetHParams(spread_rule="residual", rewrite=["down", "o_proj"])
 
 
 def test_artifact_hooks_equal_dense_weight_edit(tiny, tmp_path):

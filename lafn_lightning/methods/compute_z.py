@@ -122,8 +122,13 @@ def _rows(tokenizer, request, prefixes: list[list[str]], *, with_target: bool, k
 
 
 def optimise_values(model, tokenizer, request, sites: Sequence[tuple[str, int]], hp: ValueHParams,
-                    prefixes: list[list[str]]) -> list[SiteValue]:
-    """Optimise one delta per site jointly (PMET: attention and FFN) so the model answers ``request.target``."""
+                    prefixes: list[list[str]], clamp: Sequence[float] | None = None) -> list[SiteValue]:
+    """Optimise one delta per site jointly (PMET: attention and FFN) so the model answers ``request.target``.
+    ``clamp``: a norm-clamp factor per site (default ``hp.clamp_norm_factor`` for every site; 0 keeps
+    that site's delta at zero)."""
+    clamp = [hp.clamp_norm_factor] * len(sites) if clamp is None else list(clamp)
+    if len(clamp) != len(sites):
+        raise ValueError(f"clamp: {len(clamp)} factors for {len(sites)} sites")
     adapter = adapter_for(model)
     device = next(model.parameters()).device
     r = _rows(tokenizer, request, prefixes, with_target=True, kl=True, device=device)
@@ -181,7 +186,7 @@ def optimise_values(model, tokenizer, request, sites: Sequence[tuple[str, int]],
                 opt.step()
                 with torch.no_grad():
                     for i, d in enumerate(deltas):
-                        max_norm = hp.clamp_norm_factor * inits[i].norm()
+                        max_norm = clamp[i] * inits[i].norm()
                         if d.norm() > max_norm:
                             d.mul_(max_norm / d.norm())
     return [SiteValue(inits[i], deltas[i].detach().clone(), nll_value) for i in range(len(sites))]

@@ -46,11 +46,25 @@ class MemitHParams(ArtifactEditing):
         return memit_edit(model, tokenizer, requests, self, **kwargs)
 
 
+def _post_ffn_norm(model, layer: int):
+    return getattr(adapter_for(model).layer_module(model, layer), "post_feedforward_layernorm", None)
+
+
+@torch.no_grad()
+def down_to_residual(model, layer: int, y: torch.Tensor) -> torch.Tensor:
+    """What FFN output ``y`` (down_proj units) adds to the residual stream at ``layer``: the post-FFN
+    norm of ``y`` where there is one (Gemma 2/3), else ``y``."""
+    norm = _post_ffn_norm(model, layer)
+    if norm is None:
+        return y
+    return norm(y.to(norm.weight.dtype).to(norm.weight.device)).to(y.dtype).to(y.device)
+
+
 def residual_to_down(model, layer: int, y: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
     """The down_proj-output change giving (to first order) residual change ``resid`` at layer
     ``layer`` when the FFN output ``y`` passes a post-FFN RMSNorm (Gemma 2/3): ``resid * rms(y) /
     gain`` (first order, damped where the gain is ~0); else ``resid`` unchanged."""
-    norm = getattr(adapter_for(model).layer_module(model, layer), "post_feedforward_layernorm", None)
+    norm = _post_ffn_norm(model, layer)
     if norm is None:
         return resid
     w = norm.weight.detach().double().cpu()
@@ -66,10 +80,15 @@ def residual_to_down(model, layer: int, y: torch.Tensor, resid: torch.Tensor) ->
 def spread(model, tokenizer, reqs, hp, prefixes, writes, update, *, scale, log=print):
     """MEMIT/PMET's layer loop. ``writes``: ``[(module, z_site, C_by_layer, z_targets), ...]``; for
     each layer of ``hp.layers`` in order and each write, with the updates so far applied: K = the
-    requests' keys at ``module``'s input, R = (z_targets - current value at ``z_site``) / ``scale(i)``
-    (converted through a post-FFN norm when ``z_site`` is a residual), delta W = R K^T (lambda C +
-    K K^T)^-1 added to ``module`` (``down`` or ``o_proj``) of that layer. ``prefixes``: one list of
-    prefix groups, or language -> prefix groups."""
+    requests' keys at ``module``'s input, R = (z_targets - current value at ``z_site``) / ``scale(i)``,
+    delta W = R K^T (lambda C + K K^T)^-1 added to ``module`` (``down`` or ``o_proj``) of that layer.
+    ``prefixes``: one list of prefix groups, or language -> prefix groups.
+
+    Where FFN outputs pass a post-FFN norm (Gemma 2/3), R is taken in residual-stream units and
+    converted to the layer's down_proj units (:func:`residual_to_down`): for a ``residual`` site
+    as is; for a ``down`` site (PMET) the difference of the two values after that site's norm
+    (:func:`down_to_residual`), since a layer-8 FFN-output change written into layer 4's
+    down_proj passes layer 4's norm, not layer 8's. Without post-FFN norms both are the original."""
 
     def by_lang(req):
         return prefixes[req.language] if isinstance(prefixes, dict) else prefixes
@@ -80,9 +99,14 @@ def spread(model, tokenizer, reqs, hp, prefixes, writes, update, *, scale, log=p
                 K = torch.stack([keys_at(model, tokenizer, req, [layer], by_lang(req), module)[layer]
                                  for req in reqs]).double()
                 cur_z, y = read_sites(model, tokenizer, reqs, [(z_kind, z_layer, "out"), ("down", layer, "out")])
-            R = (z_targets.double() - cur_z.double()) / scale(i)
-            if z_kind == "residual":
+            if z_kind == "down" and module == "down" and _post_ffn_norm(model, layer) is not None:
+                R = (down_to_residual(model, z_layer, z_targets.float()).double()
+                     - down_to_residual(model, z_layer, cur_z.float()).double()) / scale(i)
                 R = residual_to_down(model, layer, y, R)
+            else:
+                R = (z_targets.double() - cur_z.double()) / scale(i)
+                if z_kind == "residual":
+                    R = residual_to_down(model, layer, y, R)
             C = C_by_layer[layer].double()
             adj = torch.linalg.solve(hp.mom2_update_weight * C + K.T @ K, K.T)   # [d_in, n]
             update.add(layer, adj.T.float(), R.float(), module)
