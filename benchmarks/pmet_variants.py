@@ -40,10 +40,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rome_variants import common_args, report, score, setup  # noqa: E402
 
-from lafn_lightning.methods.compute_z import optimise_values, prefix_groups, read_sites  # noqa: E402
+from lafn_lightning.methods.compute_z import optimise_values, prefix_groups  # noqa: E402
 from lafn_lightning.methods.lowrank import LowRankUpdate  # noqa: E402
-from lafn_lightning.methods.memit import down_to_residual, mean_statistics, spread  # noqa: E402
-from lafn_lightning.methods.pmet import PmetHParams  # noqa: E402
+from lafn_lightning.methods.memit import mean_statistics, spread  # noqa: E402
+from lafn_lightning.methods.pmet import PmetHParams, residual_targets  # noqa: E402
 from lafn_lightning.methods.requests import requests_by_language  # noqa: E402
 
 
@@ -83,13 +83,16 @@ def main():
     for g in groups:
         t0 = time.time()
         reqs = [rs[0] for rs in requests_by_language([g], a.languages).values()]
-        h_out, y_out = read_sites(model, tok, reqs, [("residual", z_layer, "out"), ("down", z_layer, "out")])
         zs = {c: {} for c in clamps}
         for c in clamps:
             for req in reqs:
                 z_attn, z_ffn = optimise_values(model, tok, req, [sites["o_proj"], sites["down"]], hp.value,
                                                 prefixes[req.language], clamp=c)
                 zs[c][req.language] = {"o_proj": z_attn, "down": z_ffn}
+            z_res = residual_targets(model, tok, reqs, z_layer, torch.stack([zs[c][r.language]["down"].target
+                                                                             for r in reqs]))
+            for req, z in zip(reqs, z_res):
+                zs[c][req.language]["residual"] = z
         for v in variants:
             c, ls, rule, rw, lam, mode = v
             h = dataclasses.replace(hp, mom2_update_weight=lam, layers=list(ls))
@@ -99,10 +102,8 @@ def main():
             batches = [[r] for r in reqs] if mode == "sequential" else [reqs]
             for batch in batches:
                 stats = (lambda m: C[(m, batch[0].language)]) if mode == "sequential" else (lambda m: C_mix[m])
-                z_ffn = torch.stack([zs[c][r.language]["down"].target for r in batch])
                 if rule == "residual":
-                    rows = [reqs.index(r) for r in batch]
-                    z_res = h_out[rows] + down_to_residual(model, z_layer, z_ffn) - down_to_residual(model, z_layer, y_out[rows])
+                    z_res = torch.stack([zs[c][r.language]["residual"] for r in batch])
                     writes = [("down", ("residual", z_layer), stats("down"), z_res)]
                     spread(model, tok, batch, h, prefixes, writes, up, scale=lambda i: float(n - i), log=quiet)
                     continue

@@ -57,7 +57,7 @@ def down_to_residual(model, layer: int, y: torch.Tensor) -> torch.Tensor:
     norm = _post_ffn_norm(model, layer)
     if norm is None:
         return y
-    return norm(y.to(norm.weight.dtype).to(norm.weight.device)).to(y.dtype).to(y.device)
+    return norm(y.to(norm.weight)).to(y)
 
 
 def residual_to_down(model, layer: int, y: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
@@ -99,14 +99,13 @@ def spread(model, tokenizer, reqs, hp, prefixes, writes, update, *, scale, log=p
                 K = torch.stack([keys_at(model, tokenizer, req, [layer], by_lang(req), module)[layer]
                                  for req in reqs]).double()
                 cur_z, y = read_sites(model, tokenizer, reqs, [(z_kind, z_layer, "out"), ("down", layer, "out")])
-            if z_kind == "down" and module == "down" and _post_ffn_norm(model, layer) is not None:
-                R = (down_to_residual(model, z_layer, z_targets.float()).double()
-                     - down_to_residual(model, z_layer, cur_z.float()).double()) / scale(i)
+            target, cur = z_targets, cur_z
+            ffn_target = z_kind == "down" and module == "down"
+            if ffn_target:   # compare in residual-stream units (identity without post-FFN norms)
+                target, cur = down_to_residual(model, z_layer, target), down_to_residual(model, z_layer, cur)
+            R = (target.double() - cur.double()) / scale(i)
+            if z_kind == "residual" or ffn_target:
                 R = residual_to_down(model, layer, y, R)
-            else:
-                R = (z_targets.double() - cur_z.double()) / scale(i)
-                if z_kind == "residual":
-                    R = residual_to_down(model, layer, y, R)
             C = C_by_layer[layer].double()
             adj = torch.linalg.solve(hp.mom2_update_weight * C + K.T @ K, K.T)   # [d_in, n]
             update.add(layer, adj.T.float(), R.float(), module)

@@ -83,6 +83,14 @@ class PmetHParams(ArtifactEditing):
         return pmet_edit(model, tokenizer, requests, self, **kwargs)
 
 
+def residual_targets(model, tokenizer, reqs, layer: int, z_ffn: torch.Tensor) -> torch.Tensor:
+    """FFN-output targets ``z_ffn`` of ``reqs`` at ``layer`` as targets for that layer's residual
+    output (``spread_rule: residual``): the current residual plus the change the new FFN output
+    makes after the post-FFN norm (:func:`~lafn_lightning.methods.memit.down_to_residual`)."""
+    h, y = read_sites(model, tokenizer, reqs, [("residual", layer, "out"), ("down", layer, "out")])
+    return h + down_to_residual(model, layer, z_ffn) - down_to_residual(model, layer, y)
+
+
 def pmet_edit(model, tokenizer, requests: dict, hp: PmetHParams, *, stats_dir=None,
               update: LowRankUpdate | None = None, log=print) -> LowRankUpdate:
     update = update if update is not None else LowRankUpdate()
@@ -104,9 +112,8 @@ def pmet_edit(model, tokenizer, requests: dict, hp: PmetHParams, *, stats_dir=No
                 log(f"pmet z {req.language} {req.subject!r} -> {req.target!r}: nll {z_ffn.final_nll:.3f} "
                     f"|d_attn| {z_attn.delta.norm():.2f} |d_ffn| {z_ffn.delta.norm():.2f}")
             if hp.spread_rule == "residual":
-                h, y = read_sites(model, tokenizer, reqs, [("residual", z_layer, "out"), ("down", z_layer, "out")])
+                z_res = residual_targets(model, tokenizer, reqs, z_layer, torch.stack(zs["down"]))
         if hp.spread_rule == "residual":
-            z_res = h + down_to_residual(model, z_layer, torch.stack(zs["down"])) - down_to_residual(model, z_layer, y)
             spread(model, tokenizer, reqs, hp, prefixes, [("down", ("residual", z_layer), C["down"], z_res)], update,
                    scale=lambda i: float(n - i), log=log)
             continue
