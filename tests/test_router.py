@@ -5,6 +5,7 @@ import torch
 from lafn_lightning.backbone.fingerprint import FingerprintMismatch
 from lafn_lightning.routing.router import Router, VectorIndex, calibrate_threshold
 from lafn_lightning.routing.keys import KeyStore
+from lafn_lightning.routing.lexical import lexical_support
 
 D = 16
 
@@ -327,3 +328,62 @@ def test_prefix_filtering_finds_every_subject_reaching_lexical_min(share, overla
         boundary += hits == _need(len(grams), share)   # exactly the fewest n-grams that reach share
         assert ix.groups(query) == want, (query, want)
     assert boundary >= 100  # the exact boundary was exercised
+
+
+# --- lexical tiers and aliases (session 9) ----------------------------------------------------
+
+@pytest.mark.parametrize("lookup", ["index", "lexical"])
+def test_a_lexical_tier_accepts_a_low_cosine_only_with_most_of_the_subject_spelled(lookup):
+    # Genitive "Ненада Стаменковича": the state at the inflected last token drifts from the key
+    # (cosine ~0.7), the spelling stays (support ~0.8); a word that shares only half does not pass.
+    store = KeyStore(layer=4)
+    store.add("nenad", unit(0)[None])
+    subjects = {"nenad": ["Ненад Стаменкович"]}
+    args = dict(threshold=1.0001, lexical_threshold=0.875, index="flat", lookup=lookup)
+    drift = unit(0, noise=1.0)
+    assert 0.6 < float(drift @ unit(0)) < 0.875
+    genitive = spans_of(["Где", "играл", "Ненада", "Стаменковича", "?"])
+    half = spans_of(["Где", "играл", "Стаменко", "?"])
+    assert 0.7 <= lexical_support(genitive[0], subjects["nenad"]) and lexical_support(half[0], subjects["nenad"]) < 0.7
+    one_tier, two_tiers = Router(store, subjects, **args), Router(store, subjects, lexical_tiers=[(0.7, 0.6)], **args)
+    states = states_for(6, {4: drift})
+    assert one_tier.route(*genitive, states) == []
+    assert [(r.group_id, r.position, r.rule) for r in two_tiers.route(*genitive, states)] == [("nenad", 4, "subject")]
+    assert two_tiers.route(*half, states_for(5, {3: drift})) == []
+    assert two_tiers.route(*genitive, states_for(6, {4: unit(0, noise=3.0)})) == []   # cosine below 0.6
+
+
+def test_lexical_tiers_are_checked():
+    store = KeyStore(layer=4)
+    store.add("g", unit(0)[None])
+    with pytest.raises(ValueError, match="lexical_min"):
+        Router(store, {"g": ["x"]}, threshold=1.0001, lexical_threshold=0.8, lexical_tiers=[(0.3, 0.5)])
+    with pytest.raises(ValueError, match="lexical_threshold"):
+        Router(store, {"g": ["x"]}, threshold=1.0001, lexical_tiers=[(0.7, 0.5)])
+
+
+def test_an_alias_lets_the_prompts_own_wording_fire_but_never_stage_1(tmp_path):
+    # Subject "Позвонить доктору"; the edit prompt says «Вызовите доктора» (an aligned key there).
+    store = KeyStore(layer=4, fingerprint={"name": "tiny"})
+    store.add("doctor", unit(0)[None], aliases=["«Вызовите доктора»"])
+    store = KeyStore.load(store.save(tmp_path / "k.safetensors"))        # aliases survive the file
+    assert store.aliases("doctor") == ["«Вызовите доктора»"]
+    subjects = {"doctor": ["Позвонить доктору", "Call the Doctor"]}
+    text, spans = spans_of(["Кто", "создал", "«Вызовите", "доктора»?"])
+    args = dict(threshold=1.0001, lexical_threshold=0.875, index="flat")
+    routes = Router(store, subjects, **args).route(text, spans, states_for(5, {4: unit(0)}))
+    assert [(r.group_id, r.position, r.stage) for r in routes] == [("doctor", 4, "state")]
+    assert Router(store, subjects, aliases={}, **args).route(text, spans, states_for(5, {4: unit(0)})) == []
+    assert Router(store, subjects, **args).route(text, spans, None) == []     # no stage-1 match on an alias
+    store.prune([])
+    assert store.all_aliases() == {}
+
+
+def test_keys_and_aliases_survive_a_merge_and_a_replacement():
+    a, b = KeyStore(layer=4), KeyStore(layer=4)
+    a.add("g", unit(0)[None], aliases=["old form"])
+    b.add("g", unit(1)[None])                       # a refit without aliases replaces them
+    b.add("h", unit(2)[None], aliases=["other form"])
+    merged = KeyStore.merge([a, b])
+    assert merged.aliases("g") == [] and merged.aliases("h") == ["other form"]
+    assert KeyStore.merge([b, a]).aliases("g") == ["old form"]

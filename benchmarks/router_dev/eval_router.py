@@ -8,7 +8,10 @@ from lafn_lightning.routing.router import Router
 from lafn_lightning.routing.keys import KeyStore
 ap=argparse.ArgumentParser(); ap.add_argument("--layer",type=int,default=5); ap.add_argument("--distractors",type=int,default=0)
 ap.add_argument("--tau-high",type=float,required=True); ap.add_argument("--tau-low",type=float,required=True); ap.add_argument("--index",default="auto"); ap.add_argument("--stage1",default="exact"); ap.add_argument("--candidates",type=int,default=1)
+ap.add_argument("--tiers",default="",help="further lexical tiers share:cosine,... (Router lexical_tiers)")
+ap.add_argument("--aliases",action="store_true",help="aligned prompts' mention aliases (routing.build.group_aliases)")
 ap.add_argument("--out"); a=ap.parse_args()
+tiers=[tuple(map(float,t.split(":"))) for t in a.tiers.split(",") if t]
 D=torch.load(WORK+"/dev_states.pt")
 L=D["layers"]; recs=D["recs"]; enc=D["enc"]; S=D["states"]; li=L.index(a.layer)
 groups={g.group_id:g for g in load_groups(__import__("lafn_lightning.data", fromlist=["x"]).default_dataset())}
@@ -18,20 +21,25 @@ for i,r in enumerate(recs): by[(r[0],r[1])][r[2]]=i
 cal=[i for i,r in enumerate(recs) if r[2]=="neg" and int(r[0].split(":")[1])%2==0]
 mu=torch.cat([S[i][li,1:].float() for i in cal]).mean(0)
 store=KeyStore(a.layer,{"name":"demo"},center=mu)
-rules=collections.Counter()
+rules=collections.Counter(); aliases={}
+if a.aliases:
+    from transformers import AutoTokenizer
+    from lafn_lightning.backbone.demo import ensure_demo_backbone
+    from lafn_lightning.routing.build import group_aliases
+    tok=AutoTokenizer.from_pretrained(ensure_demo_backbone(),local_files_only=True)
 for g in gids:
     anc=[]
     for lang in langs:
         i=by[(g,lang)]["anchor"]; subj=groups[g].edits[lang].subject
         p=last_token_of_span(enc[i][1],0,len(subj)); anc.append(store.project(S[i][li,p].float()))
-    anc=torch.stack(anc); keys=[anc]
+    anc=torch.stack(anc); keys=[anc]; sites=[]
     for lang in langs:
         i=by[(g,lang)]["prompt"]; e=groups[g].edits[lang]
         s0,s1,rule=subject_span(recs[i][3],e.subject,groups[g].subjects); st=store.project(S[i][li].float())
         if rule=="fallback": rule="aligned"; p=1+int((st[1:]@anc.T).max(1).values.argmax())
         else: p=last_token_of_span(enc[i][1],s0,s1)
-        rules[rule]+=1; keys.append(st[p][None])
-    store.add(g,torch.cat(keys))
+        rules[rule]+=1; keys.append(st[p][None]); sites.append((lang,p,rule))
+    store.add(g,torch.cat(keys),aliases=group_aliases(tok,groups[g],sites) if a.aliases else ())
 subjects={g:groups[g].subjects for g in gids}
 if a.distractors:
     DD=torch.load(WORK+"/distr_states.pt"); dl=DD["layers"].index(a.layer)
@@ -50,8 +58,9 @@ if a.distractors:
             keys.append(st[p])
         store.add(f"zsre:{j}",torch.stack(keys)); subjects[f"zsre:{j}"]=[subj]
 t0=time.time()
-router=Router(store,subjects,threshold=a.tau_high,lexical_threshold=a.tau_low,index=a.index,stage1=a.stage1,candidates=a.candidates)
-print(f"router: {len(router)} groups, {store.n_keys} keys, hnsw={router.index.uses_hnsw}, prompt-key rules {dict(rules)}",flush=True)
+router=Router(store,subjects,threshold=a.tau_high,lexical_threshold=a.tau_low,index=a.index,stage1=a.stage1,candidates=a.candidates,lexical_tiers=tiers)
+print(f"router: {len(router)} groups, {store.n_keys} keys, hnsw={router.index.uses_hnsw}, prompt-key rules {dict(rules)}, "
+      f"tiers {router.lexical_tiers}, aliases {sum(map(len,store.all_aliases().values()))}",flush=True)
 tab=collections.defaultdict(lambda:[0,0,0,0,0]); stages=collections.Counter(); sites=collections.Counter(); fails=[]; lochits=[]
 t0=time.time()
 for i,r in enumerate(recs):

@@ -69,7 +69,8 @@ def _router_matcher(settings: Settings, groups):
     layer = min(int(x) for x in hp.layers)
     store = store_for_groups(model, tokenizer, groups, layer=layer, fingerprint=fingerprint(model, list(hp.layers)))
     subjects = {g.group_id: list(g.subjects) for g in groups}
-    router = Router(store, subjects, threshold=threshold, lexical_threshold=lexical)
+    router = Router(store, subjects, threshold=threshold, lexical_threshold=lexical,
+                    lexical_tiers=export.get("router_lexical_tiers") or ())
     return RouterMatcher(router, model, tokenizer)
 
 

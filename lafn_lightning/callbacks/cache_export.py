@@ -23,15 +23,19 @@ class CacheExport(L.Callback):
         router_threshold, router_lexical_threshold: the router's calibrated acceptance cosines,
             stored with the keys (per backbone and layer; docs/router.md). None: keep the key
             file's (``matcher="router"`` then needs them passed explicitly).
+        router_lexical_tiers: further ``[min_share, min_cosine]`` pairs of the router's lexical
+            rule (``Router(lexical_tiers=)``), stored with the keys; None: keep the key file's.
     """
 
     def __init__(self, cache_dir: str = "edit_cache", value_dtype: str = "float16", router_keys: bool = True,
-                 router_threshold: float | None = None, router_lexical_threshold: float | None = None) -> None:
+                 router_threshold: float | None = None, router_lexical_threshold: float | None = None,
+                 router_lexical_tiers: list[list[float]] | None = None) -> None:
         if value_dtype not in ("float16", "bfloat16"):
             raise ValueError(f"export.value_dtype={value_dtype!r}: float16 or bfloat16")
         self.cache_dir, self.value_dtype = cache_dir, value_dtype
         self.router_keys, self.router_threshold = router_keys, router_threshold
         self.router_lexical_threshold = router_lexical_threshold
+        self.router_lexical_tiers = router_lexical_tiers
         self.last_written = None
 
     def entries(self, trainer: L.Trainer, pl_module) -> list[CacheEntry]:
@@ -94,7 +98,8 @@ class CacheExport(L.Callback):
                 update_cache_keys(pl_module.backbone, pl_module.tokenizer, self.cache_dir,
                                   [g for g in trainer.datamodule.groups if g.group_id in exported],
                                   layer=min(pl_module.layers), fingerprint=fp, threshold=self.router_threshold,
-                                  lexical_threshold=self.router_lexical_threshold)
+                                  lexical_threshold=self.router_lexical_threshold,
+                                  lexical_tiers=self.router_lexical_tiers)
         for e in entries:
             rank_zero_info(f"[lafn] {e.group_id}: {e.meta['steps']} steps, target loss {e.meta['target_loss']:.3f}"
                            f"{'' if e.meta['converged'] else ' (not converged)'}, neurons {e.meta['located']}")

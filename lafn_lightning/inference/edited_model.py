@@ -183,12 +183,13 @@ class EditedModel(nn.Module):
 
 class RoutedEditedModel(EditedModel):
     """Args as :class:`EditedModel` plus ``keys`` (a :class:`KeyStore` or a key file; default
-    ``<cache>/router_keys.safetensors``), ``threshold`` / ``lexical_threshold`` (default: the key
-    file's), ``stage1`` (the stage-1 matcher, or None) and ``index`` (``auto``/``flat``/``hnsw``)."""
+    ``<cache>/router_keys.safetensors``), ``threshold`` / ``lexical_threshold`` / ``lexical_tiers``
+    (default: the key file's), ``stage1`` (the stage-1 matcher, or None) and ``index`` (``auto``/``flat``/``hnsw``)."""
 
     def __init__(self, model, tokenizer, cache, *, keys: KeyStore | str | Path | None = None,
                  threshold: float | None = None, lexical_threshold: float | None = None,
-                 stage1: str | None = "exact", index: str = "auto", **kwargs) -> None:
+                 lexical_tiers: list[list[float]] | None = None, stage1: str | None = "exact",
+                 index: str = "auto", **kwargs) -> None:
         kwargs.pop("matcher", None)
         super().__init__(model, tokenizer, cache, matcher="exact", **kwargs)
         if not isinstance(keys, KeyStore):
@@ -206,8 +207,9 @@ class RoutedEditedModel(EditedModel):
             raise ValueError("no router threshold: pass threshold= or calibrate the key file")
         subjects = {g: list(dict.fromkeys(self.cache.subjects(g).values())) for g in wanted}
         lexical_threshold = lexical_threshold if lexical_threshold is not None else keys.lexical_threshold
+        lexical_tiers = lexical_tiers if lexical_tiers is not None else keys.lexical_tiers
         self.router = Router(keys, subjects, threshold=threshold, lexical_threshold=lexical_threshold,
-                             stage1=stage1, index=index)
+                             lexical_tiers=lexical_tiers, stage1=stage1, index=index)
 
     def _kept(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> list[tuple[list[int], list[int]]]:
         rows = input_ids.tolist()

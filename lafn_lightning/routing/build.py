@@ -8,7 +8,10 @@ A group's keys are its states at the subject's last token in ``"{subject} is a"`
 text, every language) and in each edit prompt at the training site: ``prompts.subject_span``
 (own/other/fuzzy), or where that falls back to the last token, the prompt's token closest to the
 group's anchor keys (:func:`aligned_token`, rule ``"aligned"``) -- pass that position to training
-so the ΔV sits where the router fires at inference.
+so the ΔV sits where the router fires at inference. An aligned prompt's words ending at that token
+become the group's **alias** (:func:`mention_alias`): the prompt's own wording of the subject
+(«Вызовите доктора» for the subject "Позвонить доктору"), which the router's lexical rule then
+accepts like a subject, so the key can fire where the prompt is asked again.
 """
 from __future__ import annotations
 
@@ -19,12 +22,13 @@ from collections.abc import Sequence
 import torch
 
 from ..text.spans import last_token_of_span
+from .lexical import _no_space, fold, lexical_support
 from ..text.subjects import anchor_text, subject_span
 from .router import Router, calibrate_threshold, site_tokens
 from .keys import KeyStore
 from .states import encode_with_offsets, ids_states
 
-__all__ = ["new_store", "aligned_token", "group_keys", "add_group", "negative_scores", "calibrate",
+__all__ = ["new_store", "aligned_token", "group_keys", "group_aliases", "mention_alias", "add_group", "negative_scores", "calibrate",
            "background_questions", "standard_store", "update_cache_keys", "store_for_groups"]
 
 
@@ -73,10 +77,49 @@ def group_keys(model, tokenizer, store: KeyStore, group) -> tuple[torch.Tensor, 
     return torch.stack(keys), sites
 
 
+def mention_alias(prompt: str, end: int, subject: str) -> str:
+    """The words of ``prompt`` ending at character ``end`` (an aligned key's token), as many as
+    ``subject`` has (characters, for scripts written without spaces).
+
+    >>> mention_alias("Какой художник создал «Вызовите доктора»?", 40, "Позвонить доктору")
+    '«Вызовите доктора»'
+    """
+    head = prompt[:end]
+    if _no_space(fold(subject)):
+        return head[-len(subject):].strip()
+    return " ".join(head.split()[-len(fold(subject).split() or [""]):])
+
+
+@lru_cache(maxsize=1)
+def _background_texts() -> tuple[str, ...]:
+    return tuple(background_questions())
+
+
+def group_aliases(tokenizer, group, sites, *, min_share: float = 0.5, max_common: int = 1,
+                  background: Sequence[str] | None = None) -> list[str]:
+    """The aliases of a group: :func:`mention_alias` at each ``aligned`` site of ``sites``
+    (:func:`group_keys`), except those that ordinary questions spell too: an alias reaching
+    ``min_share`` (the router's ``lexical_min``) in more than ``max_common`` of the ``background``
+    questions (default :func:`background_questions`) would let its key fire on any such question
+    (an aligned key on a question's first word has cosine 1 on every question that opens alike)."""
+    background = _background_texts() if background is None else background
+    out = []
+    for lang, pos, rule in sites:
+        if rule != "aligned":
+            continue
+        prompt = group.edits[lang].prompt
+        _, spans = encode_with_offsets(tokenizer, prompt)
+        alias = mention_alias(prompt, spans[pos][1], group.edits[lang].subject)
+        if fold(alias) and sum(lexical_support(q, [alias]) >= min_share for q in background) <= max_common:
+            out.append(alias)
+    return list(dict.fromkeys(out))
+
+
 def add_group(model, tokenizer, store: KeyStore, group) -> list[tuple[str, int, str]]:
-    """Compute and store a group's keys; returns the edit prompts' sites (see :func:`group_keys`)."""
+    """Compute and store a group's keys and aliases; returns the edit prompts' sites (see
+    :func:`group_keys`)."""
     keys, sites = group_keys(model, tokenizer, store, group)
-    store.add(group.group_id, keys)
+    store.add(group.group_id, keys, aliases=group_aliases(tokenizer, group, sites))
     return sites
 
 
@@ -146,22 +189,26 @@ def standard_store(model, tokenizer, layer: int, fingerprint: dict | None = None
 
 def store_for_groups(model, tokenizer, groups, *, layer: int, fingerprint: dict | None = None,
                      store: KeyStore | None = None, threshold: float | None = None,
-                     lexical_threshold: float | None = None) -> KeyStore:
+                     lexical_threshold: float | None = None,
+                     lexical_tiers: Sequence[Sequence[float]] | None = None) -> KeyStore:
     """``store`` (or a new one, centred by :func:`background_questions`) with the keys of
-    ``groups`` added; thresholds set where given."""
+    ``groups`` added; thresholds and lexical tiers set where given."""
     if store is None:
         store = standard_store(model, tokenizer, layer, fingerprint)
     if threshold is not None:
         store.threshold = float(threshold)
     if lexical_threshold is not None:
         store.lexical_threshold = float(lexical_threshold)
+    if lexical_tiers is not None:
+        store.lexical_tiers = [list(map(float, t)) for t in lexical_tiers]
     for g in groups:
         add_group(model, tokenizer, store, g)
     return store
 
 
 def update_cache_keys(model, tokenizer, cache_dir, groups, *, layer: int, fingerprint: dict,
-                      threshold: float | None = None, lexical_threshold: float | None = None) -> KeyStore:
+                      threshold: float | None = None, lexical_threshold: float | None = None,
+                      lexical_tiers: Sequence[Sequence[float]] | None = None) -> KeyStore:
     """Add ``groups``' keys to ``<cache_dir>/router_keys.safetensors`` (created on first use),
     atomically. Call under the cache lock (concurrent writers add their own groups in turn).
 
@@ -177,6 +224,7 @@ def update_cache_keys(model, tokenizer, cache_dir, groups, *, layer: int, finger
         raise ValueError(f"{path}: router keys of layer {store.layer}, but this fit routes at layer {layer} "
                          "(the first edited layer); use another cache_dir")
     store = store_for_groups(model, tokenizer, groups, layer=layer, fingerprint=fingerprint, store=store,
-                             threshold=threshold, lexical_threshold=lexical_threshold)
+                             threshold=threshold, lexical_threshold=lexical_threshold,
+                             lexical_tiers=lexical_tiers)
     store.save(path)
     return store

@@ -7,7 +7,8 @@
     merged = KeyStore.merge([a, b])       # later stores win on duplicate group ids
 
 One safetensors file (fp16 key tensors, the fp32 centring vector; metadata: format, layer,
-dimension, threshold, group ids and the backbone fingerprint as JSON), written atomically.  ``remove``/``prune`` forget groups (e.g. those
+dimension, thresholds, lexical tiers, group ids, each group's aliases and the backbone
+fingerprint as JSON), written atomically.  ``remove``/``prune`` forget groups (e.g. those
 deleted from the edit cache).
 """
 from __future__ import annotations
@@ -39,7 +40,8 @@ class KeyStore:
 
     def __init__(self, layer: int, fingerprint: dict | None = None, dim: int | None = None, *,
                  center: torch.Tensor | None = None, threshold: float | None = None,
-                 lexical_threshold: float | None = None) -> None:
+                 lexical_threshold: float | None = None,
+                 lexical_tiers: list[list[float]] | None = None) -> None:
         self.layer = int(layer)
         self.fingerprint = dict(fingerprint or {})
         self.dim = dim if dim is not None else (len(center) if center is not None else None)
@@ -48,8 +50,11 @@ class KeyStore:
         self.center = None if center is None else torch.as_tensor(center).float().cpu()
         self.threshold = threshold  # the calibrated acceptance cosines, if known
         self.lexical_threshold = lexical_threshold
+        #: further (min_share, min_cosine) pairs of the lexical rule (``Router(lexical_tiers=)``)
+        self.lexical_tiers = [list(map(float, t)) for t in (lexical_tiers or [])]
         self._keys: dict[str, torch.Tensor] = {}
         self._radii: dict[str, torch.Tensor] = {}
+        self._aliases: dict[str, list[str]] = {}
 
     def project(self, states: torch.Tensor) -> torch.Tensor:
         """Unit states (``router_states``) -> the space keys live in: centred, re-normalised."""
@@ -59,9 +64,12 @@ class KeyStore:
         return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-6)
 
     # ---- content ---------------------------------------------------------------------------
-    def add(self, group_id: str, keys: torch.Tensor, radii: torch.Tensor | None = None) -> None:
+    def add(self, group_id: str, keys: torch.Tensor, radii: torch.Tensor | None = None,
+            aliases: Iterable[str] = ()) -> None:
         """Register (or replace) a group's keys; rows are L2-normalised and stored as fp16.
-        ``radii`` [n]: per-key acceptance cosines (GRACE-like; see ``router_build.set_radii``)."""
+        ``radii`` [n]: per-key acceptance cosines (GRACE-like; see ``router_build.set_radii``).
+        ``aliases``: the group's mention strings for the router's lexical rule
+        (``routing.build.mention_alias``)."""
         keys = torch.as_tensor(keys).detach().float().cpu()
         if keys.dim() == 1:
             keys = keys[None]
@@ -74,6 +82,9 @@ class KeyStore:
         keys = keys / keys.norm(dim=-1, keepdim=True).clamp_min(1e-6)
         self._keys[str(group_id)] = keys.half().contiguous()
         self._radii.pop(str(group_id), None)
+        self._aliases.pop(str(group_id), None)
+        if aliases:
+            self._aliases[str(group_id)] = list(dict.fromkeys(aliases))
         if radii is not None:
             self.set_radii(group_id, radii)
 
@@ -86,10 +97,18 @@ class KeyStore:
     def radii(self, group_id: str) -> torch.Tensor | None:
         return self._radii.get(str(group_id))
 
+    def aliases(self, group_id: str) -> list[str]:
+        return list(self._aliases.get(str(group_id), ()))
+
+    def all_aliases(self) -> dict[str, list[str]]:
+        """Group id -> aliases, for the groups that have any."""
+        return {g: list(a) for g, a in self._aliases.items()}
+
     def remove(self, group_id: str) -> None:
         """Forget a group (KeyError if absent)."""
         del self._keys[str(group_id)]
         self._radii.pop(str(group_id), None)
+        self._aliases.pop(str(group_id), None)
 
     def prune(self, keep: Iterable[str]) -> list[str]:
         """Forget every group not in ``keep`` (e.g. the edit cache's group ids); returns them."""
@@ -98,6 +117,7 @@ class KeyStore:
         for g in gone:
             del self._keys[g]
             self._radii.pop(g, None)
+            self._aliases.pop(g, None)
         return gone
 
     def keys(self, group_id: str) -> torch.Tensor:
@@ -126,6 +146,8 @@ class KeyStore:
         meta = {"format": _FORMAT, "layer": str(self.layer), "dim": str(self.dim or 0),
                 "threshold": json.dumps(self.threshold),
                 "lexical_threshold": json.dumps(self.lexical_threshold),
+                "lexical_tiers": json.dumps(self.lexical_tiers),
+                "aliases": json.dumps([self._aliases.get(g, []) for g in self._keys], ensure_ascii=False),
                 "fingerprint": json.dumps(self.fingerprint, sort_keys=True),
                 "groups": json.dumps(list(self._keys))}
         tensors = {f"k{i}": k for i, k in enumerate(self._keys.values())}  # ids may hold any char
@@ -151,10 +173,15 @@ class KeyStore:
             center = f.get_tensor("center") if "center" in f.keys() else None
             store = cls(int(meta["layer"]), fp, int(meta["dim"]) or None, center=center,
                         threshold=json.loads(meta.get("threshold", "null")),
-                        lexical_threshold=json.loads(meta.get("lexical_threshold", "null")))
+                        lexical_threshold=json.loads(meta.get("lexical_threshold", "null")),
+                        lexical_tiers=json.loads(meta.get("lexical_tiers", "[]")))
             names = set(f.keys())
-            for i, gid in enumerate(json.loads(meta["groups"])):
+            ids = json.loads(meta["groups"])
+            aliases = json.loads(meta.get("aliases", "null")) or [[]] * len(ids)
+            for i, gid in enumerate(ids):
                 store._keys[gid] = f.get_tensor(f"k{i}")
+                if aliases[i]:
+                    store._aliases[gid] = list(aliases[i])
                 if f"r{i}" in names:
                     store._radii[gid] = f.get_tensor(f"r{i}")
         return store
@@ -168,7 +195,7 @@ class KeyStore:
             raise ValueError("merge: no stores given")
         first = stores[0]
         out = cls(first.layer, first.fingerprint, first.dim, center=first.center, threshold=first.threshold,
-                  lexical_threshold=first.lexical_threshold)
+                  lexical_threshold=first.lexical_threshold, lexical_tiers=first.lexical_tiers)
         for s in stores:
             if s.layer != first.layer or (s.dim and first.dim and s.dim != first.dim):
                 raise ValueError(f"merge: layer/dim differ ({s.layer}/{s.dim} vs {first.layer}/{first.dim})")
@@ -182,8 +209,11 @@ class KeyStore:
                 out._keys.pop(gid, None)
                 out._keys[gid] = k
                 out._radii.pop(gid, None)
+                out._aliases.pop(gid, None)
                 if s.radii(gid) is not None:
                     out._radii[gid] = s.radii(gid)
+                if s.aliases(gid):
+                    out._aliases[gid] = s.aliases(gid)
         return out
 
     @classmethod

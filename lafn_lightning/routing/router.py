@@ -179,6 +179,14 @@ class Router:
         threshold: minimum cosine for stage 2 (without lexical support).
         lexical_threshold, lexical_min: the lower cosine accepted when at least ``lexical_min``
             of one of the group's subjects is spelled in the query (None: no such rule).
+        lexical_tiers: further ``(min_share, min_cosine)`` pairs: a group also fires with a cosine
+            of ``min_cosine`` when ``min_share`` (>= ``lexical_min``) of one of its subjects is
+            spelled in the query -- an inflected or re-transliterated mention ("Ненада
+            Стаменковича" for "Ненад Стаменкович") moves the state at its last token away from the
+            keys, while its spelling stays close (docs/router.md, "Session 9").
+        aliases: group id -> mention strings (the key store's :meth:`KeyStore.aliases` by
+            default): spelled forms that count for the lexical rule and the site, never for
+            stage 1 -- an edit prompt's words at an aligned key (its own wording of the subject).
         stage1: the subject matcher of stage 1 (``exact``, ``normalized``, ``fuzzy``; None: off).
         index: ``auto``, ``flat`` or ``hnsw`` (:class:`VectorIndex`); ``k``: neighbours per token.
         candidates: how many best-scoring groups stage 2 tries, in order, against its rule.
@@ -197,7 +205,8 @@ class Router:
     def __init__(self, store: KeyStore, subjects: Mapping[str, Iterable[str]] | None = None, *,
                  threshold: float, lexical_threshold: float | None = None, lexical_min: float = 0.5,
                  stage1: str | None = "exact", index: str = "auto", k: int = 8, candidates: int = 1,
-                 lookup: str = "auto", **index_kwargs) -> None:
+                 lookup: str = "auto", lexical_tiers: Iterable[Sequence[float]] = (),
+                 aliases: Mapping[str, Iterable[str]] | None = None, **index_kwargs) -> None:
         if lookup not in ("auto", "index", "lexical"):
             raise ValueError(f"lookup must be auto, index or lexical, got {lookup!r}")
         self.layer = store.layer
@@ -205,6 +214,7 @@ class Router:
         self.threshold = float(threshold)
         self.lexical_threshold = None if lexical_threshold is None else float(lexical_threshold)
         self.lexical_min = float(lexical_min)
+        self.lexical_tiers = _tiers(lexical_tiers, self.lexical_min, self.lexical_threshold)
         self.k = k
         self.candidates = candidates
         self.stage1 = stage1
@@ -212,7 +222,9 @@ class Router:
         if lookup == "lexical" and not self._lexical_valid:
             raise ValueError("lookup='lexical' needs threshold > 1 + 1e-5 (no cosine reaches it) and "
                              f"lexical_min > 0, got threshold={threshold}, lexical_min={lexical_min}")
-        self._subjects: dict[str, tuple[str, ...]] = {}
+        self._subjects: dict[str, tuple[str, ...]] = {}   # stage 1
+        self._forms: dict[str, tuple[str, ...]] = {}      # subjects + aliases: lexical rule, site
+        self._aliases = {g: tuple(a) for g, a in (aliases if aliases is not None else store.all_aliases()).items()}
         self._lexical = SubjectGramIndex(self.lexical_min) if self.lexical_min > 0 and lookup != "index" else None
         self.matcher = SubjectMatcher({}, mode=stage1 or "exact")
         self.index = VectorIndex(store.dim or 1, kind=index, **index_kwargs)
@@ -228,25 +240,32 @@ class Router:
                 self._set_subjects(gid, subs)
 
     def __len__(self) -> int:
-        return len(set(self._group_rows) | set(self._subjects))
+        return len(set(self._group_rows) | set(self._forms))
 
     def __contains__(self, group_id: object) -> bool:
-        return group_id in self._group_rows or group_id in self._subjects
+        return group_id in self._group_rows or group_id in self._forms
 
     def _set_subjects(self, gid: str, subjects: Iterable[str]) -> None:
         subs = tuple(dict.fromkeys(s for s in ([subjects] if isinstance(subjects, str) else subjects) if s))
+        forms = tuple(dict.fromkeys(subs + tuple(a for a in self._aliases.get(gid, ()) if a)))
         if subs:
             self._subjects[gid] = subs
             self.matcher.add(gid, subs)
+        if forms:
+            self._forms[gid] = forms
             if self._lexical is not None:
-                self._lexical.add(gid, subs)
+                self._lexical.add(gid, forms)
 
     def add(self, group_id: str, keys: torch.Tensor, subjects: Iterable[str] = (),
-            radii: torch.Tensor | None = None) -> None:
-        """Register (or replace) a group: its keys (unit rows), its subject strings and optional
-        per-key radii (a key counts only where its cosine reaches ``max(radius, threshold)``)."""
+            radii: torch.Tensor | None = None, aliases: Iterable[str] | None = None) -> None:
+        """Register (or replace) a group: its keys (unit rows), its subject strings, optional
+        per-key radii (a key counts only where its cosine reaches ``max(radius, threshold)``) and
+        aliases (see the class; None: those the router was built with)."""
+        kept = self._aliases.get(group_id, ()) if aliases is None else tuple(aliases)
         if group_id in self:
             self.remove(group_id)
+        if kept:
+            self._aliases[group_id] = kept
         keys = torch.as_tensor(keys).float()
         keys = keys / keys.norm(dim=-1, keepdim=True).clamp_min(1e-6)
         rows = self.index.add(keys)
@@ -261,12 +280,13 @@ class Router:
         if group_id not in self:
             raise KeyError(group_id)
         rows = self._group_rows.pop(group_id, None)
+        self._aliases.pop(group_id, None)
         if rows is not None:
             self.index.remove(rows)
         if self._subjects.pop(group_id, None) is not None:
             self.matcher.remove(group_id)
-            if self._lexical is not None:
-                self._lexical.remove(group_id)
+        if self._forms.pop(group_id, None) is not None and self._lexical is not None:
+            self._lexical.remove(group_id)
         if self.index.compact_needed:
             self._compact()
 
@@ -305,18 +325,23 @@ class Router:
     @property
     def floor(self) -> float:
         """The lowest cosine that can fire (with lexical support)."""
-        lt = self.lexical_threshold
-        return self.threshold if lt is None else min(self.threshold, lt)
+        return min([self.threshold] + [c for _, c in self.lexical_tiers])
+
+    def cosine_needed(self, support: float) -> float:
+        """The lowest cosine that fires for a group with lexical ``support`` (0..1) in the query:
+        ``threshold``, or the lowest ``min_cosine`` of the lexical tiers that ``support`` reaches."""
+        return min([self.threshold] + [c for share, c in self.lexical_tiers if support >= share])
 
     def accepts(self, text: str, group_id: str, score: float) -> bool:
         """Stage 2's rule: ``score >= threshold``, or ``score >= lexical_threshold`` with at
-        least ``lexical_min`` of one of the group's subjects spelled in ``text``
-        (:func:`~lafn_lightning.routing.lexical.lexical_support`)."""
+        least ``lexical_min`` of one of the group's subjects (or aliases) spelled in ``text``
+        (:func:`~lafn_lightning.routing.lexical.lexical_support`), or the same for a further
+        lexical tier (``lexical_tiers``)."""
         if score >= self.threshold:
             return True
-        if self.lexical_threshold is None or score < self.lexical_threshold:
+        if not self.lexical_tiers or score < self.floor:
             return False
-        return lexical_support(text, self._subjects.get(group_id, ())) >= self.lexical_min
+        return score >= self.cosine_needed(lexical_support(text, self._forms.get(group_id, ())))
 
     def project(self, states: torch.Tensor) -> torch.Tensor:
         """Unit states -> key space (centred with the store's vector, re-normalised)."""
@@ -327,7 +352,7 @@ class Router:
 
     def _lexical_scores(self, states: torch.Tensor, candidates: Sequence[int], text: str
                         ) -> dict[str, tuple[float, int]]:
-        if self.lexical_threshold is None:  # nothing reaches the floor (threshold > 1)
+        if not self.lexical_tiers:  # nothing reaches the floor (threshold > 1)
             return {}
         gids = self.lexical_candidates(text)
         if not gids:
@@ -340,7 +365,12 @@ class Router:
         keys = torch.from_numpy(self.index._vecs[rows])
         sim = (self.project(states[list(candidates)]) @ keys.T).numpy().astype(np.float64)  # [tokens, rows]
         radius = np.array([self._radius[r] for r in rows], dtype=np.float64)
-        sim = np.where((sim < radius) | (sim < self.floor), -np.inf, sim)
+        if len(self.lexical_tiers) > 1:   # each group's floor follows its own lexical support
+            need = [self.cosine_needed(lexical_support(text, self._forms[g])) for g in gids]
+            floor = np.repeat(np.array(need, dtype=np.float64), n_rows)
+        else:
+            floor = self.floor
+        sim = np.where((sim < radius) | (sim < floor), -np.inf, sim)
         per_token = np.maximum.reduceat(sim, starts, axis=1)                # [tokens, groups]
         best = per_token.max(axis=0)
         first = (per_token == best).argmax(axis=0)                          # earliest best token
@@ -395,9 +425,27 @@ class Router:
             if self.accepts(text, gid, score):
                 if gid not in taken:
                     pos, rule = state_site(text, spans, self._subjects.get(gid, ()), tok)
+                    if rule == "token" and self._aliases.get(gid):   # subjects first, as training
+                        pos, rule = state_site(text, spans, self._aliases[gid], tok)
                     routes.append(Route(gid, pos, score, "state", rule))
                 break
         return routes
+
+
+def _tiers(extra: Iterable[Sequence[float]], lexical_min: float, lexical_threshold: float | None
+           ) -> tuple[tuple[float, float], ...]:
+    """``(min_share, min_cosine)`` pairs of the lexical rule, the first from ``lexical_min`` /
+    ``lexical_threshold``; ValueError for a share below ``lexical_min`` (the lexical index finds
+    only groups reaching that) or tiers without a base lexical threshold."""
+    extra = [(float(a), float(b)) for a, b in extra]
+    if lexical_threshold is None:
+        if extra:
+            raise ValueError("lexical_tiers need lexical_threshold (the first tier)")
+        return ()
+    for share, _ in extra:
+        if not lexical_min <= share <= 1:
+            raise ValueError(f"lexical tier share {share} must lie in [lexical_min={lexical_min}, 1]")
+    return ((lexical_min, float(lexical_threshold)), *sorted(extra))
 
 
 def site_tokens(spans: Sequence[tuple[int, int]]) -> list[int]:
