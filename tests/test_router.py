@@ -387,3 +387,24 @@ def test_keys_and_aliases_survive_a_merge_and_a_replacement():
     merged = KeyStore.merge([a, b])
     assert merged.aliases("g") == [] and merged.aliases("h") == ["other form"]
     assert KeyStore.merge([b, a]).aliases("g") == ["old form"]
+
+
+def test_group_aliases_take_the_aligned_prompts_words_and_drop_common_ones():
+    from lafn_lightning.backbone.tiny import tiny_tokenizer
+    from lafn_lightning.data.records import EditGroup, LanguageEdit
+    from lafn_lightning.routing.build import group_aliases
+    from lafn_lightning.routing.states import encode_with_offsets
+
+    tok = tiny_tokenizer()
+    ru = LanguageEdit("ru", "Позвонить доктору", "Какой художник создал «Вызовите доктора»?", "X")
+    cz = LanguageEdit("cz", "Cluster motýlů", "Jaké souhvězdí je domovem Motýlí hvězdokupa?", "Y")
+    group = EditGroup("g", 0, {"ru": ru, "cz": cz})
+
+    def site(edit, char):   # the token whose span ends at character ``char`` (an aligned key's site)
+        return [i for i, (a, b) in enumerate(encode_with_offsets(tok, edit.prompt)[1]) if b == char][-1]
+
+    sites = [("ru", site(ru, ru.prompt.index("»") + 1), "aligned"), ("cz", site(cz, 4), "aligned")]
+    background = ["Jaké je hlavní město?", "Jaké barvy má vlajka?", "Кто написал роман?"]
+    assert group_aliases(tok, group, sites, background=background) == ["«Вызовите доктора»"]   # "Jaké": common
+    assert group_aliases(tok, group, sites, background=[]) == ["«Вызовите доктора»", "Jaké"]
+    assert group_aliases(tok, group, [("ru", sites[0][1], "own")], background=[]) == []   # subject sites: none

@@ -10,10 +10,11 @@ import torch
 from conftest import CONFIGS, fit
 from lafn_lightning.cli import main
 from lafn_lightning.inference import EditedModel
-from lafn_lightning.routing.build import group_keys
+from lafn_lightning.routing.build import group_aliases, group_keys
 from lafn_lightning.routing.keys import KEYS_FILE, KeyStore
 
-THRESHOLDS = ("--export.router_threshold", "0.95", "--export.router_lexical_threshold", "0.5")
+THRESHOLDS = ("--export.router_threshold", "0.95", "--export.router_lexical_threshold", "0.5",
+              "--export.router_lexical_tiers", "[[0.7, 0.4]]")
 
 
 def _fit(tmp_path, name, groups):
@@ -34,12 +35,15 @@ def test_fit_stores_each_exported_group_keys_with_the_thresholds(caches):
     store = KeyStore.load(tmp / "a" / "cache" / KEYS_FILE)
     assert store.group_ids() == ["mzsre:0", "mzsre:1"]
     assert store.layer == min(cli.model.layers) and (store.threshold, store.lexical_threshold) == (0.95, 0.5)
+    assert store.lexical_tiers == [[0.7, 0.4]]
     model, tok = cli.model.backbone, cli.model.tokenizer
     for group in cli.datamodule.groups:   # the stored keys are the group's own (anchors + edit prompts)
-        want, _ = group_keys(model, tok, store, group)
+        want, sites = group_keys(model, tok, store, group)
         assert torch.allclose(store.keys(group.group_id).float(), want / want.norm(dim=-1, keepdim=True), atol=2e-3)
+        assert store.aliases(group.group_id) == group_aliases(tok, group, sites)
     routed = EditedModel.from_cache(tmp / "a" / "cache", matcher="router")
     assert set(routed.router._group_rows) == {"mzsre:0", "mzsre:1"} and routed.router.threshold == 0.95
+    assert routed.router.lexical_tiers == ((0.5, 0.5), (0.7, 0.4))
 
 
 def test_cache_merge_merges_keys_and_delete_prunes_them(caches, tmp_path):

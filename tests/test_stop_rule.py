@@ -6,6 +6,7 @@ import torch
 
 from conftest import CONFIGS, fit
 from lafn_lightning import EditCache
+from lafn_lightning.routing.keys import KEYS_FILE, KeyStore
 
 
 class _Record(L.Callback):
@@ -55,10 +56,12 @@ def test_unknown_stop_rule_is_refused(tmp_path):
 
 def test_twelve_language_preset_reaches_the_fit_and_the_cache(tmp_path, dev_data):
     """``-c presets/twelve_languages`` after a backbone config: every language, the every-language
-    stop rule, loss weighting, beta 0.1 and routed sites reach the fit and its cache settings."""
+    stop rule, loss weighting, beta 0.1 and routed sites reach the fit and its cache settings, and
+    the router's second lexical tier reaches the key file."""
     cli = fit(tmp_path, "-c", str(CONFIGS / "presets" / "twelve_languages.yaml"), "--data.dataset", str(dev_data),
               "--data.groups", "0:1", "--trainer.max_steps", "2")
     assert cli.datamodule.hparams.subject_site == "routed"
     settings = EditCache.open(tmp_path / "cache").settings
     assert len(settings["languages"]) == 12
     assert (settings["stop_rule"], settings["language_weighting"], settings["beta"]) == ("every_language", "loss", 0.1)
+    assert KeyStore.load(tmp_path / "cache" / KEYS_FILE).lexical_tiers == [[0.7, 0.6]]   # the router's second tier
