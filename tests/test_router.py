@@ -327,6 +327,7 @@ def test_prefix_filtering_finds_every_subject_reaching_lexical_min(share, overla
         hits = len(set(grams) & _grams(fold(query), n))
         boundary += hits == _need(len(grams), share)   # exactly the fewest n-grams that reach share
         assert ix.groups(query) == want, (query, want)
+        assert ix.supports(query) == {g: lexical_support(query, groups[g]) for g in want}
     assert boundary >= 100  # the exact boundary was exercised
 
 

@@ -7,7 +7,7 @@ from lafn_lightning.data import load_groups
 from lafn_lightning.routing.router import Router
 from lafn_lightning.routing.keys import KeyStore
 ap=argparse.ArgumentParser(); ap.add_argument("--layer",type=int,default=5); ap.add_argument("--distractors",type=int,default=0)
-ap.add_argument("--tau-high",type=float,required=True); ap.add_argument("--tau-low",type=float,required=True); ap.add_argument("--index",default="auto"); ap.add_argument("--stage1",default="exact"); ap.add_argument("--candidates",type=int,default=1)
+ap.add_argument("--tau-high",type=float,required=True); ap.add_argument("--tau-low",type=float,required=True); ap.add_argument("--index",default="auto"); ap.add_argument("--stage1",default="exact"); ap.add_argument("--candidates",type=int,default=1); ap.add_argument("--lookup",default="auto")
 ap.add_argument("--tiers",default="",help="further lexical tiers share:cosine,... (Router lexical_tiers)")
 ap.add_argument("--aliases",action="store_true",help="aligned prompts' mention aliases (routing.build.group_aliases)")
 ap.add_argument("--out"); a=ap.parse_args()
@@ -58,7 +58,7 @@ if a.distractors:
             keys.append(st[p])
         store.add(f"zsre:{j}",torch.stack(keys)); subjects[f"zsre:{j}"]=[subj]
 t0=time.time()
-router=Router(store,subjects,threshold=a.tau_high,lexical_threshold=a.tau_low,index=a.index,stage1=a.stage1,candidates=a.candidates,lexical_tiers=tiers)
+router=Router(store,subjects,threshold=a.tau_high,lexical_threshold=a.tau_low,index=a.index,stage1=a.stage1,candidates=a.candidates,lexical_tiers=tiers,lookup=a.lookup)
 print(f"router: {len(router)} groups, {store.n_keys} keys, hnsw={router.index.uses_hnsw}, prompt-key rules {dict(rules)}, "
       f"tiers {router.lexical_tiers}, aliases {sum(map(len,store.all_aliases().values()))}",flush=True)
 tab=collections.defaultdict(lambda:[0,0,0,0,0]); stages=collections.Counter(); sites=collections.Counter(); fails=[]; lochits=[]

@@ -199,6 +199,11 @@ class SubjectGramIndex:
 
     def groups(self, query: str) -> set[str]:
         """The groups with ``lexical_support(query, their subjects) >= min_share``."""
+        return set(self.supports(query))
+
+    def supports(self, query: str) -> dict[str, float]:
+        """Group -> ``lexical_support(query, its subjects)``, for the groups reaching
+        ``min_share``."""
         q = fold(query)
         qgrams: dict[int, frozenset[str]] = {}
         seen = [set() for _ in range(self.overlap)]   # seen[j]: reached through > j posted n-grams
@@ -215,9 +220,12 @@ class SubjectGramIndex:
         reached = seen[-1]
         for c, subjects in self._by_hits.items():
             reached |= seen[c - 1] & subjects
-        out: set[str] = set()
+        out: dict[str, float] = {}
         for fs in reached:
             e = self._subjects[fs]
-            if not e.groups <= out and len(e.grams & qgrams[e.n]) / len(e.grams) >= self.min_share:
-                out |= e.groups
+            share = len(e.grams & qgrams[e.n]) / len(e.grams)
+            if share >= self.min_share:
+                for g in e.groups:
+                    if share > out.get(g, -1.0):
+                        out[g] = share
         return out

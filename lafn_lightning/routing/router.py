@@ -316,11 +316,14 @@ class Router:
         """The keyed groups with at least ``lexical_min`` of a subject spelled in ``text`` (what
         :func:`lexical_support` says), in registration order: the only ones the lexical-first
         path scores."""
+        return list(self._candidate_support(text))
+
+    def _candidate_support(self, text: str) -> dict[str, float]:
+        """:meth:`lexical_candidates` -> their lexical support, in registration order."""
         if self._lexical is None:
             raise ValueError("lexical_candidates needs lexical_min > 0 and lookup auto or lexical")
-        found = self._lexical.groups(text)
-        rows = self._group_rows
-        return sorted((g for g in found if rows.get(g)), key=lambda g: rows[g].start)
+        support, rows = self._lexical.supports(text), self._group_rows
+        return {g: support[g] for g in sorted((g for g in support if rows.get(g)), key=lambda g: rows[g].start)}
 
     @property
     def floor(self) -> float:
@@ -354,7 +357,8 @@ class Router:
                         ) -> dict[str, tuple[float, int]]:
         if not self.lexical_tiers:  # nothing reaches the floor (threshold > 1)
             return {}
-        gids = self.lexical_candidates(text)
+        support = self._candidate_support(text)
+        gids = list(support)
         if not gids:
             return {}
         spans = [self._group_rows[g] for g in gids]
@@ -366,7 +370,7 @@ class Router:
         sim = (self.project(states[list(candidates)]) @ keys.T).numpy().astype(np.float64)  # [tokens, rows]
         radius = np.array([self._radius[r] for r in rows], dtype=np.float64)
         if len(self.lexical_tiers) > 1:   # each group's floor follows its own lexical support
-            need = [self.cosine_needed(lexical_support(text, self._forms[g])) for g in gids]
+            need = [self.cosine_needed(support[g]) for g in gids]
             floor = np.repeat(np.array(need, dtype=np.float64), n_rows)
         else:
             floor = self.floor
