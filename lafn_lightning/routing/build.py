@@ -22,14 +22,14 @@ from collections.abc import Sequence
 import torch
 
 from ..text.spans import last_token_of_span
-from .lexical import _no_space, fold, lexical_support
 from ..text.subjects import anchor_text, subject_span
-from .router import Router, calibrate_threshold, site_tokens
 from .keys import KeyStore
+from .lexical import _no_space, fold, lexical_support
+from .router import Router, calibrate_threshold, site_tokens
 from .states import encode_with_offsets, ids_states
 
-__all__ = ["new_store", "aligned_token", "group_keys", "group_aliases", "mention_alias", "add_group", "negative_scores", "calibrate",
-           "background_questions", "standard_store", "update_cache_keys", "store_for_groups"]
+__all__ = ["new_store", "aligned_token", "group_keys", "group_aliases", "mention_alias", "add_group",
+           "negative_scores", "calibrate", "background_questions", "standard_store", "update_cache_keys", "store_for_groups"]
 
 
 def _states(model, tokenizer, texts: Sequence[str], layer: int):
