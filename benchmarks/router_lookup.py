@@ -4,6 +4,7 @@
     python benchmarks/router_lookup.py --sizes 100,10000 --tokens 20
     python benchmarks/router_lookup.py --sizes 400,40000,400000 --per_group 4   # 100 / 10k / 100k en+zh edits
     python benchmarks/router_lookup.py --sizes 400,40000,400000 --per_group 4 --kinds lexical
+    python benchmarks/router_lookup.py --sizes 400,40000,400000 --per_group 4 --kinds lexical --tiers 0.7:0.6
 
 Keys are random unit vectors in clusters (``--per_group`` keys around a group centre: 24 like a
 12-language group's 12 anchors + 12 prompts, 4 for an en+zh group); a query is ``--tokens`` unit vectors, half of the queries
@@ -132,6 +133,7 @@ def main() -> None:
     ap.add_argument("--ef-search", type=int, default=48)
     ap.add_argument("--per_group", type=int, default=24, help="keys per cached edit group")
     ap.add_argument("--kinds", default="flat,hnsw,lexical", help="columns to measure (flat, hnsw, lexical)")
+    ap.add_argument("--tiers", default="", help="lexical: further lexical tiers share:cosine,... (e.g. 0.7:0.6)")
     args = ap.parse_args()
     kinds = args.kinds.split(",")
     torch.set_num_threads(args.threads)
@@ -191,8 +193,9 @@ def measure_lexical(store: KeyStore, data, args, g: torch.Generator) -> tuple[fl
     for k, gid in enumerate(gids):
         i = facts[k % len(facts)]
         subs[gid] = list(dict.fromkeys(subjects[lang][i] for lang in group_languages(k, len(facts))))
+    tiers = [tuple(map(float, t.split(":"))) for t in args.tiers.split(",") if t]
     router = Router(store, subs, threshold=1.0001, lexical_threshold=0.8748, lexical_min=0.5, stage1=None,
-                    index="flat", lookup="lexical")
+                    index="flat", lookup="lexical", lexical_tiers=tiers)
     cases = []   # (text, states, group the query is about or None)
     for q in range(args.queries):
         x = torch.nn.functional.normalize(torch.randn(args.tokens, args.dim, generator=g), dim=-1)
