@@ -369,11 +369,8 @@ class Router:
         keys = torch.from_numpy(self.index._vecs[rows])
         sim = (self.project(states[list(candidates)]) @ keys.T).numpy().astype(np.float64)  # [tokens, rows]
         radius = np.array([self._radius[r] for r in rows], dtype=np.float64)
-        if len(self.lexical_tiers) > 1:   # each group's floor follows its own lexical support
-            need = [self.cosine_needed(support[g]) for g in gids]
-            floor = np.repeat(np.array(need, dtype=np.float64), n_rows)
-        else:
-            floor = self.floor
+        # each group's floor follows its own lexical support (one tier: lexical_threshold for all)
+        floor = np.repeat(np.array([self.cosine_needed(support[g]) for g in gids], dtype=np.float64), n_rows)
         sim = np.where((sim < radius) | (sim < floor), -np.inf, sim)
         per_token = np.maximum.reduceat(sim, starts, axis=1)                # [tokens, groups]
         best = per_token.max(axis=0)
