@@ -209,7 +209,8 @@ class Settings:
         return edit_record({**self.model, "dtype": self.model.get("dtype", "float32")}, languages=languages,
                            num_prefixes=d["num_prefixes"], prefix_length=d["prefix_length"], seed=d["seed"],
                            paraphrases=d.get("paraphrases"), beta=loc.get("beta"), strategy=loc.get("strategy"),
-                           max_steps=self.trainer.get("max_steps"), subject_site=d.get("subject_site", "fallback"))
+                           max_steps=self.trainer.get("max_steps"), subject_site=d.get("subject_site", "fallback"),
+                           bare_prompt=bool(d.get("bare_prompt", False)))
 
     # ---- running ---------------------------------------------------------------------------------
     def cli(self, **kwargs) -> LafnCLI:

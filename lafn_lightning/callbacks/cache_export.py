@@ -74,7 +74,7 @@ class CacheExport(L.Callback):
                            prefix_length=dm.hparams.prefix_length, seed=dm.hparams.seed,
                            paraphrases=dm.hparams.paraphrases, beta=getattr(locator, "beta", None),
                            strategy=getattr(locator, "strategy", None), max_steps=trainer.max_steps,
-                           subject_site=dm.hparams.subject_site)
+                           subject_site=dm.hparams.subject_site, bare_prompt=dm.hparams.bare_prompt)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module) -> None:
         if trainer.fast_dev_run or trainer.interrupted:

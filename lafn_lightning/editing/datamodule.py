@@ -58,6 +58,11 @@ class EditBatchDataModule(L.LightningDataModule):
             indices, or None (every record).
         paraphrases: optional JSONL of paraphrases (the locating corpus), see ``lafn paraphrase``.
         num_prefixes: M, random prefixes per language (paper: 4).
+        bare_prompt: one of the M prompts per language is the question with no prefix (as
+            ROME/MEMIT's ``"{}"`` context template), the other M - 1 are sampled. The paper
+            samples all M (false). Reliability scores that bare question: with all M prefixed, a
+            group can reach the stop loss while the bare question's first answer token is still
+            wrong (docs/twelve_languages.md "Session 10"). Same number of rows.
         prefix_length: tokens per prefix (paper: 5).
         seed: seed of the prefix sampling (prefixes depend only on seed and language).
         check_subjects: refuse subjects that cannot be matched sensibly (no letter or digit, a single
@@ -76,6 +81,7 @@ class EditBatchDataModule(L.LightningDataModule):
         groups: str | int | list[int] | None = "0:4",
         paraphrases: str | None = None,
         num_prefixes: int = 4,
+        bare_prompt: bool = False,
         prefix_length: int = 5,
         seed: int = 0,
         check_subjects: bool = True,
@@ -109,6 +115,13 @@ class EditBatchDataModule(L.LightningDataModule):
         devices ran."""
         return [k for k in range(len(self.groups)) if k % world_size == rank]
 
+    def _prefixes(self, model, tokenizer, lang: str) -> list[str]:
+        """The M prompts' prefixes in ``lang`` (``""``: the bare question)."""
+        hp = self.hparams
+        bare = [""] if hp.bare_prompt or hp.num_prefixes == 0 else []
+        sampled = max(0, hp.num_prefixes - len(bare))
+        return bare + (sample_prefixes(model, tokenizer, lang, sampled, hp.prefix_length, seed=hp.seed) if sampled else [])
+
     def setup(self, stage: str | None = None) -> None:
         if self.batch is not None:
             return
@@ -119,11 +132,7 @@ class EditBatchDataModule(L.LightningDataModule):
             raise ValueError(f"an edit batch of {len(self.groups)} group(s) cannot be split over {world} devices: "
                              "lower trainer.devices or select more data.groups")
         model, tokenizer = load_backbone(self.hparams.backbone, self.hparams.dtype)
-        self.prefixes = prefixes = {
-            lang: [""] if self.hparams.num_prefixes == 0 else
-            sample_prefixes(model, tokenizer, lang, self.hparams.num_prefixes, self.hparams.prefix_length, seed=self.hparams.seed)
-            for lang in self.languages
-        }
+        self.prefixes = prefixes = {lang: self._prefixes(model, tokenizer, lang) for lang in self.languages}
         rows, anchors = [], []
         self.rule_counts = {lang: Counter({r: 0 for r in RULES}) for lang in self.languages}
         site = self._site_rule(model, tokenizer)

@@ -14,9 +14,10 @@ from ..backbone.loading import dtype_name
 
 def edit_record(model: Mapping[str, Any], *, languages, num_prefixes: int, prefix_length: int, seed: int,
                 paraphrases: str | None, beta: float | None, strategy: str | None, max_steps: int,
-                subject_site: str = "fallback") -> dict:
+                subject_site: str = "fallback", bare_prompt: bool = False) -> dict:
     """The settings that made an edit: ``model`` is the edit module's hyper-parameters. A
-    ``subject_site`` other than the default is recorded (records of default runs stay as before)."""
+    ``subject_site`` or ``bare_prompt`` other than the default is recorded (records of default runs
+    stay as before)."""
     return {
         "method": "lu-lafn",
         "backbone": str(model["backbone"]),
@@ -38,4 +39,5 @@ def edit_record(model: Mapping[str, Any], *, languages, num_prefixes: int, prefi
         "beta": None if beta is None else float(beta),
         "strategy": strategy,
         **({"subject_site": subject_site} if subject_site != "fallback" else {}),
+        **({"bare_prompt": True} if bare_prompt else {}),
     }
