@@ -15,8 +15,9 @@ the queries that hold a token near a cached key (on the others every score is no
 
 ``lexical`` (the lexical-first path, ``Router(lookup="auto")`` with the calibrated demo thresholds
 1.0001 / 0.8748, lexical_min 0.5): every group also gets real subject strings, from the packaged
-zsRE training facts whose guessed English subject has 4+ letters (9,941 of 10,000; group k: the
-k-th of those, cyclically; en + zh for the first 9,941 groups, a random pair of languages after
+zsRE training facts whose English subject (``router_dev/subj.py``: ``template_subject``) has 4+
+letters (9,973 of 10,000; group k: the
+k-th of those, cyclically; en + zh for the first 9,973 groups, a random pair of languages after
 that, so beyond that facts repeat in other language pairs), subjects guessed from the
 questions (the English one where a question spells it, else ``router_dev/subj.py`` for
 alphabetic scripts, for zh a 《title》 or the leading noun phrase). Queries are real
@@ -66,11 +67,11 @@ def fact_subjects() -> tuple[dict[str, list[str]], dict[str, list[str]]]:
     """(language -> subject, language -> question) of each of the 10,000 packaged zsRE training
     facts."""
     sys.path.insert(0, str(Path(__file__).resolve().parent / "router_dev"))
-    from subj import guess_subject
+    from subj import guess_subject, template_subject
 
     from lafn_lightning.data.packaged import read_zsre_train
     questions = {lang: [q for q, _ in read_zsre_train(lang)] for lang in LANGS}
-    en = [guess_subject(q) for q in questions["en"]]
+    en = [template_subject(q) for q in questions["en"]]
     out = {"en": en, "zh": [zh_subject(q, s) for q, s in zip(questions["zh"], en)]}
     for lang in LANGS[2:]:
         out[lang] = [other_subject(q, s, guess_subject) for q, s in zip(questions[lang], en)]
@@ -133,6 +134,7 @@ def main() -> None:
     ap.add_argument("--ef-search", type=int, default=48)
     ap.add_argument("--per_group", type=int, default=24, help="keys per cached edit group")
     ap.add_argument("--kinds", default="flat,hnsw,lexical", help="columns to measure (flat, hnsw, lexical)")
+    ap.add_argument("--no-edges", action="store_true", help="lexical: Router(edges=False), the session-9 rule")
     ap.add_argument("--tiers", default="", help="lexical: further lexical tiers share:cosine,... (e.g. 0.7:0.6)")
     args = ap.parse_args()
     kinds = args.kinds.split(",")
@@ -195,7 +197,7 @@ def measure_lexical(store: KeyStore, data, args, g: torch.Generator) -> tuple[fl
         subs[gid] = list(dict.fromkeys(subjects[lang][i] for lang in group_languages(k, len(facts))))
     tiers = [tuple(map(float, t.split(":"))) for t in args.tiers.split(",") if t]
     router = Router(store, subs, threshold=1.0001, lexical_threshold=0.8748, lexical_min=0.5, stage1=None,
-                    index="flat", lookup="lexical", lexical_tiers=tiers)
+                    index="flat", lookup="lexical", lexical_tiers=tiers, edges=not args.no_edges)
     cases = []   # (text, states, group the query is about or None)
     for q in range(args.queries):
         x = torch.nn.functional.normalize(torch.randn(args.tokens, args.dim, generator=g), dim=-1)

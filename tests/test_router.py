@@ -307,15 +307,19 @@ def test_prefix_filtering_finds_every_subject_reaching_lexical_min(share, overla
         return " ".join(word(latin) for _ in range(rng.randint(1, 3))).title()
 
     ix = SubjectGramIndex(share, overlap=overlap, rebuild_from=8)
+    ix_edges = SubjectGramIndex(share, overlap=overlap, rebuild_from=8, edges=True)
     groups: dict[str, list[str]] = {}
+    with_edges = 0
     boundary = 0
     for step in range(400):
         gid = f"g{step}"
         groups[gid] = [subject() for _ in range(rng.randint(1, 2))]
         ix.add(gid, groups[gid])
+        ix_edges.add(gid, groups[gid])
         if rng.random() < 0.25 and len(groups) > 1:
             gone = rng.choice(sorted(groups))
             ix.remove(gone)
+            ix_edges.remove(gone)
             del groups[gone]
         # a query made of part of a cached subject's n-grams (near the boundary) plus noise
         s = fold(rng.choice(groups[rng.choice(sorted(groups))]))
@@ -328,7 +332,11 @@ def test_prefix_filtering_finds_every_subject_reaching_lexical_min(share, overla
         boundary += hits == _need(len(grams), share)   # exactly the fewest n-grams that reach share
         assert ix.groups(query) == want, (query, want)
         assert ix.supports(query) == {g: lexical_support(query, groups[g]) for g in want}
+        edged = {g: lexical_support(query, subs, edges=True) for g, subs in groups.items()}
+        assert ix_edges.supports(query) == {g: v for g, v in edged.items() if v >= share}
+        with_edges += any(v >= share for v in edged.values())
     assert boundary >= 100  # the exact boundary was exercised
+    assert with_edges >= 20  # and queries that the edge rule lets through
 
 
 # --- lexical tiers and aliases (session 9) ----------------------------------------------------
@@ -409,3 +417,85 @@ def test_group_aliases_take_the_aligned_prompts_words_and_drop_common_ones():
     assert group_aliases(tok, group, sites, background=background) == ["«Вызовите доктора»"]   # "Jaké": common
     assert group_aliases(tok, group, sites, background=[]) == ["«Вызовите доктора»", "Jaké"]
     assert group_aliases(tok, group, [("ru", sites[0][1], "own")], background=[]) == []   # subject sites: none
+
+
+# --- both ends of a subject spelled (session 11) ----------------------------------------------
+
+@pytest.mark.parametrize("lookup", ["index", "lexical"])
+def test_one_shared_word_of_a_longer_name_does_not_lower_the_cosine(lookup):
+    # Locality question "When does Thomas Rhett's album come out?" against a cached "Marlo Thomas":
+    # half the subject's n-grams are spelled (its last word), and a name's last-token state sits
+    # close to the key. The session-9 rule fired; with both ends required it does not, while an
+    # inflected mention of both words ("Ненада Стаменковича") still lowers the cosine.
+    store = KeyStore(layer=4)
+    store.add("marlo", unit(0)[None])
+    store.add("nenad", unit(1)[None])
+    subjects = {"marlo": ["Marlo Thomas"], "nenad": ["Ненад Стаменкович"]}
+    args = dict(threshold=1.0001, lexical_threshold=0.875, lexical_tiers=[(0.7, 0.6)], index="flat", lookup=lookup)
+    other = spans_of(["When", "does", "Thomas", "Rhett's", "album", "come", "out?"])
+    assert lexical_support(other[0], subjects["marlo"]) >= 0.5
+    near = states_for(8, {3: unit(0, noise=0.3)})   # cosine ~0.96 at "Thomas"
+    assert float(near[3] @ unit(0)) > 0.875
+    assert [r.group_id for r in Router(store, subjects, edges=False, **args).route(*other, near)] == ["marlo"]
+    assert Router(store, subjects, **args).route(*other, near) == []
+    own = spans_of(["Where", "is", "Marlo", "Thomas", "from?"])
+    assert [r.group_id for r in Router(store, subjects, **args).route(*own, states_for(6, {4: unit(0, noise=0.3)}))] == ["marlo"]
+    genitive = spans_of(["Где", "играл", "Ненада", "Стаменковича", "?"])
+    drift = unit(1, noise=1.0)   # cosine ~0.7: only the 0.7 tier accepts it
+    assert [r.group_id for r in Router(store, subjects, **args).route(*genitive, states_for(6, {4: drift}))] == ["nenad"]
+
+
+def test_edges_of_subjects_with_and_without_word_spaces():
+    from lafn_lightning.routing.lexical import SubjectGramIndex, edges_spelled
+
+    # a short function word is not an edge; the first and last longer words are
+    assert edges_spelled("Wer spielt im Berg des Herrn mit?", "Der Berg des Herrn")
+    assert not edges_spelled("when does the good doctor episode 8 air", "Call the Doctor")
+    assert not edges_spelled("wanneer wordt de goede dokter uitgezonden", "Bel de dokter")   # "bel": 3 letters, still an edge
+    # an edge word must start a query word: "Colda" is not in "beyzbolda", though 60 % of its n-grams are
+    baseball = "beyzbolda en çok dünya serisini kim kazandı"
+    assert lexical_support(baseball, ["Colda"]) >= 0.5 and not edges_spelled(baseball, "Colda")
+    # fewer than two words of 4+ letters: the first and last word, whatever their length
+    assert not edges_spelled("when does dragon ball super episode 113 start", ".45 Super")
+    assert edges_spelled("Who designed the .45 Super?", ".45 Super")
+    # Thai (no word spaces): the first and last characters. "Sunday" alone is not "Runaway Sunday".
+    sunday = "ในฟลอริดา การขายเครื่องดื่มแอลกอฮอล์ก่อน 13.00 น. ของวันอาทิตย์ถือเป็นสิ่งผิดกฎหมาย นี่คือ"
+    assert lexical_support(sunday, ["วันอาทิตย์หนี"]) > 0.8 and lexical_support(sunday, ["วันอาทิตย์หนี"], edges=True) == 0
+    assert edges_spelled("วันอาทิตย์หนีออกฉายเมื่อใด", "วันอาทิตย์หนี")
+    # the n-gram index applies the same rule
+    ix = SubjectGramIndex(0.5, edges=True)
+    ix.add("runaway", ["วันอาทิตย์หนี"])
+    ix.add("doctor", ["Call the Doctor"])
+    assert ix.supports(sunday) == {} and set(ix.supports("Who wrote Call the Doctor?")) == {"doctor"}
+
+
+def test_an_aligned_key_inside_a_word_moves_to_the_word_end_with_its_alias_and_site():
+    # The zh prompt spells the subject in Latin letters and its best-aligned token is "Gard" of
+    # "Gardner". Session 9 keyed it there, and the alias "Gard" then fired on "gardien". The key,
+    # training's site (routed_subject_span) and the alias now all end with the word, so the
+    # router's site on the prompt is still the token training puts ΔV on.
+    from lafn_lightning.routing.build import aligned_token, mention_alias
+
+    prompt = "请问 Gardner Inlet 在哪里？"
+    pieces = ["请问", " Gard", "ner", " Inlet", " 在哪里", "？"]
+    spans, at = [(0, 0)], 0
+    for p_ in pieces:
+        spans.append((at + (p_[0] == " "), at + len(p_)))
+        at += len(p_)
+    assert prompt[slice(*spans[2])] == "Gard" and prompt[slice(*spans[3])] == "ner"
+    anchors = unit(0)[None]
+    states = states_for(len(spans), {2: unit(0)})          # "Gard" matches the anchor best
+    assert aligned_token(states, spans, anchors) == 2
+    pos = aligned_token(states, spans, anchors, prompt)
+    assert pos == 3
+    alias = mention_alias(prompt, spans[pos][1], "加德纳海湾")
+    assert alias == "Gardner"
+    store = KeyStore(layer=4)
+    store.add("gardner", states[pos][None], aliases=[alias])
+    router = Router(store, {"gardner": ["加德纳海湾"]}, threshold=1.0001, lexical_threshold=0.875, index="flat")
+    routes = router.route(prompt, spans, states_for(len(spans), {pos: states[pos]}))
+    assert [(r.group_id, r.position, r.rule) for r in routes] == [("gardner", pos, "subject")]
+    gardien = spans_of(["qui", "est", "le", "meilleur", "gardien", "?"])
+    assert router.route(*gardien, states_for(7, {5: unit(0)})) == []            # "Gardner" is not "gardien"
+    assert Router(store, {"gardner": ["加德纳海湾"]}, aliases={"gardner": ["Gard"]}, threshold=1.0001,
+                  lexical_threshold=0.875, index="flat").route(*gardien, states_for(7, {5: unit(0)}))   # "Gard" was

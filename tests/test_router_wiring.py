@@ -105,7 +105,14 @@ def test_routed_subject_site_puts_the_delta_where_the_router_fires(tmp_path):
     question_tokens = len(tok("Где находится Moskva сейчас?")["input_ids"])
     assert sites["fallback"][1]["fallback"] == 1 and sites["routed"][1]["aligned"] == 1
     assert key_sites[1][2] == "aligned" and sites["routed"][0] == key_sites[1][1]   # where the router keys it
-    assert sites["fallback"][0] >= question_tokens - 2 and sites["routed"][0] != sites["fallback"][0]
+    assert sites["fallback"][0] >= question_tokens - 2
+    # the aligned token is moved to the end of its word (the tiny tokenizer splits every byte), so
+    # the key, the site and an alias all end where a mention of that word ends
+    from lafn_lightning.routing.build import word_end
+    from lafn_lightning.routing.states import encode_with_offsets
+    ru_q = "Где находится Moskva сейчас?"
+    end = encode_with_offsets(tok, ru_q)[1][sites["routed"][0]][1]
+    assert word_end(ru_q, end) == end and ru_q[end - 1].isalpha()
 
 
 def test_a_cache_without_keys_says_how_to_get_them(tmp_path):

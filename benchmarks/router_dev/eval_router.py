@@ -6,10 +6,12 @@ from lafn_lightning.editing.prompts import subject_span, last_token_of_span
 from lafn_lightning.data import load_groups
 from lafn_lightning.routing.router import Router
 from lafn_lightning.routing.keys import KeyStore
+from lafn_lightning.routing.build import aligned_token
 ap=argparse.ArgumentParser(); ap.add_argument("--layer",type=int,default=5); ap.add_argument("--distractors",type=int,default=0)
 ap.add_argument("--tau-high",type=float,required=True); ap.add_argument("--tau-low",type=float,required=True); ap.add_argument("--index",default="auto"); ap.add_argument("--stage1",default="exact"); ap.add_argument("--candidates",type=int,default=1); ap.add_argument("--lookup",default="auto")
 ap.add_argument("--tiers",default="",help="further lexical tiers share:cosine,... (Router lexical_tiers)")
 ap.add_argument("--aliases",action="store_true",help="aligned prompts' mention aliases (routing.build.group_aliases)")
+ap.add_argument("--no-edges",action="store_true",help="Router(edges=False): the session-9 lexical rule")
 ap.add_argument("--out"); a=ap.parse_args()
 tiers=[tuple(map(float,t.split(":"))) for t in a.tiers.split(",") if t]
 D=torch.load(WORK+"/dev_states.pt")
@@ -36,7 +38,7 @@ for g in gids:
     for lang in langs:
         i=by[(g,lang)]["prompt"]; e=groups[g].edits[lang]
         s0,s1,rule=subject_span(recs[i][3],e.subject,groups[g].subjects); st=store.project(S[i][li].float())
-        if rule=="fallback": rule="aligned"; p=1+int((st[1:]@anc.T).max(1).values.argmax())
+        if rule=="fallback": rule="aligned"; p=aligned_token(st,enc[i][1],anc,recs[i][3])
         else: p=last_token_of_span(enc[i][1],s0,s1)
         rules[rule]+=1; keys.append(st[p][None]); sites.append((lang,p,rule))
     store.add(g,torch.cat(keys),aliases=group_aliases(tok,groups[g],sites) if a.aliases else ())
@@ -54,11 +56,11 @@ if a.distractors:
                 anc=st[last_token_of_span(offs,0,len(s))][None]; keys.append(anc[0]); continue
             pos=text.find(s)
             p=last_token_of_span(offs,pos,pos+len(s)) if pos>=0 else None
-            if p is None: p=1+int((st[1:]@anc.T).max(1).values.argmax())
+            if p is None: p=aligned_token(st,offs,anc,text)
             keys.append(st[p])
         store.add(f"zsre:{j}",torch.stack(keys)); subjects[f"zsre:{j}"]=[subj]
 t0=time.time()
-router=Router(store,subjects,threshold=a.tau_high,lexical_threshold=a.tau_low,index=a.index,stage1=a.stage1,candidates=a.candidates,lexical_tiers=tiers,lookup=a.lookup)
+router=Router(store,subjects,threshold=a.tau_high,lexical_threshold=a.tau_low,index=a.index,stage1=a.stage1,candidates=a.candidates,lexical_tiers=tiers,lookup=a.lookup,edges=not a.no_edges)
 print(f"router: {len(router)} groups, {store.n_keys} keys, hnsw={router.index.uses_hnsw}, prompt-key rules {dict(rules)}, "
       f"tiers {router.lexical_tiers}, aliases {sum(map(len,store.all_aliases().values()))}",flush=True)
 tab=collections.defaultdict(lambda:[0,0,0,0,0]); stages=collections.Counter(); sites=collections.Counter(); fails=[]; lochits=[]
@@ -88,4 +90,4 @@ for l in langs:
 print(f"{'all':5}{100*T[0]/T[1]:9.1f}{100*T[2]/T[3]:9.2f}{100*T[4]/T[1]:9.2f}   ({T[1]} probes, {T[3]} locality)")
 print("found via stage:",dict(stages)," site vs training rule (subject_span):",dict(sites))
 print(f"route() time incl. exact stage: {1e3*dt/(T[1]+T[3]):.2f} ms/query (contended CPU)")
-if a.out: json.dump({"table":{l:tab[l] for l in langs},"stages":stages,"sites":sites,"fails":fails,"lochits":lochits},open(a.out,"w"),ensure_ascii=False,indent=0)
+if a.out: json.dump({"table":{l:tab[l] for l in langs},"aliases":{g:list(v) for g,v in store.all_aliases().items()},"stages":stages,"sites":sites,"fails":fails,"lochits":lochits},open(a.out,"w"),ensure_ascii=False,indent=0)

@@ -2,7 +2,7 @@ import sys, time, torch
 import os; WORK=os.environ.get("ROUTER_WORK","/work/scratch/i12_work")  # states and results
 sys.path.insert(0,os.path.dirname(os.path.abspath(__file__)))
 torch.set_num_threads(1)
-from subj import guess_subject
+from subj import template_subject
 from lafn_lightning.backbone.loading import load_backbone
 from lafn_lightning.editing.prompts import anchor_text
 from lafn_lightning.routing.states import encode_with_offsets, ids_states
@@ -12,7 +12,7 @@ langs="en cz de du es fr pt ru th tr vi zh".split()
 Q={l:[x.split("\t")[0].strip() for x in ["\t".join(qa) for qa in __import__("lafn_lightning.data", fromlist=["x"]).read_zsre_train(l)]] for l in langs}
 recs=[]
 for i in range(10000):
-    s=guess_subject(Q["en"][i])
+    s=template_subject(Q["en"][i])
     recs.append((i,"en","anchor",anchor_text("en",s),s))
     recs.append((i,"en","question",Q["en"][i],s))
     o=langs[1+i%11]

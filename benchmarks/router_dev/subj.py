@@ -26,6 +26,51 @@ def guess_subject(q: str) -> str:
     for suf in ("'s", "’s"):
         if s.endswith(suf): s = s[:-2]
     return s.rstrip(".")
+_TEMPLATES = None
+
+
+def _words(q: str) -> list[str]:
+    q = q.strip()
+    return (q[:-1].rstrip() if q.endswith("?") else q).split()
+
+
+def template_subject(q: str, min_count: int = 3) -> str:
+    """The subject of an English zsRE question as what its relation template leaves: the words
+    between the longest (prefix, suffix) word pair that at least ``min_count`` of the 10,000 packaged
+    training questions share ("In what war did | Ali | fight in?"); :func:`guess_subject` where
+    no template is that common; capitalised words next to it join it ("Messier 4", not "4"). 144 of the 150 MzsRE dev English prompts give their subject
+    exactly (the capitalised-run guess: 140), and multi-word names stay whole ("Ahmed ibn Muhammad
+    ibn Khalifa", "The Brother from Another Planet", where the guess gave "Muhammad", "Another
+    Planet")."""
+    global _TEMPLATES
+    if _TEMPLATES is None:
+        import collections
+        from lafn_lightning.data.packaged import read_zsre_train
+        _TEMPLATES = collections.Counter()
+        for t, _ in read_zsre_train("en"):
+            w = _words(t)
+            _TEMPLATES.update({(tuple(w[:i]), tuple(w[j:])) for i in range(len(w)) for j in range(i + 1, len(w) + 1)})
+    w = _words(q)
+    best = None
+    for i in range(len(w)):
+        for j in range(i + 1, len(w) + 1):
+            c = _TEMPLATES[(tuple(w[:i]), tuple(w[j:]))]
+            if c >= min_count and (best is None or (i + len(w) - j, c) > best[0]):
+                best = ((i + len(w) - j, c), i, j)
+    if best is None:
+        return guess_subject(q)
+    i, j = best[1], best[2]
+    while i > 1 and w[i - 1][:1].isupper():        # "Messier | 4", "NGC | 120": a name the template ate
+        i -= 1
+    while j < len(w) and w[j][:1].isupper():       # "Dao | Vallis"
+        j += 1
+    s = " ".join(w[i:j]).rstrip(",;:")
+    for suf in ("'s", "’s"):
+        if s.endswith(suf):
+            s = s[:-2]
+    return s
+
+
 if __name__ == "__main__":
     for l in ["\t".join(qa) for qa in __import__("lafn_lightning.data", fromlist=["x"]).read_zsre_train("en")][:40]:
         q = l.split("\t")[0]; print(repr(guess_subject(q)), "|", q)

@@ -28,7 +28,7 @@ from .lexical import _no_space, fold, lexical_support
 from .router import Router, calibrate_threshold, site_tokens
 from .states import encode_with_offsets, ids_states
 
-__all__ = ["new_store", "aligned_token", "group_keys", "group_aliases", "mention_alias", "add_group",
+__all__ = ["new_store", "aligned_token", "word_end", "group_keys", "group_aliases", "mention_alias", "add_group",
            "negative_scores", "calibrate", "background_questions", "standard_store", "update_cache_keys", "store_for_groups"]
 
 
@@ -47,11 +47,32 @@ def new_store(model, tokenizer, layer: int, background: Sequence[str], fingerpri
     return KeyStore(layer, fingerprint, center=center)
 
 
-def aligned_token(states: torch.Tensor, spans, anchor_keys: torch.Tensor) -> int:
-    """The non-special token whose (projected) state is closest to any anchor key."""
+def aligned_token(states: torch.Tensor, spans, anchor_keys: torch.Tensor, text: str | None = None) -> int:
+    """The non-special token whose (projected) state is closest to any anchor key; with the
+    query ``text``, moved to the last token of its word when it ends inside one ("Gard|ner":
+    "ner"), so that the key, training's site and the alias (:func:`mention_alias`) all sit where a
+    mention of the word ends."""
     cand = site_tokens(spans)
     sim = (states[cand] @ anchor_keys.T).max(1).values
-    return cand[int(sim.argmax())]
+    pos = cand[int(sim.argmax())]
+    if text is not None:
+        a, b = spans[pos]
+        end = word_end(text, b)
+        if end != b:
+            pos = last_token_of_span(spans, a, end)
+    return pos
+
+
+def word_end(text: str, end: int) -> int:
+    """``end`` moved past the rest of the word it falls inside (letters and digits of scripts
+    written with spaces; a script without spaces has no word ends to find).
+
+    >>> word_end("Where is Gardner Inlet?", 13), word_end("Where is Gardner Inlet?", 16)
+    (16, 16)
+    """
+    while 0 < end < len(text) and _word_char(text[end - 1]) and _word_char(text[end]):
+        end += 1
+    return end
 
 
 def group_keys(model, tokenizer, store: KeyStore, group) -> tuple[torch.Tensor, list[tuple[str, int, str]]]:
@@ -69,7 +90,7 @@ def group_keys(model, tokenizer, store: KeyStore, group) -> tuple[torch.Tensor, 
         (_, spans), st = encs[len(langs) + k], store.project(states[len(langs) + k])
         s0, s1, rule = subject_span(group.edits[l].prompt, group.edits[l].subject, group.subjects)
         if rule == "fallback":
-            pos, rule = aligned_token(st, spans, anchors), "aligned"
+            pos, rule = aligned_token(st, spans, anchors, group.edits[l].prompt), "aligned"
         else:
             pos = last_token_of_span(spans, s0, s1)
         keys.append(st[pos])
@@ -83,11 +104,19 @@ def mention_alias(prompt: str, end: int, subject: str) -> str:
 
     >>> mention_alias("Какой художник создал «Вызовите доктора»?", 40, "Позвонить доктору")
     '«Вызовите доктора»'
+    >>> mention_alias("加德纳海湾 is Gardner Inlet?", 16, "加德纳海湾")   # words where the mention has them
+    'Gardner'
     """
     head = prompt[:end]
-    if _no_space(fold(subject)):
-        return head[-len(subject):].strip()
-    return " ".join(head.split()[-len(fold(subject).split() or [""]):])
+    window = head[-len(subject):]
+    if _no_space(fold(subject)) and _no_space(fold(window)):
+        return window.strip()
+    return " ".join(head.split()[-max(1, len(fold(subject).split())):])
+
+
+def _word_char(ch: str) -> bool:
+    """A letter or digit of a script written with spaces between words."""
+    return ch.isalnum() and not _no_space(ch)
 
 
 @lru_cache(maxsize=1)
@@ -162,7 +191,7 @@ def routed_subject_span(model, tokenizer, store: KeyStore, question: str, own_su
     if rule != "fallback":
         return s0, s1, rule
     (ids, spans), st = [x[0] for x in _states(model, tokenizer, [question], store.layer)]
-    a, b = spans[aligned_token(store.project(st), spans, anchors)]
+    a, b = spans[aligned_token(store.project(st), spans, anchors, question)]
     return a, b, "aligned"
 
 

@@ -6,6 +6,10 @@
 Characters are NFKD-folded, marks dropped, case-folded, runs of non-letters/digits become one
 space; n = 2 for subjects in scripts without word spaces (CJK, Thai), else 3.  The score is the
 best over the group's subjects (every language).
+
+``edges=True`` counts a subject only where both of its ends are spelled (:func:`edges_spelled`):
+a query sharing one word of a two-word name ("Thomas Rhett" for "Marlo Thomas", "the good doctor"
+for "Call the Doctor") then scores 0, an inflected mention ("Ненада Стаменковича") still counts.
 """
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ import unicodedata
 from collections.abc import Iterable
 from functools import lru_cache
 
-__all__ = ["fold", "lexical_support", "SubjectGramIndex"]
+__all__ = ["fold", "lexical_support", "edges_spelled", "SubjectGramIndex"]
 
 _NO_SPACE = ((0x0E00, 0x0EFF), (0x3040, 0x30FF), (0x3400, 0x9FFF), (0xAC00, 0xD7AF), (0xF900, 0xFAFF))
 
@@ -47,8 +51,52 @@ def _grams(text: str, n: int) -> frozenset[str]:
     return frozenset(t[i:i + n] for i in range(max(1, len(t) - n + 1)))
 
 
-def lexical_support(query: str, subjects: Iterable[str]) -> float:
-    """Best share (0..1) of a subject's character n-grams present in ``query``."""
+EDGE_WORD_MIN = 4     # an edge word has at least this many characters (not "the", "la", "по")
+EDGE_SHARE = 0.5      # ... at least this share of its own n-grams is in the query
+EDGE_PREFIX = 3       # ... and a query word starts with its first characters (inflection changes endings)
+EDGE_CHARS = 4        # a subject without word spaces: its first and last characters are the edges
+EDGE_CHAR_SHARE = 0.6  # ... with this share of their bigrams in the query
+
+
+@lru_cache(maxsize=65536)
+def _edge_spec(fs: str) -> tuple[tuple[frozenset[str], int, str], ...]:
+    """A folded subject's ends as ``(n-grams, hits needed, word start)`` triples. A subject written
+    without word spaces: its first and last :data:`EDGE_CHARS` characters (bigrams,
+    :data:`EDGE_CHAR_SHARE`, no word start). Else its first and last word of
+    :data:`EDGE_WORD_MIN`+ characters (its first and last word where fewer than two are that
+    long: ".45 Super" needs its "45"): padded trigrams, :data:`EDGE_SHARE`, and its first
+    :data:`EDGE_PREFIX` characters must start a query word."""
+    if _no_space(fs):
+        ends = dict.fromkeys((fs[:EDGE_CHARS], fs[-EDGE_CHARS:]))
+        return tuple((g, _need(len(g), EDGE_CHAR_SHARE), "") for g in (_grams(e, 2) for e in ends))
+    words = fs.split()
+    long = [w for w in words if len(w) >= EDGE_WORD_MIN]
+    if len(long) < 2:
+        long = words
+    ends = dict.fromkeys((long[0], long[-1]))
+    return tuple((g, _need(len(g), EDGE_SHARE), " " + w[:EDGE_PREFIX]) for w, g in ((w, _grams(w, 3)) for w in ends))
+
+
+def _edges_ok(fs: str, q: str, qg: frozenset[str]) -> bool:
+    """``q``: the folded query, ``qg``: its n-grams of ``fs``'s n (:func:`_grams`)."""
+    return all(len(g & qg) >= need and start in f" {q}" for g, need, start in _edge_spec(fs))
+
+
+def edges_spelled(query: str, subject: str) -> bool:
+    """Whether both ends of ``subject`` are spelled in ``query`` (folded; see :func:`_edge_spec`).
+
+    >>> edges_spelled("Wann erscheint das Album von Thomas Rhett?", "Marlo Thomas")
+    False
+    >>> edges_spelled("Где родился Ненада Стаменковича?", "Ненад Стаменкович")
+    True
+    """
+    q, fs = fold(query), fold(subject)
+    return _edges_ok(fs, q, _grams(q, 2 if _no_space(fs) else 3))
+
+
+def lexical_support(query: str, subjects: Iterable[str], *, edges: bool = False) -> float:
+    """Best share (0..1) of a subject's character n-grams present in ``query``; with ``edges``,
+    only over the subjects whose both ends are spelled there (:func:`edges_spelled`)."""
     q = fold(query)
     best = 0.0
     for s in subjects:
@@ -56,8 +104,10 @@ def lexical_support(query: str, subjects: Iterable[str]) -> float:
         if not fs:
             continue
         n = 2 if _no_space(fs) else 3
-        g = _grams(fs, n)
-        best = max(best, len(g & _grams(q, n)) / len(g))
+        g, qg = _grams(fs, n), _grams(q, n)
+        share = len(g & qg) / len(g)
+        if share > best and (not edges or _edges_ok(fs, q, qg)):
+            best = share
     return best
 
 
@@ -104,12 +154,13 @@ class SubjectGramIndex:
     (['g1'], [])
     """
 
-    def __init__(self, min_share: float, *, overlap: int = 3, rebuild_from: int = 256) -> None:
+    def __init__(self, min_share: float, *, overlap: int = 3, rebuild_from: int = 256, edges: bool = False) -> None:
         if not min_share > 0:
             raise ValueError(f"SubjectGramIndex needs min_share > 0 (else every group passes), got {min_share}")
         if overlap < 1:
             raise ValueError(f"overlap must be >= 1, got {overlap}")
         self.min_share = float(min_share)
+        self.edges = edges  # as lexical_support(..., edges=)
         self.overlap = int(overlap)
         self._by_hits: dict[int, set[str]] = {c: set() for c in range(1, self.overlap)}  # hits < overlap
         self.rebuild_from = rebuild_from
@@ -202,8 +253,8 @@ class SubjectGramIndex:
         return set(self.supports(query))
 
     def supports(self, query: str) -> dict[str, float]:
-        """Group -> ``lexical_support(query, its subjects)``, for the groups reaching
-        ``min_share``."""
+        """Group -> ``lexical_support(query, its subjects, edges=self.edges)``, for the groups
+        reaching ``min_share``."""
         q = fold(query)
         qgrams: dict[int, frozenset[str]] = {}
         seen = [set() for _ in range(self.overlap)]   # seen[j]: reached through > j posted n-grams
@@ -224,7 +275,7 @@ class SubjectGramIndex:
         for fs in reached:
             e = self._subjects[fs]
             share = len(e.grams & qgrams[e.n]) / len(e.grams)
-            if share >= self.min_share:
+            if share >= self.min_share and (not self.edges or _edges_ok(fs, q, qgrams[e.n])):
                 for g in e.groups:
                     if share > out.get(g, -1.0):
                         out[g] = share

@@ -184,6 +184,11 @@ class Router:
             spelled in the query -- an inflected or re-transliterated mention ("Ненада
             Стаменковича" for "Ненад Стаменкович") moves the state at its last token away from the
             keys, while its spelling stays close (docs/router.md, "Session 9").
+        edges: the lexical rule counts a subject (or alias) only where both of its ends are spelled
+            in the query (:func:`~lafn_lightning.routing.lexical.edges_spelled`): one shared word
+            of a longer name ("Thomas Rhett" for "Marlo Thomas", "Sunday" for "Runaway Sunday")
+            no longer lowers the cosine a group needs (docs/router.md, "Session 11"). False: the
+            session-9 rule (any ``lexical_min`` of the n-grams).
         aliases: group id -> mention strings (the key store's :meth:`KeyStore.aliases` by
             default): spelled forms that count for the lexical rule and the site, never for
             stage 1 -- an edit prompt's words at an aligned key (its own wording of the subject).
@@ -206,7 +211,8 @@ class Router:
                  threshold: float, lexical_threshold: float | None = None, lexical_min: float = 0.5,
                  stage1: str | None = "exact", index: str = "auto", k: int = 8, candidates: int = 1,
                  lookup: str = "auto", lexical_tiers: Iterable[Sequence[float]] = (),
-                 aliases: Mapping[str, Iterable[str]] | None = None, **index_kwargs) -> None:
+                 aliases: Mapping[str, Iterable[str]] | None = None, edges: bool = True,
+                 **index_kwargs) -> None:
         if lookup not in ("auto", "index", "lexical"):
             raise ValueError(f"lookup must be auto, index or lexical, got {lookup!r}")
         self.layer = store.layer
@@ -215,6 +221,7 @@ class Router:
         self.lexical_threshold = None if lexical_threshold is None else float(lexical_threshold)
         self.lexical_min = float(lexical_min)
         self.lexical_tiers = _tiers(lexical_tiers, self.lexical_min, self.lexical_threshold)
+        self.edges = bool(edges)
         self.k = k
         self.candidates = candidates
         self.stage1 = stage1
@@ -225,7 +232,7 @@ class Router:
         self._subjects: dict[str, tuple[str, ...]] = {}   # stage 1
         self._forms: dict[str, tuple[str, ...]] = {}      # subjects + aliases: lexical rule, site
         self._aliases = {g: tuple(a) for g, a in (aliases if aliases is not None else store.all_aliases()).items()}
-        self._lexical = SubjectGramIndex(self.lexical_min) if self.lexical_min > 0 and lookup != "index" else None
+        self._lexical = SubjectGramIndex(self.lexical_min, edges=self.edges) if self.lexical_min > 0 and lookup != "index" else None
         self.matcher = SubjectMatcher({}, mode=stage1 or "exact")
         self.index = VectorIndex(store.dim or 1, kind=index, **index_kwargs)
         self._row_group: list[str] = []
@@ -344,7 +351,7 @@ class Router:
             return True
         if not self.lexical_tiers or score < self.floor:
             return False
-        return score >= self.cosine_needed(lexical_support(text, self._forms.get(group_id, ())))
+        return score >= self.cosine_needed(lexical_support(text, self._forms.get(group_id, ()), edges=self.edges))
 
     def project(self, states: torch.Tensor) -> torch.Tensor:
         """Unit states -> key space (centred with the store's vector, re-normalised)."""
