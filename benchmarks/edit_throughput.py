@@ -2,6 +2,10 @@
 
     python benchmarks/edit_throughput.py                    # demo backbone, groups 0:16, en+zh
     python benchmarks/edit_throughput.py --backbone tiny    # quick run on a tiny random model
+    python benchmarks/edit_throughput.py --sizes 16 -- --data.bare_prompt true   # options for both loops
+
+Anything after ``--`` goes to the ``lafn fit`` configuration of both loops (the baseline reads its
+batch, prompts and hyper-parameters from the same configuration).
 
 Both loops edit the same groups with the same neurons (``locate_group``), loss, learning rate,
 step budget and stopping rule (a group stops once its L_target < ``model.stop_loss``):
@@ -24,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 import zlib
@@ -169,13 +174,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
     parser.add_argument("--out", default=None, help="where the caches go (default: a temporary folder)")
     parser.add_argument("--json", default=None, help="also write the results here")
-    args = parser.parse_args()
+    argv = sys.argv[1:]
+    cut = argv.index("--") if "--" in argv else len(argv)
+    args = parser.parse_args(argv[:cut])
+    args.fit_args = argv[cut + 1:]
     torch.set_num_threads(args.threads)
     out = Path(args.out or tempfile.mkdtemp(prefix="lafn_throughput_"))
     base = ["-c", str(REPO / "configs" / f"{args.backbone}.yaml"), "--data.groups", args.groups,
             "--data.languages", args.languages, "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
             "--trainer.enable_model_summary", "false", "--trainer.enable_checkpointing", "false",
-            "--trainer.default_root_dir", str(out)]
+            "--trainer.default_root_dir", str(out), *args.fit_args]
     probe = _cli(base, "--cache_dir", str(out / "probe"))
     groups, languages = probe.datamodule.groups, list(probe.datamodule.languages)
     backbone = probe.model.hparams.backbone

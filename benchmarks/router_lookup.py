@@ -16,9 +16,9 @@ the queries that hold a token near a cached key (on the others every score is no
 ``lexical`` (the lexical-first path, ``Router(lookup="auto")`` with the calibrated demo thresholds
 1.0001 / 0.8748, lexical_min 0.5): every group also gets real subject strings, from the packaged
 zsRE training facts whose English subject (``router_dev/subj.py``: ``template_subject``) has 4+
-letters (9,973 of 10,000; group k: the
-k-th of those, cyclically; en + zh for the first 9,973 groups, a random pair of languages after
-that, so beyond that facts repeat in other language pairs), subjects guessed from the
+letters (9,973 of 10,000; group k: the k-th of those, cyclically; en + zh for the first 9,973
+groups, a random pair of languages after that, so beyond that facts repeat in other language
+pairs), subjects guessed from the
 questions (the English one where a question spells it, else ``router_dev/subj.py`` for
 alphabetic scripts, for zh a 《title》 or the leading noun phrase). Queries are real
 questions: half a cached fact's question (facts 0..99, cached at every size; one token's state near

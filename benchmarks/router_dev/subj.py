@@ -26,6 +26,8 @@ def guess_subject(q: str) -> str:
     for suf in ("'s", "’s"):
         if s.endswith(suf): s = s[:-2]
     return s.rstrip(".")
+
+
 _TEMPLATES = None
 
 
@@ -36,11 +38,12 @@ def _words(q: str) -> list[str]:
 
 def template_subject(q: str, min_count: int = 3) -> str:
     """The subject of an English zsRE question as what its relation template leaves: the words
-    between the longest (prefix, suffix) word pair that at least ``min_count`` of the 10,000 packaged
-    training questions share ("In what war did | Ali | fight in?"); :func:`guess_subject` where
-    no template is that common; capitalised words next to it join it ("Messier 4", not "4"). 144 of the 150 MzsRE dev English prompts give their subject
-    exactly (the capitalised-run guess: 140), and multi-word names stay whole ("Ahmed ibn Muhammad
-    ibn Khalifa", "The Brother from Another Planet", where the guess gave "Muhammad", "Another
+    between the longest (prefix, suffix) word pair that at least ``min_count`` of the 10,000
+    packaged training questions share ("In what war did | Ali | fight in?"), joined by the
+    capitalised words next to them ("Messier 4", not "4"); :func:`guess_subject` where no template
+    is that common. 148 of the 150 MzsRE dev English prompts give their subject exactly (the
+    capitalised-run guess: 140), and multi-word names stay whole ("Ahmed ibn Muhammad ibn
+    Khalifa", "The Brother from Another Planet", where the guess gave "Muhammad", "Another
     Planet")."""
     global _TEMPLATES
     if _TEMPLATES is None:
