@@ -462,6 +462,9 @@ def test_edges_of_subjects_with_and_without_word_spaces():
     sunday = "ในฟลอริดา การขายเครื่องดื่มแอลกอฮอล์ก่อน 13.00 น. ของวันอาทิตย์ถือเป็นสิ่งผิดกฎหมาย นี่คือ"
     assert lexical_support(sunday, ["วันอาทิตย์หนี"]) > 0.8 and lexical_support(sunday, ["วันอาทิตย์หนี"], edges=True) == 0
     assert edges_spelled("วันอาทิตย์หนีออกฉายเมื่อใด", "วันอาทิตย์หนี")
+    # a Thai name written with a space: its first and last words are the edges, so a respelled
+    # family name ("โลซิยา" for "โลซิลา") still counts
+    assert edges_spelled("แอนโทนี่ โลซิยา อยู่ในสนามเมื่อเล่นฟุตบอลเป็นอย่างไรบ้าง?", "แอนโทนี่ โลซิลา")
     # the n-gram index applies the same rule
     ix = SubjectGramIndex(0.5, edges=True)
     ix.add("runaway", ["วันอาทิตย์หนี"])

@@ -61,15 +61,16 @@ EDGE_CHAR_SHARE = 0.6  # ... with this share of their bigrams in the query
 @lru_cache(maxsize=65536)
 def _edge_spec(fs: str) -> tuple[tuple[frozenset[str], int, str], ...]:
     """A folded subject's ends as ``(n-grams, hits needed, word start)`` triples. A subject written
-    without word spaces: its first and last :data:`EDGE_CHARS` characters (bigrams,
-    :data:`EDGE_CHAR_SHARE`, no word start). Else its first and last word of
+    without word spaces: its first and last :data:`EDGE_CHARS` characters, or its first and last
+    space-separated part where it has several (a Thai given and family name), as bigrams with
+    :data:`EDGE_CHAR_SHARE`, no word start. Else its first and last word of
     :data:`EDGE_WORD_MIN`+ characters (its first and last word where fewer than two are that
     long: ".45 Super" needs its "45"): padded trigrams, :data:`EDGE_SHARE`, and its first
     :data:`EDGE_PREFIX` characters must start a query word."""
-    if _no_space(fs):
-        ends = dict.fromkeys((fs[:EDGE_CHARS], fs[-EDGE_CHARS:]))
-        return tuple((g, _need(len(g), EDGE_CHAR_SHARE), "") for g in (_grams(e, 2) for e in ends))
     words = fs.split()
+    if _no_space(fs):
+        ends = dict.fromkeys((words[0], words[-1]) if len(words) > 1 else (fs[:EDGE_CHARS], fs[-EDGE_CHARS:]))
+        return tuple((g, _need(len(g), EDGE_CHAR_SHARE), "") for g in (_grams(e, 2) for e in ends))
     long = [w for w in words if len(w) >= EDGE_WORD_MIN]
     if len(long) < 2:
         long = words
