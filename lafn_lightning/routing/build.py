@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ..text.matching import _is_spaced_word_char
 from ..text.spans import last_token_of_span
 from ..text.subjects import anchor_text, subject_span
 from .keys import KeyStore
@@ -70,7 +71,7 @@ def word_end(text: str, end: int) -> int:
     >>> word_end("Where is Gardner Inlet?", 13), word_end("Where is Gardner Inlet?", 16)
     (16, 16)
     """
-    while 0 < end < len(text) and _word_char(text[end - 1]) and _word_char(text[end]):
+    while 0 < end < len(text) and _is_spaced_word_char(text[end - 1]) and _is_spaced_word_char(text[end]):
         end += 1
     return end
 
@@ -112,11 +113,6 @@ def mention_alias(prompt: str, end: int, subject: str) -> str:
     if _no_space(fold(subject)) and _no_space(fold(window)):
         return window.strip()
     return " ".join(head.split()[-max(1, len(fold(subject).split())):])
-
-
-def _word_char(ch: str) -> bool:
-    """A letter or digit of a script written with spaces between words."""
-    return ch.isalnum() and not _no_space(ch)
 
 
 @lru_cache(maxsize=1)

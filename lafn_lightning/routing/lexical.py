@@ -80,7 +80,8 @@ def _edge_spec(fs: str) -> tuple[tuple[frozenset[str], int, str], ...]:
 
 def _edges_ok(fs: str, q: str, qg: frozenset[str]) -> bool:
     """``q``: the folded query, ``qg``: its n-grams of ``fs``'s n (:func:`_grams`)."""
-    return all(len(g & qg) >= need and start in f" {q}" for g, need, start in _edge_spec(fs))
+    padded = f" {q}"
+    return all(len(g & qg) >= need and start in padded for g, need, start in _edge_spec(fs))
 
 
 def edges_spelled(query: str, subject: str) -> bool:
