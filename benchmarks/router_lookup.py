@@ -24,7 +24,9 @@ alphabetic scripts, for zh a 《title》 or the leading noun phrase). Queries ar
 questions: half a cached fact's question (facts 0..99, cached at every size; one token's state near
 one of that group's keys), half an MzsRE dev locality question (en / zh, random states). Timed:
 ``Router.scores(states, tokens, margins=True, text=question)`` ("lex ms", comparable with the other
-columns) and the whole ``Router.route`` without stage 1 ("lex route ms": + the acceptance rule and
+columns; "fact ms" and "loc ms": the median over the cached facts' questions and over the locality
+questions alone -- the median over all sits between the two kinds, where a small shift in the share
+of queries that have lexical candidates moves it a lot) and the whole ``Router.route`` without stage 1 ("lex route ms": + the acceptance rule and
 the site); "cands/q": groups with lexical support >= 0.5 per query (the only ones scored); "fired":
 share of cached-fact queries routed to their group, "false": share of locality queries routed.
 """
@@ -145,7 +147,7 @@ def main() -> None:
     g = torch.Generator().manual_seed(1)
     lex_data = (fact_subjects(), locality_questions()) if "lexical" in kinds else None
     print(f"{'keys':>8}{'edits':>8}{'flat ms':>10}{'hnsw ms':>10}{'hnsw build s':>14}{'hnsw recall@1':>15}"
-          f"{'lex ms':>9}{'lex route ms':>14}{'cands/q':>9}{'fired':>7}{'false':>7}")
+          f"{'lex ms':>9}{'fact ms':>9}{'loc ms':>8}{'lex route ms':>14}{'cands/q':>9}{'fired':>7}{'false':>7}")
     rows = {}
     nan = float("nan")
     for n in sizes:
@@ -177,17 +179,21 @@ def main() -> None:
         planted = range(1, len(queries), 2)   # queries holding a token near a cached key (the others match nothing)
         recall = (sum(res["flat"][2][q] == res["hnsw"][2][q] for q in planted) / max(1, len(planted))
                   if "flat" in kinds and "hnsw" in kinds else nan)
-        lex = measure_lexical(store, lex_data, args, g) if lex_data else (nan, nan, nan, nan, nan)
-        rows[n] = {**{k: v[0] for k, v in res.items()}, "lexical": lex[0]}
+        lex = measure_lexical(store, lex_data, args, g) if lex_data else (nan,) * 7
+        rows[n] = {**{k: v[0] for k, v in res.items()}, "lexical": lex[0], "lexical fact": lex[5],
+                   "lexical loc": lex[6]}
         print(f"{n:8d}{n // args.per_group:8d}{res['flat'][0]:10.3f}{res['hnsw'][0]:10.3f}{res['hnsw'][1]:14.1f}"
-              f"{recall:15.3f}{lex[0]:9.3f}{lex[1]:14.3f}{lex[2]:9.1f}{lex[3]:7.2f}{lex[4]:7.2f}", flush=True)
+              f"{recall:15.3f}{lex[0]:9.3f}{lex[5]:9.3f}{lex[6]:8.3f}{lex[1]:14.3f}{lex[2]:9.1f}{lex[3]:7.2f}"
+              f"{lex[4]:7.2f}", flush=True)
     lo, hi = min(sizes), max(sizes)
     print(f"lookup ratio {hi} vs {lo} keys ({hi // args.per_group} vs {lo // args.per_group} edits): "
-          + ", ".join(f"{k} {rows[hi][k] / rows[lo][k]:.2f}x" for k in ("flat", "hnsw", "lexical") if k in kinds))
+          + ", ".join(f"{k} {rows[hi][k] / rows[lo][k]:.2f}x" for k in ("flat", "hnsw", "lexical", "lexical fact", "lexical loc")
+             if k.split()[0] in kinds))
 
 
-def measure_lexical(store: KeyStore, data, args, g: torch.Generator) -> tuple[float, float, float, float, float]:
-    """(scores ms, route ms, candidate groups per query, fired, false) of the lexical-first path."""
+def measure_lexical(store: KeyStore, data, args, g: torch.Generator) -> tuple[float, ...]:
+    """(scores ms, route ms, candidate groups per query, fired, false, scores ms of the cached
+    facts' questions, scores ms of the locality questions) of the lexical-first path."""
     (subjects, questions), locality = data
     gids = store.group_ids()
     facts = [i for i, s in enumerate(subjects["en"]) if len(fold(s)) >= 4]   # no "La", "Ma" guesses
@@ -212,7 +218,8 @@ def measure_lexical(store: KeyStore, data, args, g: torch.Generator) -> tuple[fl
         else:
             cases.append((locality[(q // 2) % len(locality)], x, None))
     tokens = list(range(args.tokens))
-    router.scores(cases[0][1], tokens, margins=True, text=cases[0][0])   # warm the caches
+    for text, x, _ in cases[:2]:   # warm the caches (a locality and a fact question: the key matrix)
+        router.scores(x, tokens, margins=True, text=text)
     t_scores, t_route, cands, fired, false = [], [], [], 0, 0
     for text, x, own in cases:
         spans = even_spans(text, args.tokens)
@@ -228,8 +235,10 @@ def measure_lexical(store: KeyStore, data, args, g: torch.Generator) -> tuple[fl
         fired += own is not None and any(r.group_id == own for r in routes)
         false += own is None and bool(routes)
     half = max(1, len(cases) // 2)
+    by_kind = [statistics.median(t for t, (_, _, own) in zip(t_scores, cases) if (own is None) == loc) * 1e3
+               for loc in (False, True)]
     return (statistics.median(t_scores) * 1e3, statistics.median(t_route) * 1e3, statistics.mean(cands),
-            fired / half, false / half)
+            fired / half, false / half, *by_kind)
 
 if __name__ == "__main__":
     main()

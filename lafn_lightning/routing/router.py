@@ -240,6 +240,7 @@ class Router:
         self._index_kwargs = dict(kind=index, **index_kwargs)
         subjects = subjects or {}
         self._radius: list[float] = []
+        self._radius_arr: np.ndarray | None = None   # _radius as an array, made on demand
         for gid, keys in store.items():
             self.add(gid, keys, subjects.get(gid, ()), store.radii(gid))
         for gid, subs in subjects.items():  # subjects without keys: stage 1 only
@@ -278,6 +279,7 @@ class Router:
         rows = self.index.add(keys)
         r = [-1.0] * len(rows) if radii is None else torch.as_tensor(radii).float().tolist()
         self._radius.extend(r)
+        self._radius_arr = None
         self._row_group.extend([group_id] * len(rows))
         self._group_rows[group_id] = rows
         self._set_subjects(group_id, subjects)
@@ -300,7 +302,7 @@ class Router:
     def _compact(self) -> None:
         keep = [(g, self.index._vecs[list(r)], [self._radius[i] for i in r]) for g, r in self._group_rows.items()]
         self.index = VectorIndex(self.index.dim, **self._index_kwargs)
-        self._row_group, self._group_rows, self._radius = [], {}, []
+        self._row_group, self._group_rows, self._radius, self._radius_arr = [], {}, [], None
         for g, v, rad in keep:
             rows = self.index.add(torch.from_numpy(v))
             self._radius.extend(rad)
@@ -365,24 +367,42 @@ class Router:
         if not self.lexical_tiers:  # nothing reaches the floor (threshold > 1)
             return {}
         support = self._candidate_support(text)
-        gids = list(support)
-        if not gids:
+        if not support:
             return {}
-        spans = [self._group_rows[g] for g in gids]
-        first_row = np.fromiter((r.start for r in spans), np.int64, len(spans))
-        n_rows = np.fromiter((len(r) for r in spans), np.int64, len(spans))
+        gids = list(support)
+        first_row = np.fromiter((self._group_rows[g].start for g in gids), np.int64, len(gids))
+        n_rows = np.fromiter((len(self._group_rows[g]) for g in gids), np.int64, len(gids))
         starts = np.cumsum(n_rows) - n_rows                                   # group -> its first column
         rows = np.repeat(first_row - starts, n_rows) + np.arange(int(n_rows.sum()))
-        keys = torch.from_numpy(self.index._vecs[rows])
-        sim = (self.project(states[list(candidates)]) @ keys.T).numpy().astype(np.float64)  # [tokens, rows]
-        radius = np.array([self._radius[r] for r in rows], dtype=np.float64)
+        # numpy for the small steps, where torch's per-call overhead was most of the cost
+        x = torch.as_tensor(states).detach().float().cpu().numpy()[np.asarray(candidates, dtype=np.int64)]
+        if self.center is not None:
+            x = x - self._center_np
+        x = x / np.maximum(np.sqrt(np.einsum("ij,ij->i", x, x)), 1e-6)[:, None]
+        # the matmul in torch: numpy's BLAS would start its own threads beside torch's
+        sim = (torch.from_numpy(x) @ torch.from_numpy(self.index._vecs[rows]).T).numpy().astype(np.float64)
         # each group's floor follows its own lexical support (one tier: lexical_threshold for all)
-        floor = np.repeat(np.array([self.cosine_needed(support[g]) for g in gids], dtype=np.float64), n_rows)
-        sim = np.where((sim < radius) | (sim < floor), -np.inf, sim)
+        sup = np.fromiter(support.values(), np.float64, len(gids))
+        floor = np.full(len(gids), self.threshold)
+        for share, cos in self.lexical_tiers:
+            floor = np.where(sup >= share, np.minimum(floor, cos), floor)
+        limit = np.maximum(self._radius_np[rows], np.repeat(floor, n_rows))
+        sim[sim < limit] = -np.inf
         per_token = np.maximum.reduceat(sim, starts, axis=1)                # [tokens, groups]
         best = per_token.max(axis=0)
         first = (per_token == best).argmax(axis=0)                          # earliest best token
         return {g: (float(best[j]), candidates[int(first[j])]) for j, g in enumerate(gids) if best[j] > -np.inf}
+
+    @property
+    def _center_np(self) -> np.ndarray:
+        return torch.as_tensor(self.center).detach().float().cpu().numpy()
+
+    @property
+    def _radius_np(self) -> np.ndarray:
+        """``_radius`` as an array (re-made after :meth:`add` and :meth:`_compact`)."""
+        if self._radius_arr is None:
+            self._radius_arr = np.asarray(self._radius, dtype=np.float64)
+        return self._radius_arr
 
     def scores(self, states: torch.Tensor, candidates: Sequence[int], *, margins: bool = False,
                text: str | None = None) -> dict[str, tuple[float, int]]:
