@@ -285,6 +285,26 @@ def test_removed_group_is_no_longer_a_lexical_candidate():
     assert [r.group_id for r in hit] == ["x1450"] and hit[0].score == pytest.approx(1.0, abs=1e-5)
 
 
+def test_radii_added_after_a_lookup_still_count():
+    """The lexical-first path keeps the keys' radii as an array: a group added (or replaced) after
+    the router has scored queries must still fire only above its own radius."""
+    _, router = lex_routers(stage1=None)
+    text, spans = spans_of(["Ville", "lumière", "?"])
+    at = {2: unit(12, noise=0.5)}                            # cosine 0.89 with the key below
+    assert router.route(text, spans, states_for(len(spans), at)) == []   # scored once: arrays made
+    router.add("ville", unit(12)[None], ["Ville lumière"], radii=torch.tensor([0.95]))
+    assert router.route(text, spans, states_for(len(spans), at)) == []   # 0.89 < radius 0.95
+    router.add("ville", unit(12)[None], ["Ville lumière"], radii=torch.tensor([0.5]))
+    assert [r.group_id for r in router.route(text, spans, states_for(len(spans), at))] == ["ville"]
+    for j in range(1500):                                    # compaction re-makes the rows and radii
+        router.add(f"x{j}", unit(13, noise=0.5, seed=j)[None], [f"Filler {j:04d} Town"])
+    for j in range(1400):
+        router.remove(f"x{j}")
+    assert len(router.index._vecs) < 1000
+    router.add("ville", unit(12)[None], ["Ville lumière"], radii=torch.tensor([0.95]))
+    assert router.route(text, spans, states_for(len(spans), at)) == []
+
+
 @pytest.mark.parametrize("overlap", [1, 2, 3])
 @pytest.mark.parametrize("share", [0.5, 0.34, 0.75, 1.0])
 def test_prefix_filtering_finds_every_subject_reaching_lexical_min(share, overlap):
