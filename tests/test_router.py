@@ -5,7 +5,7 @@ import torch
 from lafn_lightning.backbone.fingerprint import FingerprintMismatch
 from lafn_lightning.routing.router import Router, VectorIndex, calibrate_threshold
 from lafn_lightning.routing.keys import KeyStore
-from lafn_lightning.routing.lexical import lexical_support
+from lafn_lightning.routing.lexical import end_supports, lexical_support
 
 D = 16
 
@@ -329,7 +329,7 @@ def test_prefix_filtering_finds_every_subject_reaching_lexical_min(share, overla
     ix = SubjectGramIndex(share, overlap=overlap, rebuild_from=8)
     ix_edges = SubjectGramIndex(share, overlap=overlap, rebuild_from=8, edges=True)
     groups: dict[str, list[str]] = {}
-    with_edges = 0
+    with_edges = one_end_only = 0
     boundary = 0
     for step in range(400):
         gid = f"g{step}"
@@ -354,9 +354,13 @@ def test_prefix_filtering_finds_every_subject_reaching_lexical_min(share, overla
         assert ix.supports(query) == {g: lexical_support(query, groups[g]) for g in want}
         edged = {g: lexical_support(query, subs, edges=True) for g, subs in groups.items()}
         assert ix_edges.supports(query) == {g: v for g, v in edged.items() if v >= share}
+        ends = {g: end_supports(query, subs) for g, subs in groups.items()}
+        assert ix_edges.end_supports(query) == {g: (b if b >= share else 0.0, o) for g, (b, o) in ends.items() if o >= share}
+        one_end_only += any(o >= share > b for b, o in ends.values())
         with_edges += any(v >= share for v in edged.values())
     assert boundary >= 100  # the exact boundary was exercised
     assert with_edges >= 20  # and queries that the edge rule lets through
+    assert one_end_only >= 20 or share == 1.0  # and queries where only one end is spelled (at 1.0: both are)
 
 
 # --- lexical tiers and aliases (session 9) ----------------------------------------------------
@@ -463,6 +467,49 @@ def test_one_shared_word_of_a_longer_name_does_not_lower_the_cosine(lookup):
     genitive = spans_of(["Где", "играл", "Ненада", "Стаменковича", "?"])
     drift = unit(1, noise=1.0)   # cosine ~0.7: only the 0.7 tier accepts it
     assert [r.group_id for r in Router(store, subjects, **args).route(*genitive, states_for(6, {4: drift}))] == ["nenad"]
+
+
+# --- one end spelled, near-identical state (session 12) ----------------------------------------
+
+@pytest.mark.parametrize("lookup", ["index", "lexical"])
+def test_a_one_end_tier_fires_only_at_a_near_identical_cosine(lookup):
+    # «конкурс ИААФ по многоборью» for the cached "Соревнования ИААФ по многоборью": the head word
+    # is translated, so only the last end is spelled and the both-ends tiers never count it. A
+    # [0.5, 0.98, 1] tier lets it fire where the state is near-identical to the key, and only there:
+    # the same mention at cosine 0.96, or a shared word of another name, stays unrouted.
+    store = KeyStore(layer=4)
+    store.add("iaaf", unit(0)[None])
+    subjects = {"iaaf": ["Соревнования ИААФ по многоборью"]}
+    args = dict(threshold=1.0001, lexical_threshold=0.875, index="flat", lookup=lookup)
+    text, spans = spans_of(["Когда", "был", "запущен", "конкурс", "ИААФ", "по", "многоборью", "?"])
+    both, one = end_supports(text, subjects["iaaf"])
+    assert both == 0 and one >= 0.5
+    close, near = unit(0, noise=0.1), unit(0, noise=0.3)     # cosines ~0.995 and ~0.96
+    assert float(close @ unit(0)) > 0.98 > float(near @ unit(0)) > 0.875
+    plain = Router(store, subjects, lexical_tiers=[(0.7, 0.6)], **args)
+    tiered = Router(store, subjects, lexical_tiers=[(0.7, 0.6), (0.5, 0.98, 1)], **args)
+    assert plain.route(text, spans, states_for(9, {7: close})) == []
+    assert [(r.group_id, r.position) for r in tiered.route(text, spans, states_for(9, {7: close}))] == [("iaaf", 7)]
+    assert tiered.route(text, spans, states_for(9, {7: near})) == []
+    assert tiered.accepts(text, "iaaf", 0.99) and not tiered.accepts(text, "iaaf", 0.97)
+    # no end of the subject spelled: never, whatever the cosine
+    other = spans_of(["Когда", "был", "запущен", "конкурс", "по", "плаванию", "?"])
+    assert tiered.route(*other, states_for(8, {6: close})) == []
+    # without the edge rule the tier's "one end" is plain support: the base tier already fires
+    assert [r.group_id for r in Router(store, subjects, edges=False, lexical_tiers=[(0.5, 0.98, 1)], **args)
+            .route(text, spans, states_for(9, {7: near}))] == ["iaaf"]
+
+
+def test_lexical_tier_shapes_are_checked_before_any_compute(tmp_path):
+    from lafn_lightning.callbacks.cache_export import CacheExport
+    store = KeyStore(layer=4)
+    store.add("g", unit(0)[None])
+    for bad in ([(0.5, 0.98, 3)], [(0.5,)], [(0.5, 0.9, 1, 2)]):
+        with pytest.raises(ValueError, match="lexical tier"):
+            Router(store, {"g": ["x"]}, threshold=1.0001, lexical_threshold=0.8, lexical_tiers=bad)
+        with pytest.raises(ValueError, match="export.router_lexical_tiers"):
+            CacheExport(str(tmp_path), router_lexical_tiers=[list(t) for t in bad])
+    assert CacheExport(str(tmp_path), router_lexical_tiers=[[0.7, 0.6], [0.5, 0.98, 1]]).router_lexical_tiers
 
 
 def test_edges_of_subjects_with_and_without_word_spaces():

@@ -43,7 +43,7 @@ def test_fit_stores_each_exported_group_keys_with_the_thresholds(caches):
         assert store.aliases(group.group_id) == group_aliases(tok, group, sites)
     routed = EditedModel.from_cache(tmp / "a" / "cache", matcher="router")
     assert set(routed.router._group_rows) == {"mzsre:0", "mzsre:1"} and routed.router.threshold == 0.95
-    assert routed.router.lexical_tiers == ((0.5, 0.5), (0.7, 0.4))
+    assert routed.router.lexical_tiers == ((0.5, 0.5, 2), (0.7, 0.4, 2))
 
 
 def test_cache_merge_merges_keys_and_delete_prunes_them(caches, tmp_path):

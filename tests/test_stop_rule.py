@@ -57,7 +57,7 @@ def test_unknown_stop_rule_is_refused(tmp_path):
 def test_twelve_language_preset_reaches_the_fit_and_the_cache(tmp_path, dev_data):
     """``-c presets/twelve_languages`` after a backbone config: every language, the every-language
     stop rule, loss weighting, beta 0.1, routed sites and the bare prompt reach the fit and its cache settings, and
-    the router's second lexical tier reaches the key file."""
+    the router's further lexical tiers reach the key file."""
     cli = fit(tmp_path, "-c", str(CONFIGS / "presets" / "twelve_languages.yaml"), "--data.dataset", str(dev_data),
               "--data.groups", "0:1", "--trainer.max_steps", "2")
     assert cli.datamodule.hparams.subject_site == "routed"
@@ -65,4 +65,4 @@ def test_twelve_language_preset_reaches_the_fit_and_the_cache(tmp_path, dev_data
     assert len(settings["languages"]) == 12
     assert (settings["stop_rule"], settings["language_weighting"], settings["beta"]) == ("every_language", "loss", 0.1)
     assert settings["bare_prompt"] is True and cli.datamodule.prefixes["en"][0] == ""
-    assert KeyStore.load(tmp_path / "cache" / KEYS_FILE).lexical_tiers == [[0.7, 0.6]]   # the router's second tier
+    assert KeyStore.load(tmp_path / "cache" / KEYS_FILE).lexical_tiers == [[0.7, 0.6], [0.5, 0.9795, 1.0]]   # the router's tiers

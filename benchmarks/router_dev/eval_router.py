@@ -12,6 +12,7 @@ ap.add_argument("--tau-high",type=float,required=True); ap.add_argument("--tau-l
 ap.add_argument("--tiers",default="",help="further lexical tiers share:cosine,... (Router lexical_tiers)")
 ap.add_argument("--aliases",action="store_true",help="aligned prompts' mention aliases (routing.build.group_aliases)")
 ap.add_argument("--no-edges",action="store_true",help="Router(edges=False): the session-9 lexical rule")
+ap.add_argument("--calibrate-one-end",action="store_true",help="print the one-end tier's cosine: just above the best one-end-only score of the even-line zsre-train negatives (held out: odd lines)")
 ap.add_argument("--out"); a=ap.parse_args()
 tiers=[tuple(map(float,t.split(":"))) for t in a.tiers.split(",") if t]
 D=torch.load(WORK+"/dev_states.pt")
@@ -63,6 +64,20 @@ t0=time.time()
 router=Router(store,subjects,threshold=a.tau_high,lexical_threshold=a.tau_low,index=a.index,stage1=a.stage1,candidates=a.candidates,lexical_tiers=tiers,lookup=a.lookup,edges=not a.no_edges)
 print(f"router: {len(router)} groups, {store.n_keys} keys, hnsw={router.index.uses_hnsw}, prompt-key rules {dict(rules)}, "
       f"tiers {router.lexical_tiers}, aliases {sum(map(len,store.all_aliases().values()))}",flush=True)
+if a.calibrate_one_end:   # docs/router.md "Session 12"
+    from lafn_lightning.routing.router import site_tokens, calibrate_threshold
+    def one_end_score(i):
+        """best cosine over the groups with only one end of a subject spelled (>= lexical_min)"""
+        cand=site_tokens(enc[i][1]); proj=router.project(S[i][li].float()[cand]); best=-1.0
+        for g,(both,one) in router._lexical.end_supports(recs[i][3]).items():
+            if both<router.lexical_min and g in router._group_rows:
+                best=max(best,float((proj@torch.from_numpy(router.index._vecs[list(router._group_rows[g])]).T).max()))
+        return best
+    negs=[(i,int(r[0].split(":")[1])%2) for i,r in enumerate(recs) if r[2]=="neg"]
+    ev=[one_end_score(i) for i,odd in negs if not odd]; od=[one_end_score(i) for i,odd in negs if odd]
+    c=calibrate_threshold(ev,0.0)
+    print(f"one-end tier cosine {c:.6f} (even-line negatives: {sum(x>-1 for x in ev)} of {len(ev)} have a one-end-only candidate, best {max(ev):.4f}); "
+          f"held-out odd lines at or above it: {sum(x>=c for x in od)} of {len(od)} (best {max(od):.4f})",flush=True)
 tab=collections.defaultdict(lambda:[0,0,0,0,0]); stages=collections.Counter(); sites=collections.Counter(); fails=[]; lochits=[]
 t0=time.time()
 for i,r in enumerate(recs):

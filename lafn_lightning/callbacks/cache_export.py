@@ -7,6 +7,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lafn_lightning.backbone.fingerprint import fingerprint
 from lafn_lightning.cache import CacheEntry, check_target, write_shard
 from lafn_lightning.editing.record import edit_record
+from lafn_lightning.routing.router import _tiers
 
 
 class CacheExport(L.Callback):
@@ -23,7 +24,8 @@ class CacheExport(L.Callback):
         router_threshold, router_lexical_threshold: the router's calibrated acceptance cosines,
             stored with the keys (per backbone and layer; docs/router.md). None: keep the key
             file's (``matcher="router"`` then needs them passed explicitly).
-        router_lexical_tiers: further ``[min_share, min_cosine]`` pairs of the router's lexical
+        router_lexical_tiers: further ``[min_share, min_cosine]`` pairs (or ``[min_share,
+            min_cosine, 1]``: one end of the subject spelled suffices) of the router's lexical
             rule (``Router(lexical_tiers=)``), stored with the keys; None: keep the key file's.
     """
 
@@ -35,6 +37,11 @@ class CacheExport(L.Callback):
         self.cache_dir, self.value_dtype = cache_dir, value_dtype
         self.router_keys, self.router_threshold = router_keys, router_threshold
         self.router_lexical_threshold = router_lexical_threshold
+        if router_lexical_tiers is not None:   # the Router's own check, before any compute
+            try:
+                _tiers(router_lexical_tiers, 0.0, 0.0)
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"export.router_lexical_tiers={router_lexical_tiers!r}: {e}") from None
         self.router_lexical_tiers = router_lexical_tiers
         self.last_written = None
 

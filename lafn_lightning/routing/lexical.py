@@ -20,7 +20,7 @@ from functools import lru_cache
 
 import numpy as np
 
-__all__ = ["fold", "lexical_support", "edges_spelled", "SubjectGramIndex"]
+__all__ = ["fold", "lexical_support", "end_supports", "edges_spelled", "SubjectGramIndex"]
 
 _NO_SPACE = ((0x0E00, 0x0EFF), (0x3040, 0x30FF), (0x3400, 0x9FFF), (0xAC00, 0xD7AF), (0xF900, 0xFAFF))
 
@@ -90,6 +90,11 @@ def _spec_ok(spec: tuple[tuple[frozenset[str], int, str], ...], padded: str, qg:
     return all(len(g & qg) >= need and start in padded for g, need, start in spec)
 
 
+def _spec_any(spec: tuple[tuple[frozenset[str], int, str], ...], padded: str, qg: frozenset[str]) -> bool:
+    """:func:`_spec_ok` for at least one end (a subject with one edge word: that one)."""
+    return any(len(g & qg) >= need and start in padded for g, need, start in spec)
+
+
 def edges_spelled(query: str, subject: str) -> bool:
     """Whether both ends of ``subject`` are spelled in ``query`` (folded; see :func:`_edge_spec`).
 
@@ -117,6 +122,33 @@ def lexical_support(query: str, subjects: Iterable[str], *, edges: bool = False)
         if share > best and (not edges or _edges_ok(fs, q, qg)):
             best = share
     return best
+
+
+def end_supports(query: str, subjects: Iterable[str]) -> tuple[float, float]:
+    """``(lexical_support(query, subjects, edges=True), the same over the subjects with at least
+    one end spelled)``: the second counts a mention whose other end changed («конкурс ИААФ по
+    многоборью» for "Соревнования ИААФ по многоборью"), and "Thomas Rhett" for "Marlo Thomas".
+
+    >>> [round(x, 2) for x in end_supports("Wann erscheint das Album von Thomas Rhett?", ["Marlo Thomas"])]
+    [0.0, 0.5]
+    >>> [round(x, 2) for x in end_supports("Когда был запущен конкурс ИААФ по многоборью?", ["Соревнования ИААФ по многоборью"])]
+    [0.0, 0.58]
+    """
+    q = fold(query)
+    padded = f" {q}"
+    both = one = 0.0
+    for s in subjects:
+        fs = fold(s)
+        if not fs:
+            continue
+        n = 2 if _no_space(fs) else 3
+        g, qg = _grams(fs, n), _grams(q, n)
+        share = len(g & qg) / len(g)
+        if share > one and _spec_any(_edge_spec(fs), padded, qg):
+            one = share
+        if share > both and _spec_ok(_edge_spec(fs), padded, qg):
+            both = share
+    return both, one
 
 
 def _need(g: int, share: float) -> int:
@@ -289,6 +321,20 @@ class SubjectGramIndex:
     def supports(self, query: str) -> dict[str, float]:
         """Group -> ``lexical_support(query, its subjects, edges=self.edges)``, for the groups
         reaching ``min_share``."""
+        return {g: both for g, (both, _) in self._scan(query, one_end=False).items()}
+
+    def supports_pairs(self, query: str) -> dict[str, tuple[float, float]]:
+        """:meth:`supports` as ``(support, support)`` pairs, the shape of :meth:`end_supports`."""
+        return self._scan(query, one_end=False)
+
+    def end_supports(self, query: str) -> dict[str, tuple[float, float]]:
+        """Group -> :func:`end_supports` of its subjects (the first 0.0 where it is below
+        ``min_share``), for the groups whose second reaches ``min_share``; needs ``edges``."""
+        if not self.edges:
+            raise ValueError("SubjectGramIndex.end_supports needs edges=True")
+        return self._scan(query, one_end=True)
+
+    def _scan(self, query: str, *, one_end: bool) -> dict[str, tuple[float, float]]:
         self._refresh_arrays()
         q = fold(query)
         padded = f" {q}"
@@ -306,12 +352,22 @@ class SubjectGramIndex:
             return {}
         ids = np.concatenate(lists)
         count = np.bincount(ids)                  # subject id -> its posted n-grams in the query
-        out: dict[str, float] = {}
+        both: dict[str, float] = {}
+        one: dict[str, float] = {}
         for i in np.unique(ids[count[ids] >= self._hits[ids]]).tolist():
             e = self._by_id[i]
-            share = len(e.grams & qgrams[e.n]) / len(e.grams)
-            if share >= self.min_share and _spec_ok(e.spec, padded, qgrams[e.n]):
+            qg = qgrams[e.n]
+            share = len(e.grams & qg) / len(e.grams)
+            if share < self.min_share:
+                continue
+            if _spec_ok(e.spec, padded, qg):
                 for g in e.groups:
-                    if share > out.get(g, -1.0):
-                        out[g] = share
-        return out
+                    if share > both.get(g, -1.0):
+                        both[g] = share
+            if one_end and _spec_any(e.spec, padded, qg):
+                for g in e.groups:
+                    if share > one.get(g, -1.0):
+                        one[g] = share
+        if not one_end:
+            return {g: (v, v) for g, v in both.items()}
+        return {g: (both.get(g, 0.0), v) for g, v in one.items()}

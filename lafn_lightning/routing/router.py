@@ -27,7 +27,7 @@ import torch
 from ..text.matching import SubjectMatcher
 from ..text.spans import last_token_of_span
 from .keys import KeyStore
-from .lexical import SubjectGramIndex, lexical_support
+from .lexical import SubjectGramIndex, end_supports, lexical_support
 
 __all__ = ["Route", "VectorIndex", "Router", "state_site", "calibrate_threshold"]
 
@@ -183,7 +183,12 @@ class Router:
             of ``min_cosine`` when ``min_share`` (>= ``lexical_min``) of one of its subjects is
             spelled in the query -- an inflected or re-transliterated mention ("Ненада
             Стаменковича" for "Ненад Стаменкович") moves the state at its last token away from the
-            keys, while its spelling stays close (docs/router.md, "Session 9").
+            keys, while its spelling stays close (docs/router.md, "Session 9"). A third element
+            ``1`` (``[min_share, min_cosine, 1]``; default 2) lets the tier count a subject with
+            only *one* of its ends spelled (with ``edges``): a mention whose other end changed
+            («конкурс ИААФ» for "Соревнования ИААФ"), at a cosine calibrated so high that a
+            shared word alone ("Thomas Rhett" for "Marlo Thomas") does not reach it
+            (docs/router.md, "Session 12").
         edges: the lexical rule counts a subject (or alias) only where both of its ends are spelled
             in the query (:func:`~lafn_lightning.routing.lexical.edges_spelled`): one shared word
             of a longer name ("Thomas Rhett" for "Marlo Thomas", "Sunday" for "Runaway Sunday")
@@ -222,6 +227,7 @@ class Router:
         self.lexical_min = float(lexical_min)
         self.lexical_tiers = _tiers(lexical_tiers, self.lexical_min, self.lexical_threshold)
         self.edges = bool(edges)
+        self._one_end = self.edges and any(ends == 1 for _, _, ends in self.lexical_tiers)
         self.k = k
         self.candidates = candidates
         self.stage1 = stage1
@@ -327,22 +333,28 @@ class Router:
         path scores."""
         return list(self._candidate_support(text))
 
-    def _candidate_support(self, text: str) -> dict[str, float]:
-        """:meth:`lexical_candidates` -> their lexical support, in registration order."""
+    def _candidate_support(self, text: str) -> dict[str, tuple[float, float]]:
+        """:meth:`lexical_candidates` -> their lexical support with both ends and with one end
+        spelled (:func:`~lafn_lightning.routing.lexical.end_supports`; without one-end tiers,
+        only the groups with both, twice), in registration order."""
         if self._lexical is None:
             raise ValueError("lexical_candidates needs lexical_min > 0 and lookup auto or lexical")
-        support, rows = self._lexical.supports(text), self._group_rows
+        support = self._lexical.end_supports(text) if self._one_end else self._lexical.supports_pairs(text)
+        rows = self._group_rows
         return {g: support[g] for g in sorted((g for g in support if rows.get(g)), key=lambda g: rows[g].start)}
 
     @property
     def floor(self) -> float:
         """The lowest cosine that can fire (with lexical support)."""
-        return min([self.threshold] + [c for _, c in self.lexical_tiers])
+        return min([self.threshold] + [c for _, c, _ in self.lexical_tiers])
 
-    def cosine_needed(self, support: float) -> float:
-        """The lowest cosine that fires for a group with lexical ``support`` (0..1) in the query:
-        ``threshold``, or the lowest ``min_cosine`` of the lexical tiers that ``support`` reaches."""
-        return min([self.threshold] + [c for share, c in self.lexical_tiers if support >= share])
+    def cosine_needed(self, support: float, one_end: float | None = None) -> float:
+        """The lowest cosine that fires for a group with lexical ``support`` (0..1, both ends
+        spelled) and ``one_end`` (one end suffices; None: ``support``) in the query:
+        ``threshold``, or the lowest ``min_cosine`` of the lexical tiers that they reach."""
+        one = support if one_end is None else max(support, one_end)
+        return min([self.threshold] + [c for share, c, ends in self.lexical_tiers
+                                       if (one if ends == 1 else support) >= share])
 
     def accepts(self, text: str, group_id: str, score: float) -> bool:
         """Stage 2's rule: ``score >= threshold``, or ``score >= lexical_threshold`` with at
@@ -353,7 +365,10 @@ class Router:
             return True
         if not self.lexical_tiers or score < self.floor:
             return False
-        return score >= self.cosine_needed(lexical_support(text, self._forms.get(group_id, ()), edges=self.edges))
+        forms = self._forms.get(group_id, ())
+        if self._one_end:
+            return score >= self.cosine_needed(*end_supports(text, forms))
+        return score >= self.cosine_needed(lexical_support(text, forms, edges=self.edges))
 
     def project(self, states: torch.Tensor) -> torch.Tensor:
         """Unit states -> key space (centred with the store's vector, re-normalised)."""
@@ -382,10 +397,10 @@ class Router:
         # the matmul in torch: numpy's BLAS would start its own threads beside torch's
         sim = (torch.from_numpy(x) @ torch.from_numpy(self.index._vecs[rows]).T).numpy().astype(np.float64)
         # each group's floor follows its own lexical support (one tier: lexical_threshold for all)
-        sup = np.fromiter(support.values(), np.float64, len(gids))
+        sup = np.array(list(support.values()), dtype=np.float64).reshape(len(gids), 2)   # both ends, one end
         floor = np.full(len(gids), self.threshold)
-        for share, cos in self.lexical_tiers:
-            floor = np.where(sup >= share, np.minimum(floor, cos), floor)
+        for share, cos, ends in self.lexical_tiers:
+            floor = np.where(sup[:, 1 if ends == 1 else 0] >= share, np.minimum(floor, cos), floor)
         limit = np.maximum(self._radius_np[rows], np.repeat(floor, n_rows))
         sim[sim < limit] = -np.inf
         per_token = np.maximum.reduceat(sim, starts, axis=1)                # [tokens, groups]
@@ -461,19 +476,25 @@ class Router:
 
 
 def _tiers(extra: Iterable[Sequence[float]], lexical_min: float, lexical_threshold: float | None
-           ) -> tuple[tuple[float, float], ...]:
-    """``(min_share, min_cosine)`` pairs of the lexical rule, the first from ``lexical_min`` /
+           ) -> tuple[tuple[float, float, int], ...]:
+    """``(min_share, min_cosine, ends)`` triples of the lexical rule (``ends`` 2: both ends of the
+    subject spelled, 1: one suffices; given pairs get 2), the first from ``lexical_min`` /
     ``lexical_threshold``; ValueError for a share below ``lexical_min`` (the lexical index finds
-    only groups reaching that) or tiers without a base lexical threshold."""
-    extra = [(float(a), float(b)) for a, b in extra]
+    only groups reaching that), ends other than 1 or 2, or tiers without a base lexical
+    threshold."""
+    out = []
+    for t in extra:
+        if len(t) not in (2, 3) or (len(t) == 3 and t[2] not in (1, 2)):
+            raise ValueError(f"a lexical tier is [min_share, min_cosine] or [min_share, min_cosine, ends 1|2], got {list(t)}")
+        out.append((float(t[0]), float(t[1]), int(t[2]) if len(t) == 3 else 2))
     if lexical_threshold is None:
-        if extra:
+        if out:
             raise ValueError("lexical_tiers need lexical_threshold (the first tier)")
         return ()
-    for share, _ in extra:
+    for share, _, _ in out:
         if not lexical_min <= share <= 1:
             raise ValueError(f"lexical tier share {share} must lie in [lexical_min={lexical_min}, 1]")
-    return ((lexical_min, float(lexical_threshold)), *sorted(extra))
+    return ((lexical_min, float(lexical_threshold), 2), *sorted(out))
 
 
 def site_tokens(spans: Sequence[tuple[int, int]]) -> list[int]:
