@@ -522,6 +522,13 @@ def test_edges_of_subjects_with_and_without_word_spaces():
     # an edge word must start a query word: "Colda" is not in "beyzbolda", though 60 % of its n-grams are
     baseball = "beyzbolda en çok dünya serisini kim kazandı"
     assert lexical_support(baseball, ["Colda"]) >= 0.5 and not edges_spelled(baseball, "Colda")
+    # ... and its n-grams must lie in that one word (session 12): "honkbal ... gewonnen" hold half
+    # of "Hönne"'s between them, "zelfklevende ... postzegel ... heeft" half of "Zellers"'s
+    honkbal = "die de meeste wereldseries in honkbal heeft gewonnen"
+    zegel = "wie de allereerste zelfklevende postzegel heeft gemaakt en welk jaar"
+    assert lexical_support(honkbal, ["Hönne"]) >= 0.5 and not edges_spelled(honkbal, "Hönne")
+    assert lexical_support(zegel, ["Zellers"]) >= 0.5 and not edges_spelled(zegel, "Zellers")
+    assert edges_spelled("Waar ligt de Hönnetal?", "Hönne") and edges_spelled("Wie kocht Zellers' winkels?", "Zellers")
     # fewer than two words of 4+ letters: the first and last word, whatever their length
     assert not edges_spelled("when does dragon ball super episode 113 start", ".45 Super")
     assert edges_spelled("Who designed the .45 Super?", ".45 Super")

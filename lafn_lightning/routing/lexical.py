@@ -67,8 +67,8 @@ def _edge_spec(fs: str) -> tuple[tuple[frozenset[str], int, str], ...]:
     space-separated part where it has several (a Thai given and family name), as bigrams with
     :data:`EDGE_CHAR_SHARE`, no word start. Else its first and last word of
     :data:`EDGE_WORD_MIN`+ characters (its first and last word where fewer than two are that
-    long: ".45 Super" needs its "45"): padded trigrams, :data:`EDGE_SHARE`, and its first
-    :data:`EDGE_PREFIX` characters must start a query word."""
+    long: ".45 Super" needs its "45"): padded trigrams, :data:`EDGE_SHARE` of them in one query
+    word that starts with its first :data:`EDGE_PREFIX` characters (:func:`_end_ok`)."""
     words = fs.split()
     if _no_space(fs):
         ends = dict.fromkeys((words[0], words[-1]) if len(words) > 1 else (fs[:EDGE_CHARS], fs[-EDGE_CHARS:]))
@@ -85,14 +85,31 @@ def _edges_ok(fs: str, q: str, qg: frozenset[str]) -> bool:
     return _spec_ok(_edge_spec(fs), f" {q}", qg)
 
 
+def _end_ok(g: frozenset[str], need: int, start: str, padded: str, qg: frozenset[str]) -> bool:
+    """One end of :func:`_edge_spec` spelled in the query: ``need`` of its n-grams ``g``, and, for
+    an edge word, in *one* query word that starts with its ``start`` (since session 12: "Hönne"
+    is not spelled by "honkbal ... gewonnen", whose words hold its trigrams between them)."""
+    if len(g & qg) < need or start not in padded:
+        return False
+    if not start:
+        return True
+    i = padded.find(start)
+    while i >= 0:
+        j = padded.find(" ", i + 1)
+        if len(g & _grams(padded[i + 1:j if j >= 0 else len(padded)], 3)) >= need:
+            return True
+        i = padded.find(start, i + 1)
+    return False
+
+
 def _spec_ok(spec: tuple[tuple[frozenset[str], int, str], ...], padded: str, qg: frozenset[str]) -> bool:
     """:func:`_edges_ok` with the subject's :func:`_edge_spec` and the query padded by a space."""
-    return all(len(g & qg) >= need and start in padded for g, need, start in spec)
+    return all(_end_ok(g, need, start, padded, qg) for g, need, start in spec)
 
 
 def _spec_any(spec: tuple[tuple[frozenset[str], int, str], ...], padded: str, qg: frozenset[str]) -> bool:
     """:func:`_spec_ok` for at least one end (a subject with one edge word: that one)."""
-    return any(len(g & qg) >= need and start in padded for g, need, start in spec)
+    return any(_end_ok(g, need, start, padded, qg) for g, need, start in spec)
 
 
 def edges_spelled(query: str, subject: str) -> bool:
