@@ -80,11 +80,6 @@ def _edge_spec(fs: str) -> tuple[tuple[frozenset[str], int, str], ...]:
     return tuple((g, _need(len(g), EDGE_SHARE), " " + w[:EDGE_PREFIX]) for w, g in ((w, _grams(w, 3)) for w in ends))
 
 
-def _edges_ok(fs: str, q: str, qg: frozenset[str]) -> bool:
-    """``q``: the folded query, ``qg``: its n-grams of ``fs``'s n (:func:`_grams`)."""
-    return _spec_ok(_edge_spec(fs), f" {q}", qg)
-
-
 def _end_ok(g: frozenset[str], need: int, start: str, padded: str, qg: frozenset[str]) -> bool:
     """One end of :func:`_edge_spec` spelled in the query: ``need`` of its n-grams ``g``, and, for
     an edge word, in *one* query word that starts with its ``start`` (since session 12: "Hönne"
@@ -103,7 +98,8 @@ def _end_ok(g: frozenset[str], need: int, start: str, padded: str, qg: frozenset
 
 
 def _spec_ok(spec: tuple[tuple[frozenset[str], int, str], ...], padded: str, qg: frozenset[str]) -> bool:
-    """:func:`_edges_ok` with the subject's :func:`_edge_spec` and the query padded by a space."""
+    """Both ends of a subject (its :func:`_edge_spec`) spelled in a query (folded, padded with a
+    leading space; ``qg``: its n-grams of the subject's n, :func:`_grams`)."""
     return all(_end_ok(g, need, start, padded, qg) for g, need, start in spec)
 
 
@@ -121,12 +117,14 @@ def edges_spelled(query: str, subject: str) -> bool:
     True
     """
     q, fs = fold(query), fold(subject)
-    return _edges_ok(fs, q, _grams(q, 2 if _no_space(fs) else 3))
+    return _spec_ok(_edge_spec(fs), f" {q}", _grams(q, 2 if _no_space(fs) else 3))
 
 
 def lexical_support(query: str, subjects: Iterable[str], *, edges: bool = False) -> float:
     """Best share (0..1) of a subject's character n-grams present in ``query``; with ``edges``,
     only over the subjects whose both ends are spelled there (:func:`edges_spelled`)."""
+    if edges:
+        return end_supports(query, subjects)[0]
     q = fold(query)
     best = 0.0
     for s in subjects:
@@ -135,9 +133,7 @@ def lexical_support(query: str, subjects: Iterable[str], *, edges: bool = False)
             continue
         n = 2 if _no_space(fs) else 3
         g, qg = _grams(fs, n), _grams(q, n)
-        share = len(g & qg) / len(g)
-        if share > best and (not edges or _edges_ok(fs, q, qg)):
-            best = share
+        best = max(best, len(g & qg) / len(g))
     return best
 
 
@@ -202,10 +198,10 @@ class SubjectGramIndex:
     exactly (same n-grams, same division as :func:`lexical_support`). The count is one
     ``np.bincount`` over the query's posting lists, kept as integer arrays (re-made, at the next
     query, for the n-grams that adds and removals touched). Which n-grams are posted only changes
-    the speed, never the answer: the count bound holds for any choice. ``overlap`` 1 is plain prefix filtering; 5
-    (default) posts four more n-grams per subject and drops the subjects that share fewer than five
-    posted n-grams with the query: at 100k groups it checks 12 subjects per query where 3 checked
-    40 and 1 checked 689, in 0.13-0.18 ms against 0.18-0.29 and 2.1-2.5 ms
+    the speed, never the answer: the count bound holds for any choice. ``overlap`` 1 is plain
+    prefix filtering; 5 (default) posts four more n-grams per subject and drops the subjects that
+    share fewer than five posted n-grams with the query: at 100k groups it checks 12 subjects per
+    query where 3 checked 40 and 1 checked 689, in 0.13-0.18 ms against 0.18-0.29 and 2.1-2.5 ms
     (``benchmarks/router_dev/gram_index.py``).
 
     >>> ix = SubjectGramIndex(0.5); ix.add("g1", ["Moscow"]); ix.add("g2", ["Bangkok"])
@@ -252,8 +248,10 @@ class SubjectGramIndex:
         for x in e.prefix:
             post.setdefault(x, set()).add(e.id)
             dirty.add(x)
-        if e.id >= len(self._hits):
-            self._hits = np.concatenate([self._hits, np.zeros(max(e.id + 1, 2 * len(self._hits)) - len(self._hits), np.int64)])
+        if e.id >= len(self._hits):   # grow by doubling
+            grown = np.zeros(max(e.id + 1, 2 * len(self._hits)), np.int64)
+            grown[:len(self._hits)] = self._hits
+            self._hits = grown
         self._hits[e.id] = e.hits
 
     def _unpost_subject(self, e: _Subject) -> None:
@@ -279,7 +277,8 @@ class SubjectGramIndex:
             if e is None:
                 n = 2 if _no_space(fs) else 3
                 grams = _grams(fs, n)
-                e = self._subjects[fs] = _Subject(_edge_spec(fs) if self.edges else (), len(self._by_id), n, grams, _need(len(grams), self.min_share))
+                spec = _edge_spec(fs) if self.edges else ()
+                e = self._subjects[fs] = _Subject(spec, len(self._by_id), n, grams, _need(len(grams), self.min_share))
                 self._by_id.append(e)
                 df = self._df[n]
                 for x in grams:
