@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from functools import lru_cache
 
 import numpy as np
@@ -125,16 +125,18 @@ def lexical_support(query: str, subjects: Iterable[str], *, edges: bool = False)
     only over the subjects whose both ends are spelled there (:func:`edges_spelled`)."""
     if edges:
         return end_supports(query, subjects)[0]
-    q = fold(query)
-    best = 0.0
+    return max((share for _, share, _ in _shares(fold(query), subjects)), default=0.0)
+
+
+def _shares(q: str, subjects: Iterable[str]) -> Iterator[tuple[str, float, frozenset[str]]]:
+    """``(folded subject, share of its n-grams in the folded query q, q's n-grams of its n)`` for
+    each non-empty subject."""
     for s in subjects:
         fs = fold(s)
-        if not fs:
-            continue
-        n = 2 if _no_space(fs) else 3
-        g, qg = _grams(fs, n), _grams(q, n)
-        best = max(best, len(g & qg) / len(g))
-    return best
+        if fs:
+            n = 2 if _no_space(fs) else 3
+            g, qg = _grams(fs, n), _grams(q, n)
+            yield fs, len(g & qg) / len(g), qg
 
 
 def end_supports(query: str, subjects: Iterable[str]) -> tuple[float, float]:
@@ -150,13 +152,7 @@ def end_supports(query: str, subjects: Iterable[str]) -> tuple[float, float]:
     q = fold(query)
     padded = f" {q}"
     both = one = 0.0
-    for s in subjects:
-        fs = fold(s)
-        if not fs:
-            continue
-        n = 2 if _no_space(fs) else 3
-        g, qg = _grams(fs, n), _grams(q, n)
-        share = len(g & qg) / len(g)
+    for fs, share, qg in _shares(q, subjects):
         if share > one and _spec_any(_edge_spec(fs), padded, qg):
             one = share
         if share > both and _spec_ok(_edge_spec(fs), padded, qg):
