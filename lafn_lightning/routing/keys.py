@@ -50,7 +50,7 @@ class KeyStore:
         self.center = None if center is None else torch.as_tensor(center).float().cpu()
         self.threshold = threshold  # the calibrated acceptance cosines, if known
         self.lexical_threshold = lexical_threshold
-        #: further (min_share, min_cosine) pairs of the lexical rule (``Router(lexical_tiers=)``)
+        #: further [min_share, min_cosine(, ends)] tiers of the lexical rule (``Router(lexical_tiers=)``)
         self.lexical_tiers = [list(map(float, t)) for t in (lexical_tiers or [])]
         self._keys: dict[str, torch.Tensor] = {}
         self._radii: dict[str, torch.Tensor] = {}
