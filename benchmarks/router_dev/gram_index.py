@@ -21,19 +21,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
 import router_lookup as rl  # noqa: E402
 
 from lafn_lightning.routing.lexical import SubjectGramIndex, _grams, fold  # noqa: E402
-
-
-def reached(ix: SubjectGramIndex, text: str) -> int:
-    q = fold(text)
-    lists = [a for n, arrays in ix._arrays.items() for x in _grams(q, n) if (a := arrays.get(x)) is not None]
-    if not lists:
-        return 0
-    ids = np.concatenate(lists)
-    return len(np.unique(ids[np.bincount(ids)[ids] >= ix._hits[ids]]))
 
 
 def main() -> None:
@@ -71,7 +61,7 @@ def main() -> None:
                     ts.append(time.process_time() - t0)
                 times[ov].append(statistics.median(ts) * 1e3)
         for ov, ix in ixs.items():
-            r = statistics.mean(reached(ix, t) for t in texts)
+            r = statistics.mean(len(ix.reached(fold(t))[1]) for t in texts)
             print(f"{n:8d}{ov:9d}{sum(ix.posting_sizes()):10d}{r:9.1f}  " + " ".join(f"{t:.3f}" for t in times[ov]),
                   flush=True)
 

@@ -97,15 +97,11 @@ def _end_ok(g: frozenset[str], need: int, start: str, padded: str, qg: frozenset
     return False
 
 
-def _spec_ok(spec: tuple[tuple[frozenset[str], int, str], ...], padded: str, qg: frozenset[str]) -> bool:
-    """Both ends of a subject (its :func:`_edge_spec`) spelled in a query (folded, padded with a
-    leading space; ``qg``: its n-grams of the subject's n, :func:`_grams`)."""
-    return all(_end_ok(g, need, start, padded, qg) for g, need, start in spec)
-
-
-def _spec_any(spec: tuple[tuple[frozenset[str], int, str], ...], padded: str, qg: frozenset[str]) -> bool:
-    """:func:`_spec_ok` for at least one end (a subject with one edge word: that one)."""
-    return any(_end_ok(g, need, start, padded, qg) for g, need, start in spec)
+def _ends_spelled(spec: tuple[tuple[frozenset[str], int, str], ...], padded: str, qg: frozenset[str]) -> int:
+    """How many ends of a subject (its :func:`_edge_spec`: one or two) are spelled in a query
+    (folded, padded with a leading space; ``qg``: its n-grams of the subject's n, :func:`_grams`).
+    All of them (``== len(spec)``): both ends; at least one (``> 0``): the one-end rule."""
+    return sum(_end_ok(g, need, start, padded, qg) for g, need, start in spec)
 
 
 def edges_spelled(query: str, subject: str) -> bool:
@@ -117,7 +113,8 @@ def edges_spelled(query: str, subject: str) -> bool:
     True
     """
     q, fs = fold(query), fold(subject)
-    return _spec_ok(_edge_spec(fs), f" {q}", _grams(q, 2 if _no_space(fs) else 3))
+    spec = _edge_spec(fs)
+    return _ends_spelled(spec, f" {q}", _grams(q, 2 if _no_space(fs) else 3)) == len(spec)
 
 
 def lexical_support(query: str, subjects: Iterable[str], *, edges: bool = False) -> float:
@@ -153,10 +150,13 @@ def end_supports(query: str, subjects: Iterable[str]) -> tuple[float, float]:
     padded = f" {q}"
     both = one = 0.0
     for fs, share, qg in _shares(q, subjects):
-        if share > one and _spec_any(_edge_spec(fs), padded, qg):
-            one = share
-        if share > both and _spec_ok(_edge_spec(fs), padded, qg):
-            both = share
+        if share > both:   # both <= one: nothing to gain otherwise
+            spec = _edge_spec(fs)
+            spelled = _ends_spelled(spec, padded, qg)
+            if spelled and share > one:
+                one = share
+            if spelled == len(spec):
+                both = share
     return both, one
 
 
@@ -346,10 +346,10 @@ class SubjectGramIndex:
             raise ValueError("SubjectGramIndex.end_supports needs edges=True")
         return self._scan(query, one_end=True)
 
-    def _scan(self, query: str, *, one_end: bool) -> dict[str, tuple[float, float]]:
+    def reached(self, q: str) -> tuple[dict[int, frozenset[str]], list[_Subject]]:
+        """The prefix filter alone, for the folded query ``q``: its n-grams per n, and the
+        subjects reached through enough posted n-grams (the only ones :meth:`supports` checks)."""
         self._refresh_arrays()
-        q = fold(query)
-        padded = f" {q}"
         qgrams: dict[int, frozenset[str]] = {}
         lists: list[np.ndarray] = []
         for n, arrays in self._arrays.items():
@@ -361,22 +361,28 @@ class SubjectGramIndex:
                 if a is not None:
                     lists.append(a)
         if not lists:
-            return {}
+            return qgrams, []
         ids = np.concatenate(lists)
         count = np.bincount(ids)                  # subject id -> its posted n-grams in the query
+        return qgrams, [self._by_id[i] for i in np.unique(ids[count[ids] >= self._hits[ids]]).tolist()]
+
+    def _scan(self, query: str, *, one_end: bool) -> dict[str, tuple[float, float]]:
+        q = fold(query)
+        padded = f" {q}"
+        qgrams, reached = self.reached(q)
         both: dict[str, float] = {}
         one: dict[str, float] = {}
-        for i in np.unique(ids[count[ids] >= self._hits[ids]]).tolist():
-            e = self._by_id[i]
+        for e in reached:
             qg = qgrams[e.n]
             share = len(e.grams & qg) / len(e.grams)
             if share < self.min_share:
                 continue
-            if _spec_ok(e.spec, padded, qg):
+            spelled = _ends_spelled(e.spec, padded, qg)   # spec (): edges off, every subject counts
+            if spelled == len(e.spec):
                 for g in e.groups:
                     if share > both.get(g, -1.0):
                         both[g] = share
-            if one_end and _spec_any(e.spec, padded, qg):
+            if one_end and spelled:
                 for g in e.groups:
                     if share > one.get(g, -1.0):
                         one[g] = share

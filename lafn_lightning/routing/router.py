@@ -348,13 +348,17 @@ class Router:
         """The lowest cosine that can fire (with lexical support)."""
         return min([self.threshold] + [c for _, c, _ in self.lexical_tiers])
 
-    def cosine_needed(self, support: float, one_end: float | None = None) -> float:
+    def cosine_needed(self, support, one_end=None):
         """The lowest cosine that fires for a group with lexical ``support`` (0..1, both ends
         spelled) and ``one_end`` (one end suffices; None: ``support``) in the query:
-        ``threshold``, or the lowest ``min_cosine`` of the lexical tiers that they reach."""
-        one = support if one_end is None else max(support, one_end)
-        return min([self.threshold] + [c for share, c, ends in self.lexical_tiers
-                                       if (one if ends == 1 else support) >= share])
+        ``threshold``, or the lowest ``min_cosine`` of the lexical tiers that they reach. Floats
+        give a float; arrays (one value per group) an array."""
+        support = np.asarray(support, dtype=np.float64)
+        one = support if one_end is None else np.maximum(support, one_end)
+        need = np.full(support.shape, self.threshold)
+        for share, c, ends in self.lexical_tiers:
+            need = np.where((one if ends == 1 else support) >= share, np.minimum(need, c), need)
+        return float(need) if need.ndim == 0 else need
 
     def accepts(self, text: str, group_id: str, score: float) -> bool:
         """Stage 2's rule: ``score >= threshold``, or ``score >= lexical_threshold`` with at
@@ -389,28 +393,19 @@ class Router:
         n_rows = np.fromiter((len(self._group_rows[g]) for g in gids), np.int64, len(gids))
         starts = np.cumsum(n_rows) - n_rows                                   # group -> its first column
         rows = np.repeat(first_row - starts, n_rows) + np.arange(int(n_rows.sum()))
-        # numpy for the small steps, where torch's per-call overhead was most of the cost
-        x = torch.as_tensor(states).detach().float().cpu().numpy()[np.asarray(candidates, dtype=np.int64)]
-        if self.center is not None:
-            x = x - self._center_np
-        x = x / np.maximum(np.sqrt(np.einsum("ij,ij->i", x, x)), 1e-6)[:, None]
-        # the matmul in torch: numpy's BLAS would start its own threads beside torch's
-        sim = (torch.from_numpy(x) @ torch.from_numpy(self.index._vecs[rows]).T).numpy().astype(np.float64)
+        # the tokens picked in numpy: torch's indexing with a list cost more than the rest
+        x = self.project(torch.from_numpy(
+            torch.as_tensor(states).detach().float().cpu().numpy()[np.asarray(candidates, dtype=np.int64)]))
+        sim = (x @ torch.from_numpy(self.index._vecs[rows]).T).numpy().astype(np.float64)   # [tokens, rows]
         # each group's floor follows its own lexical support (one tier: lexical_threshold for all)
         sup = np.array(list(support.values()), dtype=np.float64).reshape(len(gids), 2)   # both ends, one end
-        floor = np.full(len(gids), self.threshold)
-        for share, cos, ends in self.lexical_tiers:
-            floor = np.where(sup[:, 1 if ends == 1 else 0] >= share, np.minimum(floor, cos), floor)
+        floor = self.cosine_needed(sup[:, 0], sup[:, 1])
         limit = np.maximum(self._radius_np[rows], np.repeat(floor, n_rows))
         sim[sim < limit] = -np.inf
         per_token = np.maximum.reduceat(sim, starts, axis=1)                # [tokens, groups]
         best = per_token.max(axis=0)
         first = (per_token == best).argmax(axis=0)                          # earliest best token
         return {g: (float(best[j]), candidates[int(first[j])]) for j, g in enumerate(gids) if best[j] > -np.inf}
-
-    @property
-    def _center_np(self) -> np.ndarray:
-        return torch.as_tensor(self.center).detach().float().cpu().numpy()
 
     @property
     def _radius_np(self) -> np.ndarray:
