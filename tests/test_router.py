@@ -576,3 +576,72 @@ def test_an_aligned_key_inside_a_word_moves_to_the_word_end_with_its_alias_and_s
     assert router.route(*gardien, states_for(7, {5: unit(0)})) == []            # "Gardner" is not "gardien"
     assert Router(store, {"gardner": ["加德纳海湾"]}, aliases={"gardner": ["Gard"]}, threshold=1.0001,
                   lexical_threshold=0.875, index="flat").route(*gardien, states_for(7, {5: unit(0)}))   # "Gard" was
+
+
+# --- common subjects (session 13) -------------------------------------------------------------
+
+def test_background_facts_count_distinct_other_facts_that_spell_the_whole_subject():
+    from lafn_lightning.routing.lexical import background_facts
+    questions = [(1, "When did Muhammad Ali win a gold medal?"), (1, "Wann gewann Muhammad Ali Gold?"),
+                 (2, "Who was Ali Khan?"), (3, "Where is Alicante?"), (4, "In what war did Ali fight?"),
+                 (5, "Who directed Marlo Thomas?")]
+    counts = background_facts({"ali": ["Ali"], "marlo": ["Marlo Thomas"], "thomas": ["Thomas Rhett"]},
+                              questions, own={"ali": 4})
+    # facts 1 and 2 (fact 1 twice, in two languages; fact 4 is the group's own; "Alicante" spells
+    # no word "ali"); "Thomas" alone is one end of "Thomas Rhett": not the subject
+    assert counts == {"ali": 2, "marlo": 1, "thomas": 0}
+
+
+@pytest.mark.parametrize("lookup", ["index", "lexical"])
+def test_a_common_subject_fires_only_where_its_state_agrees(lookup):
+    # "Ali" (a cached edit) inside "Muhammad Ali": spelled exactly, but the state at the mention is
+    # another person's. Spelled in many other facts' questions, the subject is common: its exact
+    # match and its lexical tiers then need the base lexical cosine; a specific subject does not.
+    store = KeyStore(layer=4)
+    store.add("ali", unit(0)[None])
+    store.add("lamiinae", unit(1)[None])
+    store.set_common({"ali": 5, "lamiinae": 0})
+    subjects = {"ali": ["Ali"], "lamiinae": ["Lamiinae"]}
+    args = dict(threshold=1.0001, lexical_threshold=0.875, lexical_tiers=[(0.7, 0.6)], index="flat", lookup=lookup)
+    drift = unit(0, noise=1.0)                       # cosine ~0.7: the lexical tier would accept it
+    assert 0.6 < float(drift @ unit(0)) < 0.875
+    text, spans = spans_of(["When", "did", "Muhammad", "Ali", "win", "?"])
+    lower, lspans = spans_of(["when", "did", "muhammad", "ali", "win", "?"])
+    off, on = Router(store, subjects, **args), Router(store, subjects, common_from=3, **args)
+    assert [r.stage for r in off.route(text, spans, states_for(7, {4: drift}))] == ["exact"]
+    assert [r.stage for r in off.route(lower, lspans, states_for(7, {4: drift}))] == ["state"]
+    assert on.is_common("ali") and not on.is_common("lamiinae")
+    assert on.route(text, spans, states_for(7, {4: drift})) == []
+    assert on.route(lower, lspans, states_for(7, {4: drift})) == []
+    assert [(r.group_id, r.position, r.stage) for r in on.route(text, spans, states_for(7, {4: unit(0)}))] == \
+        [("ali", 4, "exact")]                        # the edit's own mention still fires
+    assert [r.stage for r in on.route(text, spans, None)] == ["exact"]   # stage 1 alone: no state to ask
+    assert not on.accepts(lower, "ali", 0.7) and on.accepts(lower, "ali", 0.9)
+    # a specific subject keeps its exact match and its tier at the same drifted state
+    own, ospans = spans_of(["Which", "family", "does", "Lamiinae", "belong", "to", "?"])
+    assert [r.stage for r in on.route(own, ospans, states_for(8, {4: unit(1, noise=1.0)}))] == ["exact"]
+    # the count is read from the store (and its file); common_from 0 turns the rule off
+    store.common_from = 3
+    assert Router(store, subjects, **args).route(text, spans, states_for(7, {4: drift})) == []
+    assert Router(store, subjects, common_from=0, **args).route(text, spans, states_for(7, {4: drift}))
+    with pytest.raises(ValueError, match="common_from"):
+        Router(store, subjects, common_from=-1, **args)
+
+
+def test_background_fact_counts_survive_the_key_file_a_merge_and_a_refit(tmp_path):
+    from lafn_lightning.callbacks.cache_export import CacheExport
+    a = KeyStore(layer=4, common_from=3)
+    a.add("g", unit(0)[None])
+    a.add("h", unit(1)[None])
+    a.set_common({"g": 7, "h": 0, "gone": 2})         # only stored groups get a count
+    a = KeyStore.load(a.save(tmp_path / "k.safetensors"))
+    assert a.common_from == 3 and a.all_common() == {"g": 7, "h": 0}
+    b = KeyStore(layer=4)
+    b.add("h", unit(2)[None])                         # a refit without a count replaces it
+    assert KeyStore.merge([a, b]).all_common() == {"g": 7}
+    assert KeyStore.merge([b, a]).all_common() == {"g": 7, "h": 0} and KeyStore.merge([a, b]).common_from == 3
+    a.prune(["h"])
+    assert a.all_common() == {"h": 0}
+    for bad in (-1, 2.5, True, "3"):
+        with pytest.raises(ValueError, match="export.router_common_from"):
+            CacheExport(str(tmp_path), router_common_from=bad)

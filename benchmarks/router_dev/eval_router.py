@@ -13,6 +13,7 @@ ap.add_argument("--tiers",default="",help="further lexical tiers share:cosine,..
 ap.add_argument("--aliases",action="store_true",help="aligned prompts' mention aliases (routing.build.group_aliases)")
 ap.add_argument("--no-edges",action="store_true",help="Router(edges=False): the session-9 lexical rule")
 ap.add_argument("--calibrate-one-end",action="store_true",help="print the one-end tier's cosine: just above the best one-end-only score of the even-line zsre-train negatives (held out: odd lines)")
+ap.add_argument("--common-from",type=int,default=0,help="Router(common_from=): subjects spelled by this many background facts need their state (0: off)")
 ap.add_argument("--out"); a=ap.parse_args()
 tiers=[tuple(map(float,t.split(":"))) for t in a.tiers.split(",") if t]
 D=torch.load(WORK+"/dev_states.pt")
@@ -60,10 +61,15 @@ if a.distractors:
             if p is None: p=aligned_token(st,offs,anc,text)
             keys.append(st[p])
         store.add(f"zsre:{j}",torch.stack(keys)); subjects[f"zsre:{j}"]=[subj]
+if a.common_from:   # background-fact counts (docs/router.md "Session 13"); a distractor's own zsRE line is not counted
+    from lafn_lightning.routing.lexical import background_facts
+    from lafn_lightning.routing.build import background_fact_questions
+    store.set_common(background_facts({g:list(subjects[g])+store.aliases(g) for g in subjects},background_fact_questions(),
+                                      own={g:int(g.split(":")[1]) for g in subjects if g.startswith("zsre:")}))
 t0=time.time()
-router=Router(store,subjects,threshold=a.tau_high,lexical_threshold=a.tau_low,index=a.index,stage1=a.stage1,candidates=a.candidates,lexical_tiers=tiers,lookup=a.lookup,edges=not a.no_edges)
+router=Router(store,subjects,threshold=a.tau_high,lexical_threshold=a.tau_low,index=a.index,stage1=a.stage1,candidates=a.candidates,lexical_tiers=tiers,lookup=a.lookup,edges=not a.no_edges,common_from=a.common_from)
 print(f"router: {len(router)} groups, {store.n_keys} keys, hnsw={router.index.uses_hnsw}, prompt-key rules {dict(rules)}, "
-      f"tiers {router.lexical_tiers}, aliases {sum(map(len,store.all_aliases().values()))}",flush=True)
+      f"tiers {router.lexical_tiers}, aliases {sum(map(len,store.all_aliases().values()))}, common {sum(map(router.is_common,subjects))}",flush=True)
 if a.calibrate_one_end:   # docs/router.md "Session 12"
     from lafn_lightning.routing.router import site_tokens, calibrate_threshold
     def one_end_score(i):

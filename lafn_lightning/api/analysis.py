@@ -67,7 +67,8 @@ def _router_matcher(settings: Settings, groups):
     hp = SimpleNamespace(**settings.model)
     model, tokenizer = load_backbone(hp.backbone, hp.dtype)
     layer = min(int(x) for x in hp.layers)
-    store = store_for_groups(model, tokenizer, groups, layer=layer, fingerprint=fingerprint(model, list(hp.layers)))
+    store = store_for_groups(model, tokenizer, groups, layer=layer, fingerprint=fingerprint(model, list(hp.layers)),
+                             common_from=export.get("router_common_from"))
     subjects = {g.group_id: list(g.subjects) for g in groups}
     router = Router(store, subjects, threshold=threshold, lexical_threshold=lexical,
                     lexical_tiers=export.get("router_lexical_tiers") or ())

@@ -27,11 +27,16 @@ class CacheExport(L.Callback):
         router_lexical_tiers: further ``[min_share, min_cosine]`` pairs (or ``[min_share,
             min_cosine, 1]``: one end of the subject spelled suffices) of the router's lexical
             rule (``Router(lexical_tiers=)``), stored with the keys; None: keep the key file's.
+        router_common_from: a subject that the questions of at least this many background facts
+            (the packaged zsRE training lines) spell is *common*: it fires only where its state
+            agrees (``Router(common_from=)``, docs/router.md "Session 13"); the counts are
+            stored with the keys (about 7 s per fit). 0: off; None: keep the key file's.
     """
 
     def __init__(self, cache_dir: str = "edit_cache", value_dtype: str = "float16", router_keys: bool = True,
                  router_threshold: float | None = None, router_lexical_threshold: float | None = None,
-                 router_lexical_tiers: list[list[float]] | None = None) -> None:
+                 router_lexical_tiers: list[list[float]] | None = None,
+                 router_common_from: int | None = None) -> None:
         if value_dtype not in ("float16", "bfloat16"):
             raise ValueError(f"export.value_dtype={value_dtype!r}: float16 or bfloat16")
         self.cache_dir, self.value_dtype = cache_dir, value_dtype
@@ -43,6 +48,11 @@ class CacheExport(L.Callback):
             except (ValueError, TypeError) as e:
                 raise ValueError(f"export.router_lexical_tiers={router_lexical_tiers!r}: {e}") from None
         self.router_lexical_tiers = router_lexical_tiers
+        if router_common_from is not None and (isinstance(router_common_from, bool)
+                                               or not isinstance(router_common_from, int) or router_common_from < 0):
+            raise ValueError(f"export.router_common_from={router_common_from!r}: a count of background facts >= 0 "
+                             "(0: off)")
+        self.router_common_from = router_common_from
         self.last_written = None
 
     def entries(self, trainer: L.Trainer, pl_module) -> list[CacheEntry]:
@@ -106,7 +116,8 @@ class CacheExport(L.Callback):
                                   [g for g in trainer.datamodule.groups if g.group_id in exported],
                                   layer=min(pl_module.layers), fingerprint=fp, threshold=self.router_threshold,
                                   lexical_threshold=self.router_lexical_threshold,
-                                  lexical_tiers=self.router_lexical_tiers)
+                                  lexical_tiers=self.router_lexical_tiers,
+                                  common_from=self.router_common_from)
         for e in entries:
             rank_zero_info(f"[lafn] {e.group_id}: {e.meta['steps']} steps, target loss {e.meta['target_loss']:.3f}"
                            f"{'' if e.meta['converged'] else ' (not converged)'}, neurons {e.meta['located']}")

@@ -7,8 +7,8 @@
     merged = KeyStore.merge([a, b])       # later stores win on duplicate group ids
 
 One safetensors file (fp16 key tensors, the fp32 centring vector; metadata: format, layer,
-dimension, thresholds, lexical tiers, group ids, each group's aliases and the backbone
-fingerprint as JSON), written atomically.  ``remove``/``prune`` forget groups (e.g. those
+dimension, thresholds, lexical tiers, ``common_from``, group ids, each group's aliases and
+background-fact count and the backbone fingerprint as JSON), written atomically.  ``remove``/``prune`` forget groups (e.g. those
 deleted from the edit cache).
 """
 from __future__ import annotations
@@ -41,7 +41,7 @@ class KeyStore:
     def __init__(self, layer: int, fingerprint: dict | None = None, dim: int | None = None, *,
                  center: torch.Tensor | None = None, threshold: float | None = None,
                  lexical_threshold: float | None = None,
-                 lexical_tiers: list[list[float]] | None = None) -> None:
+                 lexical_tiers: list[list[float]] | None = None, common_from: int = 0) -> None:
         self.layer = int(layer)
         self.fingerprint = dict(fingerprint or {})
         self.dim = dim if dim is not None else (len(center) if center is not None else None)
@@ -52,9 +52,13 @@ class KeyStore:
         self.lexical_threshold = lexical_threshold
         #: further [min_share, min_cosine(, ends)] tiers of the lexical rule (``Router(lexical_tiers=)``)
         self.lexical_tiers = [list(map(float, t)) for t in (lexical_tiers or [])]
+        #: groups spelled by at least this many background facts need their state to agree
+        #: (``Router(common_from=)``; 0: off)
+        self.common_from = int(common_from or 0)
         self._keys: dict[str, torch.Tensor] = {}
         self._radii: dict[str, torch.Tensor] = {}
         self._aliases: dict[str, list[str]] = {}
+        self._common: dict[str, int] = {}   # group -> background facts spelling it (set_common)
 
     def project(self, states: torch.Tensor) -> torch.Tensor:
         """Unit states (``router_states``) -> the space keys live in: centred, re-normalised."""
@@ -83,6 +87,7 @@ class KeyStore:
         self._keys[str(group_id)] = keys.half().contiguous()
         self._radii.pop(str(group_id), None)
         self._aliases.pop(str(group_id), None)
+        self._common.pop(str(group_id), None)
         if aliases:
             self._aliases[str(group_id)] = list(dict.fromkeys(aliases))
         if radii is not None:
@@ -104,11 +109,23 @@ class KeyStore:
         """Group id -> aliases, for the groups that have any."""
         return {g: list(a) for g, a in self._aliases.items()}
 
+    def set_common(self, counts: Mapping[str, int]) -> None:
+        """Store how many background facts spell each group's subject
+        (:func:`~lafn_lightning.routing.lexical.background_facts`), for stored groups."""
+        for g, n in counts.items():
+            if str(g) in self._keys:
+                self._common[str(g)] = int(n)
+
+    def all_common(self) -> dict[str, int]:
+        """Group id -> background-fact count, for the groups that have one."""
+        return dict(self._common)
+
     def remove(self, group_id: str) -> None:
         """Forget a group (KeyError if absent)."""
         del self._keys[str(group_id)]
         self._radii.pop(str(group_id), None)
         self._aliases.pop(str(group_id), None)
+        self._common.pop(str(group_id), None)
 
     def prune(self, keep: Iterable[str]) -> list[str]:
         """Forget every group not in ``keep`` (e.g. the edit cache's group ids); returns them."""
@@ -118,6 +135,7 @@ class KeyStore:
             del self._keys[g]
             self._radii.pop(g, None)
             self._aliases.pop(g, None)
+            self._common.pop(g, None)
         return gone
 
     def keys(self, group_id: str) -> torch.Tensor:
@@ -147,6 +165,8 @@ class KeyStore:
                 "threshold": json.dumps(self.threshold),
                 "lexical_threshold": json.dumps(self.lexical_threshold),
                 "lexical_tiers": json.dumps(self.lexical_tiers),
+                "common_from": json.dumps(self.common_from),
+                "common": json.dumps([self._common.get(g) for g in self._keys]),
                 "aliases": json.dumps([self._aliases.get(g, []) for g in self._keys], ensure_ascii=False),
                 "fingerprint": json.dumps(self.fingerprint, sort_keys=True),
                 "groups": json.dumps(list(self._keys))}
@@ -174,12 +194,16 @@ class KeyStore:
             store = cls(int(meta["layer"]), fp, int(meta["dim"]) or None, center=center,
                         threshold=json.loads(meta.get("threshold", "null")),
                         lexical_threshold=json.loads(meta.get("lexical_threshold", "null")),
-                        lexical_tiers=json.loads(meta.get("lexical_tiers", "[]")))
+                        lexical_tiers=json.loads(meta.get("lexical_tiers", "[]")),
+                        common_from=json.loads(meta.get("common_from", "0")))
             names = set(f.keys())
             ids = json.loads(meta["groups"])
             aliases = json.loads(meta.get("aliases", "null")) or [[]] * len(ids)
+            common = json.loads(meta.get("common", "null")) or [None] * len(ids)   # older files: none
             for i, gid in enumerate(ids):
                 store._keys[gid] = f.get_tensor(f"k{i}")
+                if common[i] is not None:
+                    store._common[gid] = int(common[i])
                 if aliases[i]:
                     store._aliases[gid] = list(aliases[i])
                 if f"r{i}" in names:
@@ -195,7 +219,8 @@ class KeyStore:
             raise ValueError("merge: no stores given")
         first = stores[0]
         out = cls(first.layer, first.fingerprint, first.dim, center=first.center, threshold=first.threshold,
-                  lexical_threshold=first.lexical_threshold, lexical_tiers=first.lexical_tiers)
+                  lexical_threshold=first.lexical_threshold, lexical_tiers=first.lexical_tiers,
+                  common_from=first.common_from)
         for s in stores:
             if s.layer != first.layer or (s.dim and first.dim and s.dim != first.dim):
                 raise ValueError(f"merge: layer/dim differ ({s.layer}/{s.dim} vs {first.layer}/{first.dim})")
@@ -210,6 +235,9 @@ class KeyStore:
                 out._keys[gid] = k
                 out._radii.pop(gid, None)
                 out._aliases.pop(gid, None)
+                out._common.pop(gid, None)
+                if gid in s._common:
+                    out._common[gid] = s._common[gid]
                 if s.radii(gid) is not None:
                     out._radii[gid] = s.radii(gid)
                 if s.aliases(gid):

@@ -15,12 +15,17 @@ from __future__ import annotations
 
 import math
 import unicodedata
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from functools import lru_cache
 
 import numpy as np
 
-__all__ = ["fold", "lexical_support", "end_supports", "edges_spelled", "SubjectGramIndex"]
+__all__ = ["fold", "lexical_support", "end_supports", "edges_spelled", "SubjectGramIndex", "background_facts",
+           "COMMON_SHARE"]
+
+#: the share of a subject (both ends) that a background question must spell to count for
+#: :func:`background_facts`: the lowest further tier of the twelve-language preset
+COMMON_SHARE = 0.7
 
 _NO_SPACE = ((0x0E00, 0x0EFF), (0x3040, 0x30FF), (0x3400, 0x9FFF), (0xAC00, 0xD7AF), (0xF900, 0xFAFF))
 
@@ -389,3 +394,31 @@ class SubjectGramIndex:
         if not one_end:
             return {g: (v, v) for g, v in both.items()}
         return {g: (both.get(g, 0.0), v) for g, v in one.items()}
+
+
+def background_facts(forms: Mapping[str, Iterable[str]], questions: Iterable[tuple[int, str]], *,
+                     share: float = COMMON_SHARE, own: Mapping[str, int] | None = None) -> dict[str, int]:
+    """Group -> how many distinct background facts have a question that spells one of the group's
+    ``forms`` (subjects, aliases) with both ends and at least ``share`` of its n-grams
+    (:func:`end_supports`). ``questions``: ``(fact id, question)`` pairs about *other* facts (e.g.
+    every language of the packaged zsRE training lines, ``routing.build.background_fact_questions``);
+    ``own``: a group's own fact id, never counted (a group that is itself a background fact).
+    A subject spelled by many other facts' questions ("Canada", "Ali" in "Muhammad Ali") is not
+    specific to its edit: the router then needs its state to agree (``Router(common_from=)``).
+
+    >>> background_facts({"g": ["Ali"], "h": ["Lamiinae"]},
+    ...                  [(1, "When did Muhammad Ali win?"), (2, "Who was Ali Khan?"), (2, "Ali Khan?")])
+    {'g': 2, 'h': 0}
+    """
+    forms = {g: tuple(f) for g, f in forms.items()}
+    ix = SubjectGramIndex(share, edges=True)
+    for g, f in forms.items():
+        if f:
+            ix.add(g, f)
+    own = own or {}
+    facts: dict[str, set[int]] = {g: set() for g in forms}
+    for fact, q in questions:
+        for g in ix.supports(q):
+            if own.get(g) != fact:
+                facts[g].add(fact)
+    return {g: len(v) for g, v in facts.items()}

@@ -194,6 +194,13 @@ class Router:
             of a longer name ("Thomas Rhett" for "Marlo Thomas", "Sunday" for "Runaway Sunday")
             no longer lowers the cosine a group needs (docs/router.md, "Session 11"). False: the
             session-9 rule (any ``lexical_min`` of the n-grams).
+        common, common_from: group id -> how many background facts spell its subject (the key
+            store's :meth:`KeyStore.all_common` by default;
+            :func:`~lafn_lightning.routing.lexical.background_facts`) and the count from which a
+            subject is *common* (None: the store's ``common_from``; 0: off). A common subject is
+            not specific to its edit ("Ali" in "Muhammad Ali", "Canada" in any question about
+            Canada): its stage-1 match fires only where stage 2 also accepts the group, and every
+            lexical tier needs at least ``lexical_threshold`` for it (docs/router.md, "Session 13").
         aliases: group id -> mention strings (the key store's :meth:`KeyStore.aliases` by
             default): spelled forms that count for the lexical rule and the site, never for
             stage 1 -- an edit prompt's words at an aligned key (its own wording of the subject).
@@ -217,6 +224,7 @@ class Router:
                  stage1: str | None = "exact", index: str = "auto", k: int = 8, candidates: int = 1,
                  lookup: str = "auto", lexical_tiers: Iterable[Sequence[float]] = (),
                  aliases: Mapping[str, Iterable[str]] | None = None, edges: bool = True,
+                 common: Mapping[str, int] | None = None, common_from: int | None = None,
                  **index_kwargs) -> None:
         if lookup not in ("auto", "index", "lexical"):
             raise ValueError(f"lookup must be auto, index or lexical, got {lookup!r}")
@@ -228,6 +236,10 @@ class Router:
         self.lexical_tiers = _tiers(lexical_tiers, self.lexical_min, self.lexical_threshold)
         self.edges = bool(edges)
         self._one_end = self.edges and any(ends == 1 for _, _, ends in self.lexical_tiers)
+        self.common_from = int(store.common_from if common_from is None else common_from)
+        if self.common_from < 0:
+            raise ValueError(f"common_from must be >= 0 (0: off), got {common_from}")
+        self._common = dict(store.all_common() if common is None else common)
         self.k = k
         self.candidates = candidates
         self.stage1 = stage1
@@ -271,15 +283,19 @@ class Router:
                 self._lexical.add(gid, forms)
 
     def add(self, group_id: str, keys: torch.Tensor, subjects: Iterable[str] = (),
-            radii: torch.Tensor | None = None, aliases: Iterable[str] | None = None) -> None:
+            radii: torch.Tensor | None = None, aliases: Iterable[str] | None = None,
+            common: int | None = None) -> None:
         """Register (or replace) a group: its keys (unit rows), its subject strings, optional
-        per-key radii (a key counts only where its cosine reaches ``max(radius, threshold)``) and
-        aliases (see the class; None: those the router was built with)."""
+        per-key radii (a key counts only where its cosine reaches ``max(radius, threshold)``),
+        aliases and background-fact count (see the class; None: those the router was built with)."""
         kept = self._aliases.get(group_id, ()) if aliases is None else tuple(aliases)
+        count = self._common.get(group_id) if common is None else int(common)
         if group_id in self:
             self.remove(group_id)
         if kept:
             self._aliases[group_id] = kept
+        if count is not None:
+            self._common[group_id] = count
         keys = torch.as_tensor(keys).float()
         keys = keys / keys.norm(dim=-1, keepdim=True).clamp_min(1e-6)
         rows = self.index.add(keys)
@@ -296,6 +312,7 @@ class Router:
             raise KeyError(group_id)
         rows = self._group_rows.pop(group_id, None)
         self._aliases.pop(group_id, None)
+        self._common.pop(group_id, None)
         if rows is not None:
             self.index.remove(rows)
         if self._subjects.pop(group_id, None) is not None:
@@ -348,17 +365,25 @@ class Router:
         """The lowest cosine that can fire (with lexical support)."""
         return min([self.threshold] + [c for _, c, _ in self.lexical_tiers])
 
-    def cosine_needed(self, support, one_end=None):
+    def cosine_needed(self, support, one_end=None, common=False):
         """The lowest cosine that fires for a group with lexical ``support`` (0..1, both ends
         spelled) and ``one_end`` (one end suffices; None: ``support``) in the query:
-        ``threshold``, or the lowest ``min_cosine`` of the lexical tiers that they reach. Floats
-        give a float; arrays (one value per group) an array."""
+        ``threshold``, or the lowest ``min_cosine`` of the lexical tiers that they reach, but at
+        least ``lexical_threshold`` for a ``common`` subject (:meth:`is_common`). Floats give a
+        float; arrays (one value per group) an array."""
         support = np.asarray(support, dtype=np.float64)
         one = support if one_end is None else np.maximum(support, one_end)
         need = np.full(support.shape, self.threshold)
         for share, c, ends in self.lexical_tiers:
             need = np.where((one if ends == 1 else support) >= share, np.minimum(need, c), need)
+        if self.lexical_tiers:
+            need = np.where(common, np.maximum(need, self.lexical_tiers[0][1]), need)
         return float(need) if need.ndim == 0 else need
+
+    def is_common(self, group_id: str) -> bool:
+        """Whether at least ``common_from`` background facts spell the group's subject (see the
+        class; False when ``common_from`` is 0 or the count is unknown)."""
+        return self.common_from > 0 and self._common.get(group_id, 0) >= self.common_from
 
     def accepts(self, text: str, group_id: str, score: float) -> bool:
         """Stage 2's rule: ``score >= threshold``, or ``score >= lexical_threshold`` with at
@@ -370,9 +395,10 @@ class Router:
         if not self.lexical_tiers or score < self.floor:
             return False
         forms = self._forms.get(group_id, ())
+        common = self.is_common(group_id)
         if self._one_end:
-            return score >= self.cosine_needed(*end_supports(text, forms))
-        return score >= self.cosine_needed(lexical_support(text, forms, edges=self.edges))
+            return score >= self.cosine_needed(*end_supports(text, forms), common=common)
+        return score >= self.cosine_needed(lexical_support(text, forms, edges=self.edges), common=common)
 
     def project(self, states: torch.Tensor) -> torch.Tensor:
         """Unit states -> key space (centred with the store's vector, re-normalised)."""
@@ -399,7 +425,7 @@ class Router:
         sim = (x @ torch.from_numpy(self.index._vecs[rows]).T).numpy().astype(np.float64)   # [tokens, rows]
         # each group's floor follows its own lexical support (one tier: lexical_threshold for all)
         sup = np.array(list(support.values()), dtype=np.float64).reshape(len(gids), 2)   # both ends, one end
-        floor = self.cosine_needed(sup[:, 0], sup[:, 1])
+        floor = self.cosine_needed(sup[:, 0], sup[:, 1], np.fromiter(map(self.is_common, gids), bool, len(gids)))
         limit = np.maximum(self._radius_np[rows], np.repeat(floor, n_rows))
         sim[sim < limit] = -np.inf
         per_token = np.maximum.reduceat(sim, starts, axis=1)                # [tokens, groups]
@@ -446,15 +472,18 @@ class Router:
         special tokens, which stage 2 skips); ``states`` [T, d] its unit states at ``self.layer``
         (None: stage 1 only)."""
         routes: list[Route] = []
+        held: list[Route] = []   # a common subject's match waits for stage 2 (see the class)
         if self.stage1 and len(self.matcher):
             for m in self.matcher.find(text):
                 tok = last_token_of_span(spans, m.start, m.end)
                 if tok is not None:
-                    routes.append(Route(m.group_id, tok, 1.0, self.stage1, "subject"))
+                    r = Route(m.group_id, tok, 1.0, self.stage1, "subject")
+                    (held if states is not None and self.is_common(m.group_id) else routes).append(r)
         if states is None:
             return routes
         cand = site_tokens(spans)
         best = self.scores(states, cand, margins=True, text=text)
+        routes += [r for r in held if r.group_id in best and self.accepts(text, r.group_id, best[r.group_id][0])]
         if not best:
             return routes
         taken = {r.group_id for r in routes}
