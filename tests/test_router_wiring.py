@@ -10,11 +10,12 @@ import torch
 from conftest import CONFIGS, fit
 from lafn_lightning.cli import main
 from lafn_lightning.inference import EditedModel
-from lafn_lightning.routing.build import group_aliases, group_keys
+from lafn_lightning.routing.build import background_fact_questions, group_aliases, group_keys
+from lafn_lightning.routing.lexical import background_facts
 from lafn_lightning.routing.keys import KEYS_FILE, KeyStore
 
 THRESHOLDS = ("--export.router_threshold", "0.95", "--export.router_lexical_threshold", "0.5",
-              "--export.router_lexical_tiers", "[[0.7, 0.4]]")
+              "--export.router_lexical_tiers", "[[0.7, 0.4]]", "--export.router_common_from", "1")
 
 
 def _fit(tmp_path, name, groups):
@@ -35,7 +36,9 @@ def test_fit_stores_each_exported_group_keys_with_the_thresholds(caches):
     store = KeyStore.load(tmp / "a" / "cache" / KEYS_FILE)
     assert store.group_ids() == ["mzsre:0", "mzsre:1"]
     assert store.layer == min(cli.model.layers) and (store.threshold, store.lexical_threshold) == (0.95, 0.5)
-    assert store.lexical_tiers == [[0.7, 0.4]]
+    assert store.lexical_tiers == [[0.7, 0.4]] and store.common_from == 1
+    forms = {g.group_id: list(g.subjects) + store.aliases(g.group_id) for g in cli.datamodule.groups}
+    assert store.all_common() == background_facts(forms, background_fact_questions())   # counted at export
     model, tok = cli.model.backbone, cli.model.tokenizer
     for group in cli.datamodule.groups:   # the stored keys are the group's own (anchors + edit prompts)
         want, sites = group_keys(model, tok, store, group)
@@ -43,7 +46,7 @@ def test_fit_stores_each_exported_group_keys_with_the_thresholds(caches):
         assert store.aliases(group.group_id) == group_aliases(tok, group, sites)
     routed = EditedModel.from_cache(tmp / "a" / "cache", matcher="router")
     assert set(routed.router._group_rows) == {"mzsre:0", "mzsre:1"} and routed.router.threshold == 0.95
-    assert routed.router.lexical_tiers == ((0.5, 0.5, 2), (0.7, 0.4, 2))
+    assert routed.router.lexical_tiers == ((0.5, 0.5, 2), (0.7, 0.4, 2)) and routed.router.common_from == 1
 
 
 def test_cache_merge_merges_keys_and_delete_prunes_them(caches, tmp_path):
@@ -64,10 +67,10 @@ def test_cache_merge_merges_keys_and_delete_prunes_them(caches, tmp_path):
 def test_match_report_compares_the_router_with_the_string_matchers(tmp_path, capsys):
     out = tmp_path / "coverage.json"
     main(["match-report", "-c", str(CONFIGS / "tiny.yaml"), "--data.groups", "0:6", "--data.languages", "[en, ru, th]",
-          "--matchers", "[exact, router]", *THRESHOLDS, "--output", str(out)])
+          "--matchers", "[exact, router]", *THRESHOLDS, "--export.router_common_from", "0", "--output", str(out)])
     report = json.loads(out.read_text())
     assert set(report) == {"exact", "router"}
-    for lang in ("en", "ru", "th"):   # stage 1 is the exact matcher: the router finds at least as much
+    for lang in ("en", "ru", "th"):   # stage 1 is the exact matcher (no common-subject rule): the router finds at least as much
         assert report["router"][lang]["found"] >= report["exact"][lang]["found"]
     assert "router" in capsys.readouterr().out
 
