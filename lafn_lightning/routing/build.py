@@ -30,7 +30,8 @@ from .router import Router, calibrate_threshold, site_tokens
 from .states import encode_with_offsets, ids_states
 
 __all__ = ["new_store", "aligned_token", "word_end", "group_keys", "group_aliases", "mention_alias", "add_group",
-           "negative_scores", "calibrate", "background_questions", "background_fact_questions", "set_background_facts", "standard_store", "update_cache_keys", "store_for_groups"]
+           "negative_scores", "calibrate", "background_questions", "background_fact_questions",
+           "set_background_facts", "standard_store", "update_cache_keys", "store_for_groups"]
 
 
 def _states(model, tokenizer, texts: Sequence[str], layer: int):

@@ -8,8 +8,8 @@
 
 One safetensors file (fp16 key tensors, the fp32 centring vector; metadata: format, layer,
 dimension, thresholds, lexical tiers, ``common_from``, group ids, each group's aliases and
-background-fact count and the backbone fingerprint as JSON), written atomically.  ``remove``/``prune`` forget groups (e.g. those
-deleted from the edit cache).
+background-fact count, and the backbone fingerprint as JSON), written atomically.
+``remove``/``prune`` forget groups (e.g. those deleted from the edit cache).
 """
 from __future__ import annotations
 
