@@ -31,7 +31,7 @@ at what is really free.
 With ``--matcher router`` every cache also gets a router key file: the real groups' keys are
 built from their prompts (``routing.build.add_group``), each synthetic group gets 3 random unit
 keys (the count of a distractor fact: anchor + 2 questions; random keys never fire, so the
-router's cost, not its accuracy, is measured); thresholds and lexical tiers from ``configs/<backbone>.yaml``
+router's cost, not its accuracy, is measured); thresholds, lexical tiers and ``router_common_from`` from ``configs/<backbone>.yaml``
 (``export.router_*``). Routing happens inside the edited forward (a pre-hook at the router's
 layer), and "lookup" times ``find_sites``, which also runs the layers below the router.
 
@@ -135,29 +135,33 @@ def build_caches(root: Path, sizes: list[int], real_groups, fp: dict, layers: li
     return dirs
 
 
-def router_thresholds(backbone: str) -> tuple[float, float | None, list]:
-    """(threshold, lexical threshold, lexical tiers) of the backbone's config."""
+def router_thresholds(backbone: str) -> tuple[float, float | None, list, int]:
+    """(threshold, lexical threshold, lexical tiers, common_from) of the backbone's config."""
     import yaml
 
     name = "tiny" if backbone.startswith("tiny") else backbone
     export = (yaml.safe_load((REPO / "configs" / f"{name}.yaml").read_text()) or {}).get("export") or {}
     if export.get("router_threshold") is None:
-        return 0.999, None, []   # a backbone without calibrated thresholds (tiny): only near-copies fire
-    return export["router_threshold"], export.get("router_lexical_threshold"), export.get("router_lexical_tiers") or []
+        return 0.999, None, [], 0   # a backbone without calibrated thresholds (tiny): only near-copies fire
+    return (export["router_threshold"], export.get("router_lexical_threshold"), export.get("router_lexical_tiers") or [],
+            export.get("router_common_from") or 0)
 
 
 def build_router_keys(model, tokenizer, dirs: dict[int, Path], real_groups, fp: dict, layer: int,
-                      thresholds: tuple[float, float | None, list], seed: int) -> None:
-    """A router key file in each cache: real groups' keys from their prompts, 3 random unit keys
-    per synthetic group."""
-    from lafn_lightning.routing.build import add_group, standard_store
+                      thresholds: tuple[float, float | None, list, int], seed: int) -> None:
+    """A router key file in each cache: real groups' keys from their prompts (and, with
+    ``common_from``, their background-fact counts), 3 random unit keys per synthetic group (no
+    count: never common)."""
+    from lafn_lightning.routing.build import add_group, set_background_facts, standard_store
     from lafn_lightning.routing.keys import KEYS_FILE, KeyStore
 
     t0 = time.perf_counter()
     base = standard_store(model, tokenizer, layer, fp)
-    base.threshold, base.lexical_threshold, tiers = thresholds
+    base.threshold, base.lexical_threshold, tiers, common_from = thresholds
     for g in real_groups:
         add_group(model, tokenizer, base, g)
+    if common_from:
+        set_background_facts(base, real_groups)
     gen = torch.Generator().manual_seed(seed)
     top = max(dirs)
     synthetic = {f"synthetic:{i}": torch.randn(3, base.dim, generator=gen) for i in range(len(real_groups), top)}
@@ -165,9 +169,10 @@ def build_router_keys(model, tokenizer, dirs: dict[int, Path], real_groups, fp: 
         if (d / KEYS_FILE).exists():
             continue
         store = KeyStore(layer, fp, base.dim, center=base.center, threshold=base.threshold,
-                         lexical_threshold=base.lexical_threshold, lexical_tiers=tiers)
+                         lexical_threshold=base.lexical_threshold, lexical_tiers=tiers, common_from=common_from)
         for gid, keys in base.items():
             store.add(gid, keys.float())
+        store.set_common(base.all_common())
         for i in range(len(real_groups), n):
             store.add(f"synthetic:{i}", synthetic[f"synthetic:{i}"])
         store.save(d / KEYS_FILE)
