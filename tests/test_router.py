@@ -203,6 +203,18 @@ def no_search(*a, **k):
     raise AssertionError("the lexical-first path must not search the vector index")
 
 
+#: the demo backbone's calibrated rule: state-only routing off, lexical support at cosine 0.875
+DEMO_RULE = dict(threshold=1.0001, lexical_threshold=0.875, index="flat")
+
+
+def axis_store(*group_ids: str) -> KeyStore:
+    """One key per group: the i-th group's on basis axis i."""
+    store = KeyStore(layer=4)
+    for i, g in enumerate(group_ids):
+        store.add(g, unit(i)[None])
+    return store
+
+
 def test_lexical_first_lookup_gives_the_index_lookups_routes():
     by_index, lexical = lex_routers(stage1=None)
     assert lexical.uses_lexical and not by_index.uses_lexical
@@ -369,10 +381,9 @@ def test_prefix_filtering_finds_every_subject_reaching_lexical_min(share, overla
 def test_a_lexical_tier_accepts_a_low_cosine_only_with_most_of_the_subject_spelled(lookup):
     # Genitive "Ненада Стаменковича": the state at the inflected last token drifts from the key
     # (cosine ~0.7), the spelling stays (support ~0.8); a word that shares only half does not pass.
-    store = KeyStore(layer=4)
-    store.add("nenad", unit(0)[None])
+    store = axis_store("nenad")
     subjects = {"nenad": ["Ненад Стаменкович"]}
-    args = dict(threshold=1.0001, lexical_threshold=0.875, index="flat", lookup=lookup)
+    args = dict(DEMO_RULE, lookup=lookup)
     drift = unit(0, noise=1.0)
     assert 0.6 < float(drift @ unit(0)) < 0.875
     genitive = spans_of(["Где", "играл", "Ненада", "Стаменковича", "?"])
@@ -403,7 +414,7 @@ def test_an_alias_lets_the_prompts_own_wording_fire_but_never_stage_1(tmp_path):
     assert store.aliases("doctor") == ["«Вызовите доктора»"]
     subjects = {"doctor": ["Позвонить доктору", "Call the Doctor"]}
     text, spans = spans_of(["Кто", "создал", "«Вызовите", "доктора»?"])
-    args = dict(threshold=1.0001, lexical_threshold=0.875, index="flat")
+    args = DEMO_RULE
     routes = Router(store, subjects, **args).route(text, spans, states_for(5, {4: unit(0)}))
     assert [(r.group_id, r.position, r.stage) for r in routes] == [("doctor", 4, "state")]
     assert Router(store, subjects, aliases={}, **args).route(text, spans, states_for(5, {4: unit(0)})) == []
@@ -451,11 +462,9 @@ def test_one_shared_word_of_a_longer_name_does_not_lower_the_cosine(lookup):
     # half the subject's n-grams are spelled (its last word), and a name's last-token state sits
     # close to the key. The session-9 rule fired; with both ends required it does not, while an
     # inflected mention of both words ("Ненада Стаменковича") still lowers the cosine.
-    store = KeyStore(layer=4)
-    store.add("marlo", unit(0)[None])
-    store.add("nenad", unit(1)[None])
+    store = axis_store("marlo", "nenad")
     subjects = {"marlo": ["Marlo Thomas"], "nenad": ["Ненад Стаменкович"]}
-    args = dict(threshold=1.0001, lexical_threshold=0.875, lexical_tiers=[(0.7, 0.6)], index="flat", lookup=lookup)
+    args = dict(DEMO_RULE, lexical_tiers=[(0.7, 0.6)], lookup=lookup)
     other = spans_of(["When", "does", "Thomas", "Rhett's", "album", "come", "out?"])
     assert lexical_support(other[0], subjects["marlo"]) >= 0.5
     near = states_for(8, {3: unit(0, noise=0.3)})   # cosine ~0.96 at "Thomas"
@@ -477,10 +486,9 @@ def test_a_one_end_tier_fires_only_at_a_near_identical_cosine(lookup):
     # is translated, so only the last end is spelled and the both-ends tiers never count it. A
     # [0.5, 0.98, 1] tier lets it fire where the state is near-identical to the key, and only there:
     # the same mention at cosine 0.96, or a shared word of another name, stays unrouted.
-    store = KeyStore(layer=4)
-    store.add("iaaf", unit(0)[None])
+    store = axis_store("iaaf")
     subjects = {"iaaf": ["Соревнования ИААФ по многоборью"]}
-    args = dict(threshold=1.0001, lexical_threshold=0.875, index="flat", lookup=lookup)
+    args = dict(DEMO_RULE, lookup=lookup)
     text, spans = spans_of(["Когда", "был", "запущен", "конкурс", "ИААФ", "по", "многоборью", "?"])
     both, one = end_supports(text, subjects["iaaf"])
     assert both == 0 and one >= 0.5
@@ -569,7 +577,7 @@ def test_an_aligned_key_inside_a_word_moves_to_the_word_end_with_its_alias_and_s
     assert alias == "Gardner"
     store = KeyStore(layer=4)
     store.add("gardner", states[pos][None], aliases=[alias])
-    router = Router(store, {"gardner": ["加德纳海湾"]}, threshold=1.0001, lexical_threshold=0.875, index="flat")
+    router = Router(store, {"gardner": ["加德纳海湾"]}, **DEMO_RULE)
     routes = router.route(prompt, spans, states_for(len(spans), {pos: states[pos]}))
     assert [(r.group_id, r.position, r.rule) for r in routes] == [("gardner", pos, "subject")]
     gardien = spans_of(["qui", "est", "le", "meilleur", "gardien", "?"])
@@ -597,12 +605,10 @@ def test_a_common_subject_fires_only_where_its_state_agrees(lookup):
     # "Ali" (a cached edit) inside "Muhammad Ali": spelled exactly, but the state at the mention is
     # another person's. Spelled in many other facts' questions, the subject is common: its exact
     # match and its lexical tiers then need the base lexical cosine; a specific subject does not.
-    store = KeyStore(layer=4)
-    store.add("ali", unit(0)[None])
-    store.add("lamiinae", unit(1)[None])
+    store = axis_store("ali", "lamiinae")
     store.set_common({"ali": 5, "lamiinae": 0})
     subjects = {"ali": ["Ali"], "lamiinae": ["Lamiinae"]}
-    args = dict(threshold=1.0001, lexical_threshold=0.875, lexical_tiers=[(0.7, 0.6)], index="flat", lookup=lookup)
+    args = dict(DEMO_RULE, lexical_tiers=[(0.7, 0.6)], lookup=lookup)
     drift = unit(0, noise=1.0)                       # cosine ~0.7: the lexical tier would accept it
     assert 0.6 < float(drift @ unit(0)) < 0.875
     text, spans = spans_of(["When", "did", "Muhammad", "Ali", "win", "?"])
