@@ -161,7 +161,7 @@ def build_router_keys(model, tokenizer, dirs: dict[int, Path], real_groups, fp: 
     for g in real_groups:
         add_group(model, tokenizer, base, g)
     if common_from:
-        set_background_facts(base, real_groups)
+        set_background_facts(base, {g.group_id: g.subjects for g in real_groups})
     gen = torch.Generator().manual_seed(seed)
     top = max(dirs)
     synthetic = {f"synthetic:{i}": torch.randn(3, base.dim, generator=gen) for i in range(len(real_groups), top)}

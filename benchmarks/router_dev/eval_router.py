@@ -62,10 +62,8 @@ if a.distractors:
             keys.append(st[p])
         store.add(f"zsre:{j}",torch.stack(keys)); subjects[f"zsre:{j}"]=[subj]
 if a.common_from:   # background-fact counts (docs/router.md "Session 13"); a distractor's own zsRE line is not counted
-    from lafn_lightning.routing.lexical import background_facts
-    from lafn_lightning.routing.build import background_fact_questions
-    store.set_common(background_facts({g:list(subjects[g])+store.aliases(g) for g in subjects},background_fact_questions(),
-                                      own={g:int(g.split(":")[1]) for g in subjects if g.startswith("zsre:")}))
+    from lafn_lightning.routing.build import set_background_facts
+    set_background_facts(store,subjects,own={g:int(g.split(":")[1]) for g in subjects if g.startswith("zsre:")})
 t0=time.time()
 router=Router(store,subjects,threshold=a.tau_high,lexical_threshold=a.tau_low,index=a.index,stage1=a.stage1,candidates=a.candidates,lexical_tiers=tiers,lookup=a.lookup,edges=not a.no_edges,common_from=a.common_from)
 print(f"router: {len(router)} groups, {store.n_keys} keys, hnsw={router.index.uses_hnsw}, prompt-key rules {dict(rules)}, "

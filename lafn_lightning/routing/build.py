@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections import Counter
 from functools import lru_cache
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -213,12 +213,15 @@ def background_fact_questions() -> tuple[tuple[int, str], ...]:
     return tuple((i, q) for lang in MZSRE_LANGUAGES for i, (q, _) in enumerate(read_zsre_train(lang)) if q)
 
 
-def set_background_facts(store: KeyStore, groups) -> None:
-    """Store, for ``groups``, how many background facts spell their subjects or aliases
-    (:func:`background_fact_questions`; about 7 s for the 120,000 questions on one CPU core)."""
-    forms = {g.group_id: list(g.subjects) + store.aliases(g.group_id) for g in groups if g.group_id in store}
+def set_background_facts(store: KeyStore, subjects: Mapping[str, Sequence[str]],
+                         own: Mapping[str, int] | None = None) -> None:
+    """Store, for the groups of ``subjects`` (group id -> subject strings), how many background
+    facts spell their subjects or stored aliases (:func:`background_fact_questions`; about 7 s for
+    the 120,000 questions on one CPU core); ``own``: as
+    :func:`~lafn_lightning.routing.lexical.background_facts`."""
+    forms = {g: list(subs) + store.aliases(g) for g, subs in subjects.items() if g in store}
     if forms:
-        store.set_common(background_facts(forms, background_fact_questions()))
+        store.set_common(background_facts(forms, background_fact_questions(), own=own))
 
 
 @lru_cache(maxsize=4)
@@ -255,7 +258,7 @@ def store_for_groups(model, tokenizer, groups, *, layer: int, fingerprint: dict 
     for g in groups:
         add_group(model, tokenizer, store, g)
     if store.common_from:
-        set_background_facts(store, groups)
+        set_background_facts(store, {g.group_id: g.subjects for g in groups})
     return store
 
 
