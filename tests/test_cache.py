@@ -527,3 +527,19 @@ def test_concurrent_writers(tmp_path):
     assert c.verify() == []
     e = make_entry("w1-s5-2", seed=1000 + 50 + 2)
     assert_matches(c.entry("w1-s5-2"), e)
+
+
+def test_stats_and_list_tell_which_groups_did_not_converge(tmp_path, capsys):
+    from lafn_lightning.cli.cache import cache_command
+
+    entries = [make_entry(f"g{i}", seed=i) for i in range(4)]
+    for e, converged in zip(entries, (True, False, True, None)):
+        if converged is not None:       # g3: an export that did not record it (another method)
+            e.meta["converged"] = converged
+    write_shard(tmp_path, entries, make_fp())
+    s = EditCache.open(tmp_path).stats()
+    assert s["converged"] == 2 and s["not_converged"] == ["g1"]
+    cache_command(["list", str(tmp_path)])
+    lines = dict(line.split("\t", 1) for line in capsys.readouterr().out.splitlines())
+    assert "(not converged)" in lines["g1"]
+    assert all("not converged" not in lines[g] for g in ("g0", "g2", "g3"))

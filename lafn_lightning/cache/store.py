@@ -759,7 +759,9 @@ class EditCache:
 
     def stats(self) -> dict:
         """Sizes for the current snapshot: groups, shards, bytes on disk (referenced shards +
-        manifest), located neurons, bytes per edit, and the dense-fp32 size it replaces."""
+        manifest), located neurons, bytes per edit, the dense-fp32 size it replaces, and how many
+        groups reached their stop rule (``converged``; ``not_converged`` lists the others;
+        groups whose export did not record it, e.g. other methods', count in neither)."""
         groups = self._manifest["groups"]
         shards = sorted({r["shard"] for r in groups.values()})
         shard_bytes = 0
@@ -774,6 +776,7 @@ class EditCache:
         dense = sum(len(r["layers"]) * r["d_ff"] * 4 for r in groups.values())
         total = shard_bytes + manifest_bytes
         n = len(groups)
+        converged = {g: r.get("meta", {}).get("converged") for g, r in groups.items()}
         return {
             "groups": n,
             "shards": len(shards),
@@ -785,6 +788,8 @@ class EditCache:
             "bytes_per_edit": total / n if n else 0.0,
             "dense_fp32_bytes": dense,
             "compression_vs_dense_fp32": dense / total if total else 0.0,
+            "converged": sum(c is True for c in converged.values()),
+            "not_converged": sorted(g for g, c in converged.items() if c is False),
         }
 
 

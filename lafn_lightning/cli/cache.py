@@ -33,7 +33,9 @@ def cache_command(argv: list[str]) -> None:
         for gid in cache.group_ids:
             info = cache.info(gid)
             subjects = info["subjects"]
-            print(f"{gid}\t{info['meta'].get('steps', '?')} steps\tneurons {info['located']}\t"
+            converged = info["meta"].get("converged")
+            mark = "" if converged in (True, None) else " (not converged)"
+            print(f"{gid}\t{info['meta'].get('steps', '?')} steps{mark}\tneurons {info['located']}\t"
                   f"{subjects.get('en') or next(iter(subjects.values()))}")
     elif args.action == "show":
         if args.group_id not in cache:
