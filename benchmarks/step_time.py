@@ -3,6 +3,7 @@
     python benchmarks/step_time.py                               # demo, group 0, 12 languages, preset, fp32
     python benchmarks/step_time.py --groups 0:4 --dtype bfloat16
     python benchmarks/step_time.py --steps 6 -- --model.chunked_loss false
+    python benchmarks/step_time.py --groups 0:4 --dtype bfloat16 --flops --group-steps 65
 
 Runs ``lafn fit -c demo -c presets/twelve_languages --model.layers "[5,6,7,8]"`` (the 12-language
 setting of docs/twelve_languages.md) for ``--steps`` steps and prints the wall time of every step
@@ -10,6 +11,13 @@ setting of docs/twelve_languages.md) for ``--steps`` steps and prints the wall t
 after the first (warm-up), the step's target loss and the process's peak RSS. One process runs
 one setting: compare two settings (or two commits) by running it twice in a row on an idle
 machine. Anything after ``--`` goes to ``lafn fit`` unchanged.
+
+``--flops`` also counts each step's FLOPs (``torch.utils.flop_counter``, as
+``edit_throughput.py`` does) and measures this machine's matrix-multiply peak in ``--dtype``:
+it prints GFLOP per group and step, the achieved share of the peak, and the compute bound, the
+seconds per group step at 100 % of the peak (times ``--group-steps``, e.g. the mean steps per
+group of a real run, for seconds per group). The counter slows a step a little; take the
+seconds from a run without it.
 """
 from __future__ import annotations
 
@@ -23,6 +31,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from lafn_lightning.api.settings import LafnCLI
 
@@ -30,15 +39,24 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 class _StepClock(L.Callback):
-    def __init__(self) -> None:
+    def __init__(self, flops: bool = False) -> None:
         self.seconds: list[float] = []
+        self.flops: list[int] = []            # per step, with ``flops``
+        self.active: list[int] = []           # groups still training at each step's start
         self._t = 0.0
+        self._mode = FlopCounterMode(display=False) if flops else None
 
-    def on_train_batch_start(self, *args) -> None:
+    def on_train_batch_start(self, trainer, module, *args) -> None:
+        self.active.append(int((~module.stopped).sum()))
+        if self._mode is not None:
+            self._mode.__enter__()
         self._t = time.perf_counter()
 
     def on_train_batch_end(self, *args) -> None:
         self.seconds.append(time.perf_counter() - self._t)
+        if self._mode is not None:
+            self._mode.__exit__(None, None, None)
+            self.flops.append(self._mode.get_total_flops())
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -50,6 +68,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default="float32", help="model.dtype (default float32)")
     parser.add_argument("--steps", type=int, default=4, help="optimisation steps (default 4; the first is warm-up)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--flops", action="store_true", help="count FLOPs per step; measure the matmul peak")
+    parser.add_argument("--group-steps", type=float, default=None,
+                        help="with --flops: steps per group (e.g. a run's mean) for the bound in seconds per group")
     args = parser.parse_args(argv[:cut])
     if args.steps < 2:
         parser.error("--steps must be at least 2 (the first step is warm-up)")
@@ -63,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
                 "--trainer.default_root_dir", str(out), *argv[cut + 1:]]
     try:
         cli = LafnCLI(fit_args, run=False)
-        clock = _StepClock()
+        clock = _StepClock(flops=args.flops)
         cli.trainer.callbacks.append(clock)
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     finally:
@@ -75,6 +96,24 @@ def main(argv: list[str] | None = None) -> None:
     print(f"[step time] steps (s): {[round(s, 2) for s in clock.seconds]}")
     print(f"[step time] mean after warm-up: {sum(steady) / len(steady):.2f} s/step; "
           f"target loss after {len(clock.seconds)} steps: {cli.model.final_target_loss.mean():.6f}; peak RSS {peak_gb:.2f} GB")
+    if args.flops:
+        _print_flops(clock, args)
+
+
+def _print_flops(clock: _StepClock, args) -> None:
+    """FLOPs per group step, achieved share of the matmul peak, compute bound (see the module)."""
+    from edit_throughput import matmul_peak   # this folder: the same peak as the throughput benchmark
+
+    peak = matmul_peak(getattr(torch, args.dtype))
+    steady = range(1, len(clock.seconds))
+    per_group = [clock.flops[i] / max(clock.active[i], 1) for i in steady]
+    gflop = sum(per_group) / len(per_group) / 1e9
+    rate = sum(clock.flops[i] for i in steady) / sum(clock.seconds[i] for i in steady)
+    bound = gflop * 1e9 / peak
+    print(f"[step time] {gflop:.1f} GFLOP per group and step ({clock.active[1]} group(s) training); "
+          f"achieved {rate / 1e9:.0f} GFLOP/s = {100 * rate / peak:.0f}% of the {args.dtype} matmul peak "
+          f"{peak / 1e9:.0f} GFLOP/s; compute bound {bound:.2f} s per group step at the peak"
+          + (f", {bound * args.group_steps:.0f} s per group at {args.group_steps:g} steps" if args.group_steps else ""))
 
 
 if __name__ == "__main__":
