@@ -83,3 +83,30 @@ def test_answer_positions_only_give_the_full_logits_loss(tmp_path):
         ref = torch.stack([row_nll[b["group"] == g].mean() for g in range(3)])
     torch.testing.assert_close(fast["target"], ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fast["row_logprob"], (logp * m).sum(1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3", "bloom", "gpt2"])
+def test_prefix_cache_gives_the_full_forward_loss_from_fewer_positions(tmp_path, family):
+    cli = fit(tmp_path, "--model.backbone", f"tiny-{family}", "--model.layers", "[2, 3]", "--data.groups", "0:3",
+              "--model.length_buckets", "2", "--trainer.fast_dev_run", "true")
+    module, batch = cli.model, cli.datamodule.batch
+    with torch.no_grad():                                        # a ΔV large enough to matter
+        module.delta_v.copy_(torch.randn_like(module.delta_v))
+    stack = module.backbone.get_submodule(module.adapter.layers_path)
+    lengths = []
+    with Hooks() as hooks:
+        hooks.on_input(stack[3], lambda x: lengths.append(x.shape[1]))
+        cached = _loss_and_grad(module, batch)
+    answer_lengths = lengths[:-1]                                # the last forward is the KL rows'
+    kv = module._prefix_kv
+    module._prefix_kv = {}                                       # every position of every row
+    lengths.clear()
+    with Hooks() as hooks:
+        hooks.on_input(stack[3], lambda x: lengths.append(x.shape[1]))
+        full = _loss_and_grad(module, batch)
+    module._prefix_kv = kv
+    assert set(kv) == {""}
+    assert sum(answer_lengths) < sum(lengths[:-1])                # the prefix positions did not run
+    assert cached[0].abs().sum() > 0 and full[2].abs().sum() > 0
+    for a, b in zip(cached, full):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -6,9 +6,10 @@ from lafn_lightning.backbone.hooks import Hooks
 
 
 def _twelve_language_batch(tmp_path, dev_data):
-    """The edit module and batch of 2 groups in 12 languages, with a random ΔV."""
+    """The edit module and batch of 2 groups in 12 languages, with a random ΔV (every position run:
+    the prefix cache, tested in test_fast_paths.py, would change the counts below)."""
     cli = fit(tmp_path, "--data.languages", "null", "--data.groups", "0:2", "--data.dataset", str(dev_data),
-              "--trainer.fast_dev_run", "true")
+              "--model.prefix_cache", "false", "--trainer.fast_dev_run", "true")
     with torch.no_grad():
         cli.model.delta_v.copy_(torch.randn_like(cli.model.delta_v))
     return cli.model, cli.datamodule.batch

@@ -50,6 +50,12 @@ class LafnEditModule(L.LightningModule):
             (detached) target loss, so lagging languages get more of the update.
         length_buckets: run the answer rows in this many forwards of rows of similar length
             (sorted by length, equal counts) instead of one padded to the longest row; same loss.
+        prefix_cache: run the answer rows only from the first subject position of each forward
+            (each length bucket) on: the positions left of it see no ΔV, so their keys and
+            values in every layer are those of the unedited forward, captured once at fit start
+            (transformers' ``DynamicCache``) and passed as the attention cache. Same loss and
+            gradient; costs rows x sequence x layers x (keys + values) of memory. Off for
+            backbones whose forward takes no attention cache.
         max_rows: at most this many answer rows per forward, each forward checkpointed (its
             activations are recomputed in the backward pass instead of kept), so the step's peak
             memory is that of one part, not of the whole edit batch (16 groups x 12 languages x 4
@@ -73,6 +79,7 @@ class LafnEditModule(L.LightningModule):
         language_weighting: str = "uniform",
         length_buckets: int = 1,
         max_rows: int | None = None,
+        prefix_cache: bool = True,
     ) -> None:
         super().__init__()
         if site not in SITES:
@@ -88,12 +95,16 @@ class LafnEditModule(L.LightningModule):
         object.__setattr__(self, "backbone", model)  # shared and frozen: not a registered submodule
         self.adapter = adapter_for(model)
         self.adapter.check_layers(list(layers), key="model.layers")
-        self._takes_position_ids = "position_ids" in inspect.signature(model.forward).parameters
+        params = inspect.signature(model.forward).parameters
+        self._takes_position_ids = "position_ids" in params
+        # transformers 5 renames past_key_values to cache; either takes a DynamicCache
+        self._cache_kw = next((k for k in ("cache", "past_key_values") if k in params), None) if prefix_cache else None
         self.layers = [int(i) for i in layers]
         self.delta_v: nn.Parameter | None = None
         first = min(self.layers)
         self.lower = LowerLayers(model, self.adapter, first) if cache_lower_layers and first > 0 else None
         self._lower_states: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._prefix_kv: dict[str, tuple[torch.Tensor, list]] = {}   # key -> (ids, [(keys, values)] per layer)
         self.final_language_loss: torch.Tensor | None = None  # [groups, languages], at the last step
 
     # ---- state -------------------------------------------------------------------------------
@@ -134,19 +145,25 @@ class LafnEditModule(L.LightningModule):
         self.stopped |= ~mine  # groups of other processes are never trained here
         b = self.trainer.datamodule.batch
 
-        def unedited(key: str) -> torch.Tensor:
-            """One unedited forward of the ``key`` rows; keeps their lower-layer states if cached."""
+        def unedited(key: str, prefix: bool = False) -> torch.Tensor:
+            """One unedited forward of the ``key`` rows; keeps their lower-layer states if cached
+            and, with ``prefix``, every layer's keys and values."""
             ids, att = b[f"{key}input_ids"].to(self.device), b[f"{key}attention_mask"].to(self.device)
+            cache = _new_cache() if prefix else None
             if self.lower is None:
-                return self._run(ids, att, keep=1)
-            states, logits = self.lower.capture(lambda: self._run(ids, att, keep=1))
-            self._lower_states[key] = (ids, states)
+                logits = self._run(ids, att, keep=1, cache=cache)
+            else:
+                states, logits = self.lower.capture(lambda: self._run(ids, att, keep=1, cache=cache))
+                self._lower_states[key] = (ids, states)
+            kv = _cache_tensors(cache, ids.shape[1]) if prefix else None
+            if kv is not None:
+                self._prefix_kv[key] = (ids, kv)
             return logits
 
-        self._lower_states = {}
+        self._lower_states, self._prefix_kv = {}, {}
         with torch.no_grad():
-            if self.lower is not None:
-                unedited("")                                   # answer rows: only their states are kept
+            if self.lower is not None or self._cache_kw is not None:
+                unedited("", prefix=self._cache_kw is not None)   # answer rows: only their states are kept
             logits = unedited("kl_")
         self.kl_reference = logits[:, -1].float().log_softmax(-1)  # log P_orig at each anchor's last position
 
@@ -157,16 +174,23 @@ class LafnEditModule(L.LightningModule):
         return self.delta_v * self.mask
 
     # ---- forward -------------------------------------------------------------------------------
-    def _run(self, ids, att, keep: int):
-        """Backbone logits of the last ``keep`` positions of left-padded rows."""
+    def _run(self, ids, att, keep: int, cache=None):
+        """Backbone logits of the last ``keep`` positions of left-padded rows. With an attention
+        ``cache`` of the rows' first positions, ``ids`` are the positions after them (``att``
+        covers all)."""
         kwargs = {"logits_to_keep": keep}
         if self._takes_position_ids:
-            kwargs["position_ids"] = position_ids(att)
+            kwargs["position_ids"] = position_ids(att)[:, att.shape[1] - ids.shape[1]:]
+        if cache is not None:
+            kwargs[self._cache_kw] = cache
+            kwargs["use_cache"] = True
         return self.backbone(input_ids=ids, attention_mask=att, **kwargs).logits
 
     def _forward(self, ids, att, groups, positions, keep: int, lower: torch.Tensor | None = None,
-                 head_at: torch.Tensor | None = None, head_inputs: list | None = None):
+                 head_at: torch.Tensor | None = None, head_inputs: list | None = None, cache=None):
         """Logits with ΔV of ``groups`` at ``positions``; from cached lower-layer states if given;
+        ``cache``: the attention cache of the first positions (see :meth:`_run`; ``ids``,
+        ``positions`` and ``lower`` then cover the positions after them);
         ``head_at`` ([rows, keep] bool): project only those positions (logits [n, vocab]);
         ``head_inputs`` (a list): append the LM head's input at ``head_at`` ([n, d]) to it and
         skip the projection (logits [0, vocab])."""
@@ -185,16 +209,23 @@ class LafnEditModule(L.LightningModule):
                 hooks.on_input(self.backbone.get_output_embeddings(), select)
             if lower is not None:
                 stack.enter_context(self.lower.skipping(lower))
-            return self._run(ids, att, keep)
+            return self._run(ids, att, keep, cache)
 
     def _cached_lower(self, key: str, ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor | None:
         """Captured lower-layer states of ``ids[rows]`` if ``ids`` is the batch they were captured for."""
-        if key not in self._lower_states:
+        states = _captured(self._lower_states, key, ids)
+        return None if states is None else states[rows]
+
+    def _prefix(self, key: str, ids: torch.Tensor, rows: torch.Tensor, cut: int, n: int):
+        """An attention cache holding every layer's unedited keys and values of ``ids[rows]`` at
+        columns ``cut .. cut + n`` (None if they were not captured for this batch)."""
+        kv = _captured(self._prefix_kv, key, ids)
+        if kv is None:
             return None
-        cached_ids, states = self._lower_states[key]
-        if cached_ids.shape != ids.shape or not torch.equal(cached_ids, ids.to(cached_ids.device)):
-            return None
-        return states[rows]
+        cache = _new_cache()
+        for i, (k, v) in enumerate(kv):
+            cache.update(k[rows, :, cut:cut + n], v[rows, :, cut:cut + n], i)
+        return cache
 
     def _answer_token_nll(self, batch: dict, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """NLL of every answer token of ``rows`` and, per token, its index into ``rows``.
@@ -211,9 +242,15 @@ class LafnEditModule(L.LightningModule):
         first = int(tmask.any(0).nonzero().min()) if tmask.any() else width - 1
         answer_at = tmask[:, first:]                          # [rows, keep]: logits at t predict token t + 1
         lower = self._cached_lower("", batch["input_ids"], rows)
+        positions = batch["subject_pos"][rows] - cut
+        # columns left of every row's ΔV position keep their unedited keys and values (prefix_cache)
+        n = min(int(positions.min()), first)
+        cache = self._prefix("", batch["input_ids"], rows, cut, n) if n > 0 else None
+        skip = n if cache is not None else 0
         head_inputs = [] if self.hparams.chunked_loss else None
-        logits = self._forward(ids, att, batch["group"][rows], batch["subject_pos"][rows] - cut, width - first,
-                               None if lower is None else lower[:, cut:], head_at=answer_at, head_inputs=head_inputs)
+        logits = self._forward(ids[:, skip:], att, batch["group"][rows], positions - skip, width - first,
+                               None if lower is None else lower[:, cut + skip:], head_at=answer_at,
+                               head_inputs=head_inputs, cache=cache)
         row_of, t = answer_at.nonzero(as_tuple=True)
         gold = ids[row_of, first + t + 1]
         if head_inputs:
@@ -334,6 +371,35 @@ class LafnEditModule(L.LightningModule):
 STOP_RULES = ("mean", "every_language")
 #: Language weightings of L_target (``uniform`` is the paper's).
 WEIGHTINGS = ("uniform", "loss")
+
+
+def _captured(store: dict, key: str, ids: torch.Tensor):
+    """``store[key]``'s tensors if they were captured for the batch ``ids`` (else None)."""
+    if key not in store:
+        return None
+    cached_ids, value = store[key]
+    if cached_ids.shape != ids.shape or not torch.equal(cached_ids, ids.to(cached_ids.device)):
+        return None
+    return value
+
+
+def _new_cache():
+    """An empty attention cache that keeps every position of every layer (no sliding window)."""
+    from transformers import DynamicCache
+
+    return DynamicCache()
+
+
+def _cache_tensors(cache, width: int) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """Per layer (keys, values) [rows, heads, width, head_dim] from a filled ``DynamicCache``, or None
+    where the backbone left it in another form (then the prefix is not cached)."""
+    layers = getattr(cache, "layers", None)
+    if not layers:
+        return None
+    kv = [(getattr(layer, "keys", None), getattr(layer, "values", None)) for layer in layers]
+    if any(not isinstance(k, torch.Tensor) or k.dim() != 4 or k.shape[2] != width for k, _ in kv):
+        return None
+    return [(k.detach(), v.detach()) for k, v in kv]
 
 
 def _group_mean(values: torch.Tensor, groups: torch.Tensor, n_groups: int) -> torch.Tensor:
