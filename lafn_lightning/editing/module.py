@@ -163,7 +163,7 @@ class LafnEditModule(L.LightningModule):
         self._lower_states, self._prefix_kv = {}, {}
         with torch.no_grad():
             if self.lower is not None or self._cache_kw is not None:
-                unedited("", prefix=self._cache_kw is not None)   # answer rows: only their states are kept
+                unedited("", prefix=self._cache_kw is not None)   # answer rows: states and keys/values kept
             logits = unedited("kl_")
         self.kl_reference = logits[:, -1].float().log_softmax(-1)  # log P_orig at each anchor's last position
 
