@@ -51,7 +51,8 @@ class LafnEditModule(L.LightningModule):
         length_buckets: run the answer rows in this many forwards of rows of similar length
             (sorted by length, equal counts) instead of one padded to the longest row; same loss.
         prefix_cache: run the answer rows only from the first subject position of each forward
-            (each length bucket) on: the positions left of it see no ΔV, so their keys and
+            (each length bucket, the rows then bucketed by their length from their subject
+            position on) on: the positions left of it see no ΔV, so their keys and
             values in every layer are those of the unedited forward, captured once at fit start
             (transformers' ``DynamicCache``) and passed as the attention cache. Same loss and
             gradient; costs rows x sequence x layers x (keys + values) of memory. Off for
@@ -267,7 +268,12 @@ class LafnEditModule(L.LightningModule):
         groups = batch["group"][rows]
         # Rows of very different lengths (12 scripts) waste compute on padding: with
         # `length_buckets` > 1 the rows run in that many forwards of similar length (same loss).
-        order = batch["attention_mask"][rows].sum(1).argsort(stable=True)
+        # With the prefix cache only the positions from the ΔV position on run, so "length" is that.
+        if _captured(self._prefix_kv, "", batch["input_ids"]) is not None:
+            length = batch["input_ids"].shape[1] - batch["subject_pos"][rows]
+        else:
+            length = batch["attention_mask"][rows].sum(1)
+        order = length.argsort(stable=True)
         max_rows = self.hparams.get("max_rows")
         n_parts = max(1, self.hparams.get("length_buckets", 1), -(-len(rows) // max_rows) if max_rows else 1)
         parts = [p for p in order.tensor_split(n_parts) if len(p)]
