@@ -24,8 +24,8 @@ group of a real run, for seconds per group). The counter slows a step (about 1.4
 backbone on CPU); take the seconds from a run without it. On a GPU the peak GPU memory is printed
 too. ``random-<name>`` backbones (``lafn_lightning.backbone.tiny.FULL_SIZE``) have a paper
 backbone's architecture with random weights; give them a real tokenizer folder after ``+`` (the
-demo's Gemma tokenizer, ``~/.cache/lafn_lightning/gemma-3-270m``, tokenizes 12 languages like
-the paper backbones' do; its larger vocabulary enlarges the LM head, which the FLOP count
+demo's Gemma tokenizer, ``~/.cache/lafn_lightning/gemma-3-270m``, a multilingual BPE like
+those of the paper backbones; its larger vocabulary enlarges the LM head, which the FLOP count
 includes), as the byte-level default makes rows several times longer.
 """
 from __future__ import annotations
