@@ -41,32 +41,55 @@ from torch.utils.flop_counter import FlopCounterMode
 REPO = Path(__file__).resolve().parents[1]
 
 
-class _StepMeter:
-    """Time and FLOPs of optimisation steps (everything between a step's start and end)."""
+class StepMeter:
+    """Time and FLOPs (``count_flops``) of optimisation steps, everything between a step's start
+    and end, step by step; ``device``: a GPU's queued work is waited for at both ends."""
 
-    def __init__(self) -> None:
-        self.seconds, self.flops, self._t, self._mode = 0.0, 0, 0.0, None
+    def __init__(self, count_flops: bool = True) -> None:
+        self.step_seconds: list[float] = []
+        self.step_flops: list[int] = []
+        self._count, self._t, self._mode = count_flops, 0.0, None
 
-    def start(self) -> None:
-        self._mode = FlopCounterMode(display=False)
-        self._mode.__enter__()
+    @property
+    def seconds(self) -> float:
+        return sum(self.step_seconds)
+
+    @property
+    def flops(self) -> int:
+        return sum(self.step_flops)
+
+    def start(self, device: torch.device | None = None) -> None:
+        if self._count:
+            self._mode = FlopCounterMode(display=False)
+            self._mode.__enter__()
+        _sync(device)
         self._t = time.perf_counter()
 
-    def stop(self) -> None:
-        self.seconds += time.perf_counter() - self._t
-        self._mode.__exit__(None, None, None)
-        self.flops += self._mode.get_total_flops()
+    def stop(self, device: torch.device | None = None) -> None:
+        _sync(device)
+        self.step_seconds.append(time.perf_counter() - self._t)
+        if self._mode is not None:
+            self._mode.__exit__(None, None, None)
+            self.step_flops.append(self._mode.get_total_flops())
+            self._mode = None
 
 
-class _MeterCallback(L.Callback):
-    def __init__(self, meter: _StepMeter) -> None:
+def _sync(device: torch.device | None) -> None:
+    if device is not None and device.type == "cuda":   # time what the GPU did, not what was queued
+        torch.cuda.synchronize(device)
+
+
+class MeterCallback(L.Callback):
+    """A :class:`StepMeter` around every training batch of a fit."""
+
+    def __init__(self, meter: StepMeter) -> None:
         self.meter = meter
 
-    def on_train_batch_start(self, *args) -> None:
-        self.meter.start()
+    def on_train_batch_start(self, trainer, module, *args) -> None:
+        self.meter.start(module.device)
 
-    def on_train_batch_end(self, *args) -> None:
-        self.meter.stop()
+    def on_train_batch_end(self, trainer, module, *args) -> None:
+        self.meter.stop(module.device)
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5, device: str = "cpu") -> float:
@@ -92,7 +115,7 @@ def _cli(base: list[str], *extra: str):
     return LafnCLI([*base, *extra], run=False)
 
 
-def baseline(base: list[str], index: int, cache_dir: Path, meter: _StepMeter) -> int:
+def baseline(base: list[str], index: int, cache_dir: Path, meter: StepMeter) -> int:
     """Edit group ``index`` alone with a plain loop; export it to ``cache_dir``; return its steps."""
     from lafn_lightning.backbone.fingerprint import fingerprint
     from lafn_lightning.cache import CacheEntry, write_shard
@@ -144,10 +167,10 @@ def baseline(base: list[str], index: int, cache_dir: Path, meter: _StepMeter) ->
     return steps
 
 
-def project(base: list[str], indices: list[int], cache_dir: Path, dtype: str, meter: _StepMeter) -> int:
+def project(base: list[str], indices: list[int], cache_dir: Path, dtype: str, meter: StepMeter) -> int:
     """Edit ``indices`` with ``lafn fit`` (one fit per edit batch); return the total steps of all groups."""
     cli = _cli(base, "--data.groups", json.dumps(indices), "--model.dtype", dtype, "--cache_dir", str(cache_dir))
-    cli.trainer.callbacks.append(_MeterCallback(meter))
+    cli.trainer.callbacks.append(MeterCallback(meter))
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     return int(cli.model.steps.sum())
 
@@ -204,7 +227,7 @@ def main() -> None:
 
     rows = []
 
-    def record(name: str, dtype: str, seconds: float, steps: int, meter: _StepMeter, cache: Path) -> None:
+    def record(name: str, dtype: str, seconds: float, steps: int, meter: StepMeter, cache: Path) -> None:
         rel = reliability(groups, languages, cache, backbone, dtype)
         achieved = meter.flops / max(meter.seconds, 1e-9)
         rows.append({"loop": name, "dtype": dtype, "sec_per_group": seconds / len(groups), "steps": steps,
@@ -212,12 +235,12 @@ def main() -> None:
                      "peak_fraction": achieved / peaks[dtype], "reliability": rel})
         print(f"[throughput] {name}: {seconds / len(groups):.1f} s/group, reliability {rel:.1f}", flush=True)
 
-    meter, t = _StepMeter(), time.perf_counter()
+    meter, t = StepMeter(), time.perf_counter()
     steps = sum(baseline(base, i, out / "baseline", meter) for i in indices)
     record("baseline", "float32", time.perf_counter() - t, steps, meter, out / "baseline")
     for dtype in dtypes:
         for size in sizes:
-            meter, t, steps = _StepMeter(), time.perf_counter(), 0
+            meter, t, steps = StepMeter(), time.perf_counter(), 0
             cache = out / f"b{size}-{dtype}"
             for start in range(0, len(indices), size):
                 steps += project(base, indices[start:start + size], cache, dtype, meter)

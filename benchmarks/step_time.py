@@ -35,44 +35,26 @@ import resource
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import lightning as L
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from edit_throughput import MeterCallback, StepMeter, matmul_peak   # this folder: one meter and peak for both
 
 from lafn_lightning.api.settings import LafnCLI
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-class _StepClock(L.Callback):
+class _StepClock(MeterCallback):
+    """The throughput benchmark's meter, step by step, and the groups still training at each step's start."""
+
     def __init__(self, flops: bool = False) -> None:
-        self.seconds: list[float] = []
-        self.flops: list[int] = []            # per step, with ``flops``
-        self.active: list[int] = []           # groups still training at each step's start
-        self._t = 0.0
-        self._mode = FlopCounterMode(display=False) if flops else None
+        super().__init__(StepMeter(count_flops=flops))
+        self.active: list[int] = []
 
     def on_train_batch_start(self, trainer, module, *args) -> None:
         self.active.append(int((~module.stopped).sum()))
-        if self._mode is not None:
-            self._mode.__enter__()
-        _sync(module.device)
-        self._t = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, module, *args) -> None:
-        _sync(module.device)
-        self.seconds.append(time.perf_counter() - self._t)
-        if self._mode is not None:
-            self._mode.__exit__(None, None, None)
-            self.flops.append(self._mode.get_total_flops())
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":        # GPU work is asynchronous: time what it did, not what was queued
-        torch.cuda.synchronize(device)
+        super().on_train_batch_start(trainer, module, *args)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -107,14 +89,14 @@ def main(argv: list[str] | None = None) -> None:
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     finally:
         shutil.rmtree(out, ignore_errors=True)
-    steady = clock.seconds[1:]
+    steady = clock.meter.step_seconds[1:]
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
     device = cli.trainer.strategy.root_device
     print(f"[step time] groups {args.groups}, languages {args.languages}, {args.dtype}, {args.threads} threads, "
           f"extra {argv[cut + 1:]}")
-    print(f"[step time] steps (s): {[round(s, 2) for s in clock.seconds]}")
+    print(f"[step time] steps (s): {[round(s, 2) for s in clock.meter.step_seconds]}")
     print(f"[step time] mean after warm-up: {sum(steady) / len(steady):.2f} s/step; "
-          f"target loss after {len(clock.seconds)} steps: {cli.model.final_target_loss.mean():.6f}; peak RSS {peak_gb:.2f} GB"
+          f"target loss after {len(clock.meter.step_seconds)} steps: {cli.model.final_target_loss.mean():.6f}; peak RSS {peak_gb:.2f} GB"
           + (f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2 ** 30:.1f} GiB" if device.type == "cuda" else ""))
     if args.flops:
         _print_flops(clock, args, device)
@@ -122,16 +104,14 @@ def main(argv: list[str] | None = None) -> None:
 
 def _print_flops(clock: _StepClock, args, device: torch.device) -> None:
     """FLOPs per group step, achieved share of the matmul peak, compute bound (see the module)."""
-    from edit_throughput import matmul_peak   # this folder: the same peak as the throughput benchmark
-
     gpu = device.type == "cuda"
     peak = matmul_peak(getattr(torch, args.dtype), n=8192 if gpu else 2048, device=str(device))
-    steady = range(1, len(clock.seconds))
-    per_group = [clock.flops[i] / max(clock.active[i], 1) for i in steady]
+    steady = range(1, len(clock.meter.step_seconds))
+    per_group = [clock.meter.step_flops[i] / max(clock.active[i], 1) for i in steady]
     gflop = sum(per_group) / len(per_group) / 1e9
-    rate = sum(clock.flops[i] for i in steady) / sum(clock.seconds[i] for i in steady)
+    rate = sum(clock.meter.step_flops[i] for i in steady) / sum(clock.meter.step_seconds[i] for i in steady)
     bound = gflop * 1e9 / peak
-    measured = sum(clock.seconds[i] / max(clock.active[i], 1) for i in steady) / len(steady)
+    measured = sum(clock.meter.step_seconds[i] / max(clock.active[i], 1) for i in steady) / len(steady)
     print(f"[step time] {gflop:.1f} GFLOP per group and step ({clock.active[1]} group(s) training); "
           f"achieved {rate / 1e9:.0f} GFLOP/s = {100 * rate / peak:.0f}% of the {args.dtype} {device.type} matmul peak "
           f"{peak / 1e9:.0f} GFLOP/s; {measured:.2f} s per group step measured (with the counter), "
