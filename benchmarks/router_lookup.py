@@ -5,6 +5,7 @@
     python benchmarks/router_lookup.py --sizes 400,40000,400000 --per_group 4   # 100 / 10k / 100k en+zh edits
     python benchmarks/router_lookup.py --sizes 400,40000,400000 --per_group 4 --kinds lexical
     python benchmarks/router_lookup.py --sizes 400,40000,400000 --per_group 4 --kinds lexical --tiers 0.7:0.6
+    python benchmarks/router_lookup.py --sizes 400,40000,400000 --per_group 4 --kinds lexical --tiers 0.7:0.6 --subjects recombined
 
 Keys are random unit vectors in clusters (``--per_group`` keys around a group centre: 24 like a
 12-language group's 12 anchors + 12 prompts, 4 for an en+zh group); a query is ``--tokens`` unit vectors, half of the queries
@@ -18,7 +19,8 @@ the queries that hold a token near a cached key (on the others every score is no
 zsRE training facts whose English subject (``router_dev/subj.py``: ``template_subject``) has 4+
 letters (9,973 of 10,000; group k: the k-th of those, cyclically; en + zh for the first 9,973
 groups, a random pair of languages after that, so beyond that facts repeat in other language
-pairs), subjects guessed from the
+pairs: at 100k each subject is cached in about ten groups; ``--subjects recombined`` gives those
+groups names recombined from two facts' subjects instead, nearly all distinct), subjects guessed from the
 questions (the English one where a question spells it, else ``router_dev/subj.py`` for
 alphabetic scripts, for zh a 《title》 or the leading noun phrase). Queries are real
 questions: half a cached fact's question (facts 0..99, cached at every size; one token's state near
@@ -29,6 +31,8 @@ questions alone -- the median over all sits between the two kinds, where a small
 of queries that have lexical candidates moves it a lot) and the whole ``Router.route`` without stage 1 ("lex route ms": + the acceptance rule and
 the site); "cands/q": groups with lexical support >= 0.5 per query (the only ones scored); "fired":
 share of cached-fact queries routed to their group, "false": share of locality queries routed.
+The lexical columns of all sizes are timed together, ``--block`` queries at one size and then the
+same questions at the next, so that their ratios come from one stretch of the shared machine's load.
 """
 from __future__ import annotations
 
@@ -99,6 +103,30 @@ def group_languages(k: int, n_facts: int) -> tuple[str, str]:
     return (a, b)
 
 
+def recombine(first: str, second: str) -> str:
+    """A name that is neither: ``first`` without its last word + the last word of ``second``
+    (a subject of one word, or without spaces: the first half of ``first`` + the second half of
+    ``second``)."""
+    a, b = first.split(), second.split()
+    if len(a) > 1 and b:
+        return " ".join(a[:-1] + b[-1:])
+    return first[:max(1, len(first) // 2)] + second[len(second) // 2:]
+
+
+def group_subjects(k: int, facts: list[int], subjects: dict[str, list[str]], mode: str) -> list[str]:
+    """Group ``k``'s subjects (one per language of :func:`group_languages`): ``repeat``, the k-th
+    fact's, cyclically (beyond the 9,973 facts each subject is cached again, in ten groups at
+    100k); ``recombined``, beyond the facts, names recombined from two random facts' subjects
+    (:func:`recombine`), so that nearly every group has subjects of its own."""
+    langs = group_languages(k, len(facts))
+    if mode == "repeat" or k < len(facts):
+        i = facts[k % len(facts)]
+        return list(dict.fromkeys(subjects[lang][i] for lang in langs))
+    rng = random.Random(k)
+    i, j = facts[rng.randrange(len(facts))], facts[rng.randrange(len(facts))]
+    return list(dict.fromkeys(recombine(subjects[lang][i], subjects[lang][j]) for lang in langs))
+
+
 def locality_questions() -> list[str]:
     path = Path(__file__).resolve().parents[1] / "lafn_lightning/data/mzsre_dev/mzsre_test_duplicate_enzh.json"
     recs = json.loads(path.read_text(encoding="utf-8"))
@@ -137,6 +165,10 @@ def main() -> None:
     ap.add_argument("--per_group", type=int, default=24, help="keys per cached edit group")
     ap.add_argument("--kinds", default="flat,hnsw,lexical", help="columns to measure (flat, hnsw, lexical)")
     ap.add_argument("--no-edges", action="store_true", help="lexical: Router(edges=False), the session-9 rule")
+    ap.add_argument("--subjects", choices=("repeat", "recombined"), default="repeat",
+                    help="lexical: beyond the 9,973 facts, cache their subjects again (repeat) or recombined names")
+    ap.add_argument("--block", type=int, default=20,
+                    help="lexical: queries timed at one size before the next size's (sizes alternate by blocks)")
     ap.add_argument("--tiers", default="", help="lexical: further lexical tiers share:cosine,... (e.g. 0.7:0.6)")
     args = ap.parse_args()
     kinds = args.kinds.split(",")
@@ -150,8 +182,11 @@ def main() -> None:
           f"{'lex ms':>9}{'fact ms':>9}{'loc ms':>8}{'lex route ms':>14}{'cands/q':>9}{'fired':>7}{'false':>7}")
     rows = {}
     nan = float("nan")
+    stores = {n: make_store(n, args.dim, per_group=args.per_group) for n in sizes}
+    # the lexical path: all sizes timed in alternating blocks (the shared machine's drift hits every size alike)
+    lexes = measure_lexical(stores, lex_data, args, g) if lex_data else {}
     for n in sizes:
-        store = make_store(n, args.dim, per_group=args.per_group)
+        store = stores[n]
         all_keys = torch.cat([k.float() for _, k in store.items()])
         queries = []
         for q in range(args.queries):
@@ -179,7 +214,7 @@ def main() -> None:
         planted = range(1, len(queries), 2)   # queries holding a token near a cached key (the others match nothing)
         recall = (sum(res["flat"][2][q] == res["hnsw"][2][q] for q in planted) / max(1, len(planted))
                   if "flat" in kinds and "hnsw" in kinds else nan)
-        lex = measure_lexical(store, lex_data, args, g) if lex_data else (nan,) * 7
+        lex = lexes.get(n, (nan,) * 7)
         rows[n] = {**{k: v[0] for k, v in res.items()}, "lexical": lex[0], "lexical fact": lex[5],
                    "lexical loc": lex[6]}
         print(f"{n:8d}{n // args.per_group:8d}{res['flat'][0]:10.3f}{res['hnsw'][0]:10.3f}{res['hnsw'][1]:14.1f}"
@@ -191,54 +226,69 @@ def main() -> None:
              if k.split()[0] in kinds))
 
 
-def measure_lexical(store: KeyStore, data, args, g: torch.Generator) -> tuple[float, ...]:
-    """(scores ms, route ms, candidate groups per query, fired, false, scores ms of the cached
-    facts' questions, scores ms of the locality questions) of the lexical-first path."""
+def measure_lexical(stores: dict[int, KeyStore], data, args, g: torch.Generator) -> dict[int, tuple[float, ...]]:
+    """Size -> (scores ms, route ms, candidate groups per query, fired, false, scores ms of the
+    cached facts' questions, scores ms of the locality questions) of the lexical-first path. Each
+    block of ``args.block`` queries is timed at every size in turn, so that the ratios between
+    sizes come from one stretch of the shared machine's load (blocks, not single queries: a
+    query right after one at another size would find the caches cold)."""
     (subjects, questions), locality = data
-    gids = store.group_ids()
     facts = [i for i, s in enumerate(subjects["en"]) if len(fold(s)) >= 4]   # no "La", "Ma" guesses
-    subs = {}
-    for k, gid in enumerate(gids):
-        i = facts[k % len(facts)]
-        subs[gid] = list(dict.fromkeys(subjects[lang][i] for lang in group_languages(k, len(facts))))
     tiers = [tuple(map(float, t.split(":"))) for t in args.tiers.split(",") if t]
-    router = Router(store, subs, threshold=1.0001, lexical_threshold=0.8748, lexical_min=0.5, stage1=None,
-                    index="flat", lookup="lexical", lexical_tiers=tiers, edges=not args.no_edges)
-    cases = []   # (text, states, group the query is about or None)
-    for q in range(args.queries):
-        x = torch.nn.functional.normalize(torch.randn(args.tokens, args.dim, generator=g), dim=-1)
-        if q % 2:
-            k = (q // 2) % min(100, len(gids))
-            text = questions[group_languages(k, len(facts))[(q // 2) % 2]][facts[k]]
-            keys = store.keys(gids[k]).float()
-            sites = site_tokens(even_spans(text, args.tokens))   # a token route() considers
-            t = sites[min(3, len(sites) - 1)]
-            x[t] = torch.nn.functional.normalize(keys[q % len(keys)] + 0.05 * x[t], dim=0)
-            cases.append((text, x, gids[k]))
-        else:
-            cases.append((locality[(q // 2) % len(locality)], x, None))
+    routers, cases = {}, {}
+    for n, store in stores.items():
+        gids = store.group_ids()
+        subs = {}
+        for k, gid in enumerate(gids):
+            subs[gid] = group_subjects(k, facts, subjects, args.subjects)
+        routers[n] = Router(store, subs, threshold=1.0001, lexical_threshold=0.8748, lexical_min=0.5, stage1=None,
+                            index="flat", lookup="lexical", lexical_tiers=tiers, edges=not args.no_edges)
+        cases[n] = []   # (text, states, group the query is about or None)
+        for q in range(args.queries):
+            x = torch.nn.functional.normalize(torch.randn(args.tokens, args.dim, generator=g), dim=-1)
+            if q % 2:
+                k = (q // 2) % min(100, len(gids))
+                text = questions[group_languages(k, len(facts))[(q // 2) % 2]][facts[k]]
+                keys = store.keys(gids[k]).float()
+                sites = site_tokens(even_spans(text, args.tokens))   # a token route() considers
+                t = sites[min(3, len(sites) - 1)]
+                x[t] = torch.nn.functional.normalize(keys[q % len(keys)] + 0.05 * x[t], dim=0)
+                cases[n].append((text, x, gids[k]))
+            else:
+                cases[n].append((locality[(q // 2) % len(locality)], x, None))
     tokens = list(range(args.tokens))
-    for text, x, _ in cases[:2]:   # warm the caches (a locality and a fact question: the key matrix)
-        router.scores(x, tokens, margins=True, text=text)
-    t_scores, t_route, cands, fired, false = [], [], [], 0, 0
-    for text, x, own in cases:
-        spans = even_spans(text, args.tokens)
-        fold.cache_clear(), _grams.cache_clear()   # every query new to the folding caches
-        t0 = time.process_time()
-        router.scores(x, tokens, margins=True, text=text)
-        t_scores.append(time.process_time() - t0)
-        fold.cache_clear(), _grams.cache_clear()
-        t0 = time.process_time()
-        routes = router.route(text, spans, x)
-        t_route.append(time.process_time() - t0)
-        cands.append(len(router.lexical_candidates(text)))
-        fired += own is not None and any(r.group_id == own for r in routes)
-        false += own is None and bool(routes)
-    half = max(1, len(cases) // 2)
-    by_kind = [statistics.median(t for t, (_, _, own) in zip(t_scores, cases) if (own is None) == loc) * 1e3
-               for loc in (False, True)]
-    return (statistics.median(t_scores) * 1e3, statistics.median(t_route) * 1e3, statistics.mean(cands),
-            fired / half, false / half, *by_kind)
+    for n, router in routers.items():
+        for text, x, _ in cases[n][:2]:   # warm the caches (a locality and a fact question: the key matrix)
+            router.scores(x, tokens, margins=True, text=text)
+    t_scores = {n: [] for n in stores}
+    t_route = {n: [] for n in stores}
+    for block in range(0, args.queries, args.block):
+        for n, router in routers.items():
+            for q in range(block, min(block + args.block, args.queries)):
+                text, x, _ = cases[n][q]
+                spans = even_spans(text, args.tokens)
+                fold.cache_clear(), _grams.cache_clear()   # every query new to the folding caches
+                t0 = time.process_time()
+                router.scores(x, tokens, margins=True, text=text)
+                t_scores[n].append(time.process_time() - t0)
+                fold.cache_clear(), _grams.cache_clear()
+                t0 = time.process_time()
+                router.route(text, spans, x)
+                t_route[n].append(time.process_time() - t0)
+    out = {}
+    for n, router in routers.items():
+        cands, fired, false = [], 0, 0
+        for text, x, own in cases[n]:
+            routes = router.route(text, even_spans(text, args.tokens), x)
+            cands.append(len(router.lexical_candidates(text)))
+            fired += own is not None and any(r.group_id == own for r in routes)
+            false += own is None and bool(routes)
+        half = max(1, len(cases[n]) // 2)
+        by_kind = [statistics.median(t for t, (_, _, own) in zip(t_scores[n], cases[n]) if (own is None) == loc) * 1e3
+                   for loc in (False, True)]
+        out[n] = (statistics.median(t_scores[n]) * 1e3, statistics.median(t_route[n]) * 1e3, statistics.mean(cands),
+                  fired / half, false / half, *by_kind)
+    return out
 
 if __name__ == "__main__":
     main()

@@ -14,6 +14,7 @@ ap.add_argument("--aliases",action="store_true",help="aligned prompts' mention a
 ap.add_argument("--no-edges",action="store_true",help="Router(edges=False): the session-9 lexical rule")
 ap.add_argument("--calibrate-one-end",action="store_true",help="print the one-end tier's cosine: just above the best one-end-only score of the even-line zsre-train negatives (held out: odd lines)")
 ap.add_argument("--common-from",type=int,default=0,help="Router(common_from=): subjects spelled by this many background facts need their state (0: off)")
+ap.add_argument("--last-word-keys",action="store_true",help="more anchor keys: the subject tokens that start inside its last word (not its first or last token); docs/router.md \"Session 15\"")
 ap.add_argument("--out"); a=ap.parse_args()
 tiers=[tuple(map(float,t.split(":"))) for t in a.tiers.split(",") if t]
 D=torch.load(WORK+"/dev_states.pt")
@@ -31,11 +32,19 @@ if a.aliases:
     from lafn_lightning.backbone.demo import ensure_demo_backbone
     from lafn_lightning.routing.build import group_aliases
     tok=AutoTokenizer.from_pretrained(ensure_demo_backbone(),local_files_only=True)
+def extra_tokens(offs,subj):
+    """--last-word-keys: the tokens of a subject at the start of its text that start inside its last word (the whole subject
+    without word spaces), except the subject's first and last token"""
+    toks=[t for t,(x,y) in enumerate(offs) if y>x and x<len(subj)]
+    if not a.last_word_keys or len(toks)<3: return []
+    lw=subj.rstrip().rfind(" ")+1
+    return [t for t in toks[1:-1] if offs[t][0]>=lw]
 for g in gids:
-    anc=[]
+    anc=[]; extra=[]
     for lang in langs:
         i=by[(g,lang)]["anchor"]; subj=groups[g].edits[lang].subject
         p=last_token_of_span(enc[i][1],0,len(subj)); anc.append(store.project(S[i][li,p].float()))
+        extra+=[store.project(S[i][li,t].float()) for t in extra_tokens(enc[i][1],subj)]
     anc=torch.stack(anc); keys=[anc]; sites=[]
     for lang in langs:
         i=by[(g,lang)]["prompt"]; e=groups[g].edits[lang]
@@ -43,6 +52,7 @@ for g in gids:
         if rule=="fallback": rule="aligned"; p=aligned_token(st,enc[i][1],anc,recs[i][3])
         else: p=last_token_of_span(enc[i][1],s0,s1)
         rules[rule]+=1; keys.append(st[p][None]); sites.append((lang,p,rule))
+    if extra: keys.append(torch.stack(extra))
     store.add(g,torch.cat(keys),aliases=group_aliases(tok,groups[g],sites) if a.aliases else ())
 subjects={g:groups[g].subjects for g in gids}
 if a.distractors:
@@ -55,7 +65,7 @@ if a.distractors:
         for k in ks:
             fid,lang,kind,text,s=DD["recs"][k]; offs=DD["enc"][k][1]; st=store.project(DD["states"][k][dl].float()); subj=s
             if kind=="anchor":
-                anc=st[last_token_of_span(offs,0,len(s))][None]; keys.append(anc[0]); continue
+                anc=st[last_token_of_span(offs,0,len(s))][None]; keys.append(anc[0]); keys+=[st[t] for t in extra_tokens(offs,s)]; continue
             pos=text.find(s)
             p=last_token_of_span(offs,pos,pos+len(s)) if pos>=0 else None
             if p is None: p=aligned_token(st,offs,anc,text)
