@@ -238,9 +238,7 @@ def measure_lexical(stores: dict[int, KeyStore], data, args, g: torch.Generator)
     routers, cases = {}, {}
     for n, store in stores.items():
         gids = store.group_ids()
-        subs = {}
-        for k, gid in enumerate(gids):
-            subs[gid] = group_subjects(k, facts, subjects, args.subjects)
+        subs = {gid: group_subjects(k, facts, subjects, args.subjects) for k, gid in enumerate(gids)}
         routers[n] = Router(store, subs, threshold=1.0001, lexical_threshold=0.8748, lexical_min=0.5, stage1=None,
                             index="flat", lookup="lexical", lexical_tiers=tiers, edges=not args.no_edges)
         cases[n] = []   # (text, states, group the query is about or None)
@@ -262,6 +260,7 @@ def measure_lexical(stores: dict[int, KeyStore], data, args, g: torch.Generator)
             router.scores(x, tokens, margins=True, text=text)
     t_scores = {n: [] for n in stores}
     t_route = {n: [] for n in stores}
+    routed = {n: [None] * args.queries for n in stores}   # the timed route() calls' routes
     for block in range(0, args.queries, args.block):
         for n, router in routers.items():
             for q in range(block, min(block + args.block, args.queries)):
@@ -273,13 +272,12 @@ def measure_lexical(stores: dict[int, KeyStore], data, args, g: torch.Generator)
                 t_scores[n].append(time.process_time() - t0)
                 fold.cache_clear(), _grams.cache_clear()
                 t0 = time.process_time()
-                router.route(text, spans, x)
+                routed[n][q] = router.route(text, spans, x)
                 t_route[n].append(time.process_time() - t0)
     out = {}
     for n, router in routers.items():
         cands, fired, false = [], 0, 0
-        for text, x, own in cases[n]:
-            routes = router.route(text, even_spans(text, args.tokens), x)
+        for (text, _, own), routes in zip(cases[n], routed[n]):
             cands.append(len(router.lexical_candidates(text)))
             fired += own is not None and any(r.group_id == own for r in routes)
             false += own is None and bool(routes)
