@@ -6,6 +6,7 @@
     python benchmarks/router_lookup.py --sizes 400,40000,400000 --per_group 4 --kinds lexical
     python benchmarks/router_lookup.py --sizes 400,40000,400000 --per_group 4 --kinds lexical --tiers 0.7:0.6
     python benchmarks/router_lookup.py --sizes 400,40000,400000 --per_group 4 --kinds lexical --tiers 0.7:0.6 --subjects recombined
+    python benchmarks/router_lookup.py --sizes 400,40000,400000 --per_group 4 --kinds lexical --queries 200 --tiers 0.7:0.6,0.5:0.9795:1 --subjects recombined   # the preset's tiers
 
 Keys are random unit vectors in clusters (``--per_group`` keys around a group centre: 24 like a
 12-language group's 12 anchors + 12 prompts, 4 for an en+zh group); a query is ``--tokens`` unit vectors, half of the queries
@@ -29,7 +30,9 @@ one of that group's keys), half an MzsRE dev locality question (en / zh, random 
 columns; "fact ms" and "loc ms": the median over the cached facts' questions and over the locality
 questions alone -- the median over all sits between the two kinds, where a small shift in the share
 of queries that have lexical candidates moves it a lot) and the whole ``Router.route`` without stage 1 ("lex route ms": + the acceptance rule and
-the site); "cands/q": groups with lexical support >= 0.5 per query (the only ones scored); "fired":
+the site); "score ms": ``Router.scores`` with each query's lexical candidates and supports worked
+out beforehand (the scoring of the candidates alone: what the lexical index cannot save, however
+fast); "cands/q": groups with lexical support >= 0.5 per query (the only ones scored); "fired":
 share of cached-fact queries routed to their group, "false": share of locality queries routed.
 The lexical columns of all sizes are timed together, ``--block`` queries at one size and then the
 same questions at the next, so that their ratios come from one stretch of the shared machine's load.
@@ -179,7 +182,7 @@ def main() -> None:
     g = torch.Generator().manual_seed(1)
     lex_data = (fact_subjects(), locality_questions()) if "lexical" in kinds else None
     print(f"{'keys':>8}{'edits':>8}{'flat ms':>10}{'hnsw ms':>10}{'hnsw build s':>14}{'hnsw recall@1':>15}"
-          f"{'lex ms':>9}{'fact ms':>9}{'loc ms':>8}{'lex route ms':>14}{'cands/q':>9}{'fired':>7}{'false':>7}")
+          f"{'lex ms':>9}{'fact ms':>9}{'loc ms':>8}{'lex route ms':>14}{'score ms':>10}{'cands/q':>9}{'fired':>7}{'false':>7}")
     rows = {}
     nan = float("nan")
     stores = {n: make_store(n, args.dim, per_group=args.per_group) for n in sizes}
@@ -214,21 +217,22 @@ def main() -> None:
         planted = range(1, len(queries), 2)   # queries holding a token near a cached key (the others match nothing)
         recall = (sum(res["flat"][2][q] == res["hnsw"][2][q] for q in planted) / max(1, len(planted))
                   if "flat" in kinds and "hnsw" in kinds else nan)
-        lex = lexes.get(n, (nan,) * 7)
+        lex = lexes.get(n, (nan,) * 8)
         rows[n] = {**{k: v[0] for k, v in res.items()}, "lexical": lex[0], "lexical fact": lex[5],
-                   "lexical loc": lex[6]}
+                   "lexical loc": lex[6], "lexical score": lex[7]}
         print(f"{n:8d}{n // args.per_group:8d}{res['flat'][0]:10.3f}{res['hnsw'][0]:10.3f}{res['hnsw'][1]:14.1f}"
-              f"{recall:15.3f}{lex[0]:9.3f}{lex[5]:9.3f}{lex[6]:8.3f}{lex[1]:14.3f}{lex[2]:9.1f}{lex[3]:7.2f}"
+              f"{recall:15.3f}{lex[0]:9.3f}{lex[5]:9.3f}{lex[6]:8.3f}{lex[1]:14.3f}{lex[7]:10.3f}{lex[2]:9.1f}{lex[3]:7.2f}"
               f"{lex[4]:7.2f}", flush=True)
     lo, hi = min(sizes), max(sizes)
     print(f"lookup ratio {hi} vs {lo} keys ({hi // args.per_group} vs {lo // args.per_group} edits): "
-          + ", ".join(f"{k} {rows[hi][k] / rows[lo][k]:.2f}x" for k in ("flat", "hnsw", "lexical", "lexical fact", "lexical loc")
+          + ", ".join(f"{k} {rows[hi][k] / rows[lo][k]:.2f}x" for k in ("flat", "hnsw", "lexical", "lexical fact", "lexical loc", "lexical score")
              if k.split()[0] in kinds))
 
 
 def measure_lexical(stores: dict[int, KeyStore], data, args, g: torch.Generator) -> dict[int, tuple[float, ...]]:
     """Size -> (scores ms, route ms, candidate groups per query, fired, false, scores ms of the
-    cached facts' questions, scores ms of the locality questions) of the lexical-first path. Each
+    cached facts' questions, scores ms of the locality questions, scores ms with the lexical
+    candidates given) of the lexical-first path. Each
     block of ``args.block`` queries is timed at every size in turn, so that the ratios between
     sizes come from one stretch of the shared machine's load (blocks, not single queries: a
     query right after one at another size would find the caches cold)."""
@@ -260,6 +264,7 @@ def measure_lexical(stores: dict[int, KeyStore], data, args, g: torch.Generator)
             router.scores(x, tokens, margins=True, text=text)
     t_scores = {n: [] for n in stores}
     t_route = {n: [] for n in stores}
+    t_given = {n: [] for n in stores}   # scores() with the lexical candidates worked out beforehand
     routed = {n: [None] * args.queries for n in stores}   # the timed route() calls' routes
     for block in range(0, args.queries, args.block):
         for n, router in routers.items():
@@ -274,6 +279,12 @@ def measure_lexical(stores: dict[int, KeyStore], data, args, g: torch.Generator)
                 t0 = time.process_time()
                 routed[n][q] = router.route(text, spans, x)
                 t_route[n].append(time.process_time() - t0)
+                support = router._candidate_support(text)
+                router._candidate_support = lambda _text, s=support: s   # an instance attribute: this query only
+                t0 = time.process_time()
+                router.scores(x, tokens, margins=True, text=text)
+                t_given[n].append(time.process_time() - t0)
+                del router._candidate_support
     out = {}
     for n, router in routers.items():
         cands, fired, false = [], 0, 0
@@ -285,7 +296,7 @@ def measure_lexical(stores: dict[int, KeyStore], data, args, g: torch.Generator)
         by_kind = [statistics.median(t for t, (_, _, own) in zip(t_scores[n], cases[n]) if (own is None) == loc) * 1e3
                    for loc in (False, True)]
         out[n] = (statistics.median(t_scores[n]) * 1e3, statistics.median(t_route[n]) * 1e3, statistics.mean(cands),
-                  fired / half, false / half, *by_kind)
+                  fired / half, false / half, *by_kind, statistics.median(t_given[n]) * 1e3)
     return out
 
 if __name__ == "__main__":
