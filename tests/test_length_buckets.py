@@ -43,7 +43,7 @@ def test_max_rows_checkpoints_parts_with_the_same_loss_and_gradient(tmp_path, de
     embed = module.backbone.get_input_embeddings()
     results, forwards = [], []
     for max_rows in (None, 10):
-        module.hparams.max_rows = max_rows
+        module.rows_per_forward = max_rows
         module.delta_v.grad = None
         seen = []
         with Hooks() as hooks:
@@ -60,3 +60,30 @@ def test_max_rows_checkpoints_parts_with_the_same_loss_and_gradient(tmp_path, de
     assert forwards[0] == (2, 2, rows)                     # one answer forward + the KL anchors, no recompute
     assert forwards[1][0] == parts + 1 and forwards[1][2] <= 10
     assert forwards[1][1] == 2 * parts + 1                 # each part ran again in the backward pass
+
+
+def test_max_rows_auto_checkpoints_only_beyond_the_memory_budget(tmp_path, dev_data):
+    """model.max_rows auto: every row in one forward when the predicted peak fits the budget; parts that
+    fit it otherwise, with the loss and gradient of the one full forward."""
+    module, batch = _twelve_language_batch(tmp_path, dev_data)
+    from lafn_lightning.editing.module import batch_shape
+    from lafn_lightning.editing.sizing import Architecture, step_memory
+
+    shape = batch_shape(batch)
+    arch = Architecture.of(module.backbone)
+    whole = step_memory(arch, shape, min(module.layers), device="cpu").peak
+    module.hparams.memory_budget_gb = 2 * whole / 1e9
+    assert module._auto_max_rows(batch) is None
+    module.hparams.memory_budget_gb = (whole - 0.5 * step_memory(arch, shape, min(module.layers)).parts["activations"]) / 1e9
+    rows = module._auto_max_rows(batch)
+    assert rows is not None and 1 <= rows < shape.rows
+    assert step_memory(arch, shape, min(module.layers), max_rows=rows).peak <= module.hparams.memory_budget_gb * 1e9
+    results = []
+    for max_rows in (None, rows):
+        module.rows_per_forward = max_rows
+        module.delta_v.grad = None
+        out = module.losses(batch)
+        (out["target"].sum() + out["kl"].sum()).backward()
+        results.append((out["target"].detach(), module.delta_v.grad.clone()))
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)

@@ -8,9 +8,9 @@
 from __future__ import annotations
 
 import sys
-import time
 
-from ..cache import EditCache, MANIFEST_NAME
+from ..cache import EditCache, MANIFEST_NAME, set_skipped
+from .progress import RunProgress, tensorboard_dir
 from .settings import Settings
 
 __all__ = ["edit_dataset", "plan_batches"]
@@ -36,7 +36,12 @@ def plan_batches(todo: list[int], edit_batch_size: int, world: int) -> list[list
 def edit_dataset(settings: Settings, edit_batch_size: int = 4, redo: bool = False) -> list[str]:
     """Edit every group that ``data.groups`` selects into ``cache_dir``, ``edit_batch_size`` groups per fit.
 
-    Groups already in the cache are skipped, so an interrupted run resumes where it stopped.
+    Groups already in the cache are skipped, so an interrupted run resumes where it stopped. A
+    record that cannot be edited (a refused subject, no subject in its questions) is reported,
+    left out and listed under ``skipped`` in the cache's manifest (``lafn cache stats``);
+    ``--data.strict true`` stops at it instead. After each edit batch one line gives groups done /
+    total, s/group, the ETA, skipped and unconverged counts; the same figures go to TensorBoard
+    (``<logger dir>/edit_dataset``) per batch.
 
     Args:
         settings: the parsed config (``-c CONFIG`` and its ``--data.*``, ``--model.*``, ... options).
@@ -47,7 +52,10 @@ def edit_dataset(settings: Settings, edit_batch_size: int = 4, redo: bool = Fals
         the group ids edited by this call.
     """
     cache_dir = settings.cache_dir
-    groups = settings.load_groups()
+    selection = settings.load_selection()
+    groups, skipped = selection.groups, selection.skipped
+    for reason in skipped.values():
+        print(f"[lafn] skipped: {reason}", file=sys.stderr, flush=True)
     done = set()
     if not redo and (cache_dir / MANIFEST_NAME).exists():
         done = set(EditCache.open(cache_dir).group_ids)
@@ -55,19 +63,27 @@ def edit_dataset(settings: Settings, edit_batch_size: int = 4, redo: bool = Fals
     trainer, _, _ = settings.replace(data={"groups": todo[:1] or [groups[0].index]}).instantiate()
     world = trainer.num_devices * trainer.num_nodes
     batches = plan_batches(todo, edit_batch_size, world) if todo else []
-    print(f"[lafn] {len(groups)} group(s) selected (data.groups={settings.data.get('groups')!r}), "
-          f"{len(groups) - len(todo)} already in {cache_dir}, {len(todo)} to edit in {len(batches)} batch(es)",
-          file=sys.stderr, flush=True)
+    print(f"[lafn] {len(groups) + len(skipped)} record(s) selected (data.groups={settings.data.get('groups')!r}): "
+          f"{len(skipped)} skipped, {len(groups) - len(todo)} already in {cache_dir}, {len(todo)} to edit in "
+          f"{len(batches)} batch(es)", file=sys.stderr, flush=True)
+    if skipped and (cache_dir / MANIFEST_NAME).exists():
+        set_skipped(cache_dir, skipped)
     edited: list[str] = []
-    start = time.perf_counter()
-    for n, batch in enumerate(batches, 1):
-        trainer, module, datamodule = settings.replace(data={"groups": batch}).instantiate()
-        trainer.fit(module, datamodule)
-        if trainer.interrupted:
-            raise KeyboardInterrupt(f"edit batch {n} interrupted; the cache holds every earlier batch")
-        edited += [datamodule.groups[k].group_id for k in range(len(datamodule.groups))]
-        per_group = (time.perf_counter() - start) / len(edited)
-        left = sum(len(b) for b in batches[n:])
-        print(f"[lafn] edit batch {n}/{len(batches)} done: {len(edited)}/{len(todo)} groups, "
-              f"{per_group:.1f}s/group, about {per_group * left / 60:.1f} min left", file=sys.stderr, flush=True)
+    unconverged = 0
+    progress = RunProgress("edit", len(groups), len(groups) - len(todo), tensorboard_dir(settings.config, "edit_dataset"))
+    try:
+        for n, batch in enumerate(batches, 1):
+            trainer, module, datamodule = settings.replace(data={"groups": batch}).instantiate()
+            trainer.fit(module, datamodule)
+            if trainer.interrupted:
+                raise KeyboardInterrupt(f"edit batch {n} interrupted; the cache holds every earlier batch")
+            ids = [datamodule.groups[k].group_id for k in range(len(datamodule.groups))]
+            edited += ids
+            unconverged += int((~module.stopped).sum()) if module.stopped is not None else 0
+            if skipped:
+                set_skipped(cache_dir, skipped)
+            progress.update(len(ids), skipped=len(skipped), not_converged=unconverged)
+    finally:
+        progress.close()
     return edited
+

@@ -28,6 +28,7 @@ from ..files import atomic_write
 from ..inference.edited_model import EditedModel
 from ..text.matching import MATCHERS
 from .edit import edit_dataset
+from .progress import RunProgress, tensorboard_dir
 from .settings import Settings
 
 __all__ = ["evaluate"]
@@ -61,19 +62,6 @@ def _alone(group: EditGroup, lang: str) -> EditGroup | None:
     if not found:
         return None
     return dataclasses.replace(group, edits={lang: dataclasses.replace(e, subject=found[0])})
-
-
-def _tensorboard_dir(config) -> Path | None:
-    logger = config.get("trainer", {}).get("logger") if hasattr(config, "get") else None
-    if not logger or logger is True:
-        return Path("lightning_logs") / "evaluate" if logger is True else None
-    loggers = logger if isinstance(logger, list) else [logger]
-    for lg in loggers:
-        cls = str(lg.get("class_path", "")) if hasattr(lg, "get") else ""
-        if "TensorBoard" in cls:
-            init = lg.get("init_args", {}) or {}
-            return Path(init.get("save_dir") or ".") / str(init.get("name") or "lightning_logs") / "evaluate"
-    return None
 
 
 def _digest(items: Iterable[str]) -> str:
@@ -154,7 +142,10 @@ def evaluate(settings: Settings, output: str, mode: str = "multilingual", edit_l
     cache_dir = Path(own.cache_dir) / editor.name if editor is not None else Path(own.cache_dir)
     output = Path(own.output)
     hp = SimpleNamespace(**settings.model)
-    groups = settings.load_groups()
+    selection = settings.load_selection()
+    groups, skipped_records = selection.groups, selection.skipped
+    for reason in skipped_records.values():
+        print(f"[lafn] skipped: {reason}", file=sys.stderr, flush=True)
     if not groups:
         raise ValueError(f"data.groups={settings.data.get('groups')!r} selects no group")
     languages = list(groups[0].languages)
@@ -250,7 +241,11 @@ def evaluate(settings: Settings, output: str, mode: str = "multilingual", edit_l
         print(f"[lafn] resuming: {done_before} of {total} group evaluations already in {progress_path}", file=sys.stderr)
     not_cached: dict[str, list[str]] = {}
     t0 = time.perf_counter()
-    with tqdm(total=total, initial=done_before, desc="evaluate", unit="group") as bar:
+    log_dir = Path(own.log_dir) if own.log_dir else tensorboard_dir(settings.config, "evaluate")
+    if log_dir is not None and not own.log_dir:
+        log_dir = log_dir / output.stem
+    report = RunProgress("evaluate", total, done_before, log_dir=log_dir, every_n_seconds=30.0)
+    with tqdm(total=total, initial=done_before, desc="evaluate", unit="group") as bar, contextlib.closing(report):
         for run in runs:
             cache = caches[run.name]
             todo = [g for g in run.groups if not progress.done(run.name, g.group_id)]
@@ -267,6 +262,7 @@ def evaluate(settings: Settings, output: str, mode: str = "multilingual", edit_l
             for group in todo:
                 if group.group_id not in cached_ids:
                     bar.update(1)
+                    report.update(1, skipped=len(skipped_records), not_in_cache=sum(map(len, not_cached.values())))
                     continue
                 with contextlib.ExitStack() as stack:
                     if editor is not None:   # edit this group alone (or reuse its artifact), score, undo
@@ -280,19 +276,18 @@ def evaluate(settings: Settings, output: str, mode: str = "multilingual", edit_l
                                         generation=own.generation, margin=own.margin, batch_size=own.batch_size)
                 progress.add(run.name, group.group_id, cells)
                 bar.update(1)
+                report.update(1, skipped=len(skipped_records), not_in_cache=sum(map(len, not_cached.values())))
                 bar.set_postfix_str(f"{run.name}:{group.group_id}")
     eval_seconds = time.perf_counter() - t0
 
     # ---- aggregate from the progress file, in selection order
     results = _assemble(own, runs, progress, languages, header, not_cached)
+    results["meta"]["skipped_records"] = skipped_records
     markdown = _results_markdown(own, results, languages, runs)
     results = _json_numbers(results)
     output.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(output, json.dumps(results, ensure_ascii=False, indent=2) + "\n")
     atomic_write(output.with_suffix(".md"), markdown)
-    log_dir = Path(own.log_dir) if own.log_dir else _tensorboard_dir(settings.config)
-    if log_dir is not None and not own.log_dir:
-        log_dir = log_dir / output.stem
     if log_dir is not None:
         _write_tensorboard(log_dir, results, markdown)
     n_eval = sum(len(r.groups) - len(not_cached[r.name]) for r in runs)
@@ -397,6 +392,9 @@ def _results_markdown(own, results: Mapping[str, Any], languages: list[str], run
     else:
         title = "Multilingual (edited in all languages at once)"
     body = [_markdown(title, results, languages, own.generation)]
+    if meta.get("skipped_records"):
+        body.append(f"\n## Skipped records ({len(meta['skipped_records'])})\n\n"
+                    + "".join(f"- `{gid}`: {why}\n" for gid, why in meta["skipped_records"].items()))
     if own.mode == "cross-lingual":
         by_edit = results["by_edit_language"]
         for view in ("teacher_forced", "generation") if own.generation else ("teacher_forced",):

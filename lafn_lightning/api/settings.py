@@ -40,7 +40,7 @@ def resolve_config(name: str | os.PathLike) -> str:
     path = Path(name)
     if path.is_file():
         return str(path)
-    for candidate in (config_dir() / path, config_dir() / path.with_suffix(".yaml")):
+    for candidate in (config_dir() / path, config_dir() / f"{path}.yaml"):   # not with_suffix: llama3.1-8b
         if candidate.is_file():
             return str(candidate)
     shipped = sorted(str(p.relative_to(config_dir()).with_suffix("")) for p in config_dir().rglob("*.yaml"))
@@ -194,12 +194,18 @@ class Settings:
         return self.config["trainer"]
 
     def load_groups(self):
-        """The edit groups the ``data`` section selects (no backbone needed)."""
-        from ..data.selection import select_groups
+        """The edit groups the ``data`` section selects (no backbone needed); records that cannot be
+        edited are left out (``data.strict: true``: refused), see :meth:`load_selection`."""
+        return self.load_selection().groups
+
+    def load_selection(self):
+        """The groups the ``data`` section selects and the records skipped, with their reasons
+        (:class:`lafn_lightning.data.selection.Selection`)."""
+        from ..data.selection import select
 
         d = self.data
-        return select_groups(d.get("dataset"), d.get("format", "auto"), d.get("languages"), d.get("groups"),
-                             d.get("paraphrases"), check=d.get("check_subjects", True))
+        return select(d.get("dataset"), d.get("format", "auto"), d.get("languages"), d.get("groups"),
+                      d.get("paraphrases"), check=d.get("check_subjects", True), strict=bool(d.get("strict", False)))
 
     def record(self, languages) -> dict:
         """How edits made with these settings are recorded in a cache (:mod:`..editing.record`)."""

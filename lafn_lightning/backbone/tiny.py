@@ -71,7 +71,21 @@ FULL_SIZE = {
     "qwen2-7b": ("qwen2", dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                                num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
                                max_position_embeddings=131072, rms_norm_eps=1e-6, tie_word_embeddings=False)),
+    "bloomz-7b1-mt": ("bloom", dict(hidden_size=4096, n_layer=30, n_head=32, vocab_size=250880,
+                                    tie_word_embeddings=True)),
 }
+
+
+def full_size_config(name: str, *, vocab_size: int | None = None):
+    """The Hugging Face config of ``FULL_SIZE[name]`` (``vocab_size``: at least this many rows)."""
+    import transformers as tf
+
+    if name not in FULL_SIZE:
+        raise ValueError(f"unknown full-size backbone {name!r}; one of {sorted(FULL_SIZE)}")
+    family, sizes = FULL_SIZE[name]
+    cfg_cls = {"llama": tf.LlamaConfig, "qwen2": tf.Qwen2Config, "bloom": tf.BloomConfig}[family]
+    sizes = dict(sizes, vocab_size=max(sizes["vocab_size"], vocab_size or 0))
+    return cfg_cls(bos_token_id=1, eos_token_id=2, pad_token_id=0, **sizes)
 
 
 def full_size_model(name: str, *, vocab_size: int | None = None, dtype: torch.dtype = torch.bfloat16,
@@ -80,21 +94,16 @@ def full_size_model(name: str, *, vocab_size: int | None = None, dtype: torch.dt
     ``dtype`` on ``device`` (default: the GPU if there is one), so 8B parameters never pass
     through fp32 host memory. ``vocab_size``: at least this many embedding rows (for a tokenizer
     with a larger vocabulary than the backbone's own)."""
-    import transformers as tf
+    from transformers import AutoModelForCausalLM
 
-    if name not in FULL_SIZE:
-        raise ValueError(f"unknown full-size backbone {name!r}; one of {sorted(FULL_SIZE)}")
-    family, sizes = FULL_SIZE[name]
-    cfg_cls, model_cls = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM), "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM)}[family]
-    sizes = dict(sizes, vocab_size=max(sizes["vocab_size"], vocab_size or 0))
-    cfg = cfg_cls(bos_token_id=1, eos_token_id=2, pad_token_id=0, **sizes)
+    cfg = full_size_config(name, vocab_size=vocab_size)
     device = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
     default = torch.get_default_dtype()
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(seed)
         torch.set_default_dtype(dtype)
         try:
-            model = model_cls(cfg)
+            model = AutoModelForCausalLM.from_config(cfg)
         finally:
             torch.set_default_dtype(default)
     model.config.name_or_path = f"random-{name}"

@@ -24,7 +24,7 @@ import stat as stat_mod
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 from safetensors import safe_open
@@ -483,6 +483,25 @@ def write_shard(
     return shard_path
 
 
+def set_skipped(cache_dir: str | os.PathLike, skipped: Mapping[str, str], *, done: Iterable[str] = (),
+                lock_timeout: float | None = 600.0) -> None:
+    """Record the records a whole-dataset run skipped (``{group_id: reason}``) in the manifest's
+    ``skipped`` field, and forget those in ``done`` (edited since). Needs an existing manifest.
+
+        set_skipped("edit_cache", {"mzsre:17": "zh.subject '钫' occurs in 1.4% of ordinary zh questions"})
+    """
+    cache_dir = Path(cache_dir)
+    with locked(cache_dir, timeout=lock_timeout):
+        manifest = _read_manifest(cache_dir, missing_ok=False)
+        merged = {**manifest.get("skipped", {}), **{str(k): str(v) for k, v in skipped.items()}}
+        for gid in [*done, *manifest["groups"]]:
+            merged.pop(gid, None)
+        if merged == manifest.get("skipped", {}):
+            return
+        manifest["skipped"] = merged
+        _write_manifest(cache_dir, manifest)
+
+
 # --------------------------------------------------------------------------------------------
 # reading
 
@@ -543,6 +562,11 @@ class EditCache:
     @property
     def fingerprint(self) -> dict:
         return json.loads(json.dumps(self._manifest["fingerprint"]))
+
+    @property
+    def skipped(self) -> dict[str, str]:
+        """Records a whole-dataset run skipped, with the reason (:func:`set_skipped`)."""
+        return dict(self._manifest.get("skipped", {}))
 
     @property
     def group_ids(self) -> list[str]:
@@ -790,6 +814,7 @@ class EditCache:
             "compression_vs_dense_fp32": dense / total if total else 0.0,
             "converged": sum(c is True for c in converged.values()),
             "not_converged": sorted(g for g, c in converged.items() if c is False),
+            "skipped": len(self.skipped),
         }
 
 

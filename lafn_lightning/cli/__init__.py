@@ -25,6 +25,7 @@ from ..files import LockTimeout
 #: subcommand -> "module:function" of the Python API it wraps (``fit`` is LightningCLI's own).
 COMMANDS = {
     "edit-dataset": "lafn_lightning.api.edit:edit_dataset",
+    "plan": "lafn_lightning.api.plan:plan",
     "evaluate": "lafn_lightning.api.scoring:evaluate",
     "match-report": "lafn_lightning.api.analysis:match_report",
     "plots": "lafn_lightning.api.analysis:plots",

@@ -9,19 +9,22 @@ group, and subjects an edit can be attached to and matched by (:func:`check_subj
 from __future__ import annotations
 
 import unicodedata
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
 
 from ..text.matching import SubjectMatcher
-from ..text.scripts import is_unspaced
+from ..text.scripts import is_unspaced, is_logographic
 from .packaged import default_dataset, read_zsre_train
 from .records import DataError, EditGroup, attach_paraphrases, load_groups, normalize_language
 
-__all__ = ["select_groups", "check_subjects", "MIN_SUBJECT_CHARS", "MAX_SUBJECT_FIRE_RATE"]
+__all__ = ["Selection", "select", "select_groups", "check_subjects", "subject_problem", "MIN_SUBJECT_CHARS",
+           "MAX_SUBJECT_FIRE_RATE"]
 
-#: a subject needs at least this many letters/digits (any script): one letter ("a") or one CJK
-#: character would match inside a large share of ordinary questions
+#: a subject needs at least this many letters/digits: one letter ("a") would match inside a large
+#: share of ordinary questions. One Han, Kana or Hangul character can be a whole name (钫, francium),
+#: so it passes this rule; the fire-rate rule below still refuses a common one.
 MIN_SUBJECT_CHARS = 2
 #: a subject that the exact matcher finds in more than this share of ordinary questions of its
 #: language (the packaged zsRE training questions) would fire on unrelated queries
@@ -29,12 +32,28 @@ MAX_SUBJECT_FIRE_RATE = 0.01
 _REFERENCE_QUESTIONS = 2000
 
 
-def select_groups(dataset: str | None = None, format: str = "auto", languages: Sequence[str] | None = None,
-                  groups=None, paraphrases: str | None = None, *, check: bool = True) -> list[EditGroup]:
+@dataclass
+class Selection:
+    """The groups a config selects that can be edited, and the records left out with the reason.
+
+        sel = select(languages=["en", "zh"], groups=None)      # every record, bad ones skipped
+        sel.groups, sel.skipped                                 # [EditGroup...], {"mzsre:17": "..."}
+    """
+
+    groups: list[EditGroup]
+    skipped: dict[str, str] = field(default_factory=dict)   # group id -> one line: file, record, field, why
+
+
+def select(dataset: str | None = None, format: str = "auto", languages: Sequence[str] | None = None,
+           groups=None, paraphrases: str | None = None, *, check: bool = True, strict: bool = False) -> Selection:
     """Read and check the selected groups (``dataset=None``: the packaged MzsRE dev records).
 
-    ``languages=None`` means every language of the data; an empty list is an error.
-    ``check=False`` skips :func:`check_subjects` (an explicit override for unusual subjects).
+    A record whose subjects cannot be attached or matched (none occurs in its questions, or
+    :func:`check_subjects` refuses one) is left out and listed in ``skipped`` with its reason, so
+    one record never stops a whole-dataset run; ``strict=True`` raises the first such problem
+    instead. Problems of the file or the selection itself always raise. ``languages=None`` means
+    every language of the data; an empty list is an error. ``check=False`` skips
+    :func:`check_subjects` (an explicit override for unusual subjects).
     """
     dataset = dataset or default_dataset()
     if languages is not None and len(languages) == 0:
@@ -51,14 +70,31 @@ def select_groups(dataset: str | None = None, format: str = "auto", languages: S
                             "present in every selected record", file=Path(dataset).name, index=g.index)
     if paraphrases:
         selected = attach_paraphrases(selected, paraphrases)
+    problems: dict[str, DataError] = {}
     for g in selected:
         prompts = [e.prompt for e in g.edits.values()]
         if not any(s in p for s in g.subjects for p in prompts):
-            raise DataError(f"{Path(dataset).name}: record {g.index} ({g.group_id}), field 'subject': no subject of "
-                            f"the group ({list(g.subjects)}) occurs in any of its questions", index=g.index)
+            problems[g.group_id] = DataError(
+                f"{Path(dataset).name}: record {g.index} ({g.group_id}), field 'subject': no subject of the group "
+                f"({list(g.subjects)}) occurs in any of its questions", index=g.index, field="subject")
     if check:
-        check_subjects(selected, Path(dataset).name)
-    return selected
+        problems.update({gid: e for gid, e in subject_problems(selected, Path(dataset).name).items()
+                         if gid not in problems})
+    if problems and strict:
+        raise next(e for g in selected for gid, e in problems.items() if gid == g.group_id)
+    kept = [g for g in selected if g.group_id not in problems]
+    skipped = {g.group_id: str(problems[g.group_id]) for g in selected if g.group_id in problems}
+    if not kept:
+        raise DataError(f"every selected record was skipped ({len(skipped)}); the first: {next(iter(skipped.values()))}",
+                        field="groups")
+    return Selection(kept, skipped)
+
+
+def select_groups(dataset: str | None = None, format: str = "auto", languages: Sequence[str] | None = None,
+                  groups=None, paraphrases: str | None = None, *, check: bool = True,
+                  strict: bool = True) -> list[EditGroup]:
+    """The groups of :func:`select`; ``strict=True`` (here the default): refuse any problem record."""
+    return select(dataset, format, languages, groups, paraphrases, check=check, strict=strict).groups
 
 
 def _word_chars(text: str) -> list[str]:
@@ -75,23 +111,26 @@ def subject_problem(subject: str) -> str | None:
     chars = _word_chars(subject)
     if not chars:
         return "has no letter or digit (only punctuation or invisible characters)"
-    if len(chars) < MIN_SUBJECT_CHARS:
+    if len(chars) < MIN_SUBJECT_CHARS and not is_logographic(chars[0]):
         kind = "character" if is_unspaced(chars[0]) else "letter or digit"
         return f"has a single {kind}: it would match inside many unrelated questions"
     return None
 
 
-def check_subjects(groups: Sequence[EditGroup], source: str = "data") -> None:
-    """Refuse subjects that cannot be matched sensibly: no letter or digit, fewer than
-    :data:`MIN_SUBJECT_CHARS`, or found by the exact matcher in more than
-    :data:`MAX_SUBJECT_FIRE_RATE` of 2,000 ordinary questions of their language."""
+def subject_problems(groups: Sequence[EditGroup], source: str = "data") -> dict[str, DataError]:
+    """Per group id, the first reason its subjects cannot be matched sensibly: no letter or digit,
+    fewer than :data:`MIN_SUBJECT_CHARS` (one Han, Kana or Hangul character is a name), or found
+    by the exact matcher in more than :data:`MAX_SUBJECT_FIRE_RATE` of 2,000 ordinary questions of
+    their language (the packaged zsRE training questions)."""
+    hint = "pass --data.check_subjects false to edit it anyway"
+    problems: dict[str, DataError] = {}
     for g in groups:
         for lang, e in g.edits.items():
             problem = subject_problem(e.subject)
-            if problem:
-                raise DataError(f"{source}: record {g.index}, field '{lang}.subject': subject {e.subject!r} {problem}; "
-                                "pass --data.check_subjects false to edit it anyway", index=g.index,
-                                field=f"{lang}.subject")
+            if problem and g.group_id not in problems:
+                problems[g.group_id] = DataError(f"{source}: record {g.index}, field '{lang}.subject': subject "
+                                                 f"{e.subject!r} {problem}; {hint}", index=g.index,
+                                                 field=f"{lang}.subject")
     by_language: dict[str, dict[str, list[tuple[EditGroup, str]]]] = {}
     for g in groups:
         for lang, e in g.edits.items():
@@ -105,9 +144,18 @@ def check_subjects(groups: Sequence[EditGroup], source: str = "data") -> None:
                 hits[s] = hits.get(s, 0) + 1
         for s, n in hits.items():
             if n / len(questions) > MAX_SUBJECT_FIRE_RATE:
-                g, _ = subjects[s][0]
-                raise DataError(f"{source}: record {g.index}, field '{lang}.subject': subject {s!r} occurs in "
-                                f"{100 * n / len(questions):.1f}% of ordinary {lang} questions (limit "
-                                f"{100 * MAX_SUBJECT_FIRE_RATE:.0f}%): the edit would fire on unrelated queries; "
-                                "pass --data.check_subjects false to edit it anyway", index=g.index,
-                                field=f"{lang}.subject")
+                for g, _ in subjects[s]:
+                    problems.setdefault(g.group_id, DataError(
+                        f"{source}: record {g.index}, field '{lang}.subject': subject {s!r} occurs in "
+                        f"{100 * n / len(questions):.1f}% of ordinary {lang} questions (limit "
+                        f"{100 * MAX_SUBJECT_FIRE_RATE:.0f}%): the edit would fire on unrelated queries; {hint}",
+                        index=g.index, field=f"{lang}.subject"))
+    return problems
+
+
+def check_subjects(groups: Sequence[EditGroup], source: str = "data") -> None:
+    """Raise the first problem :func:`subject_problems` finds (in group order)."""
+    problems = subject_problems(groups, source)
+    for g in groups:
+        if g.group_id in problems:
+            raise problems[g.group_id]

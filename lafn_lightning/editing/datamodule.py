@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from ..backbone.loading import load_backbone
 from ..backbone.inputs import pad_rows
 from ..data import EditGroup, default_dataset
-from ..data.selection import select_groups
+from ..data.selection import select
 from .prompts import RULES, anchor_text, encode_edit_text, sample_prefixes, subject_span
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,9 @@ class EditBatchDataModule(L.LightningDataModule):
         prefix_length: tokens per prefix (paper: 5).
         seed: seed of the prefix sampling (prefixes depend only on seed and language).
         check_subjects: refuse subjects that cannot be matched sensibly (no letter or digit, a single
-            character, or found in more than 1% of ordinary questions); false to edit them anyway.
+            letter, or found in more than 1% of ordinary questions); false to edit them anyway.
+        strict: stop at the first record that cannot be edited (a refused subject, or no subject in
+            its questions) instead of skipping it with its reason (``skipped``) and editing the rest.
         subject_site: where ΔV sits in an edit question that carries no subject form of its group:
             ``fallback`` (the paper: its last token, where no matcher fires at inference) or
             ``routed`` (the token the hidden-state router fires on, rule ``aligned``; docs/router.md).
@@ -85,6 +87,7 @@ class EditBatchDataModule(L.LightningDataModule):
         prefix_length: int = 5,
         seed: int = 0,
         check_subjects: bool = True,
+        strict: bool = False,
         subject_site: str = "fallback",
         backbone: str = "tiny-llama",
         dtype: str = "float32",
@@ -97,8 +100,11 @@ class EditBatchDataModule(L.LightningDataModule):
         if subject_site not in SUBJECT_SITES:
             raise ValueError(f"data.subject_site={subject_site!r}: one of {', '.join(SUBJECT_SITES)}")
         self.dataset = dataset or default_dataset()
-        self.groups: list[EditGroup] = select_groups(self.dataset, format, languages, groups, paraphrases,
-                                                     check=check_subjects)
+        selection = select(self.dataset, format, languages, groups, paraphrases, check=check_subjects, strict=strict)
+        self.groups: list[EditGroup] = selection.groups
+        self.skipped: dict[str, str] = selection.skipped
+        for reason in self.skipped.values():
+            log.warning("skipped: %s", reason)
         self.batch: dict | None = None
         self.rule_counts: dict[str, Counter] = {}
 

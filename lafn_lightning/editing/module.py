@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 from contextlib import ExitStack
+from typing import Literal
 
 import lightning as L
 import torch
@@ -23,6 +24,10 @@ from ..backbone.loading import load_backbone
 from .chunked_loss import chunked_token_nll, head_softcap
 from .injection import delta_hooks
 from .lower_layers import LowerLayers
+
+
+#: ``model.part_tokens``: tokens per checkpointed part when ``max_rows: auto`` must checkpoint.
+PART_TOKENS = 2048
 
 
 class LafnEditModule(L.LightningModule):
@@ -62,6 +67,13 @@ class LafnEditModule(L.LightningModule):
             memory is that of one part, not of the whole edit batch (16 groups x 12 languages x 4
             prefixes is 768 rows); about one extra forward of compute; same loss and gradient.
             None: every row in one graph (the paper's setting; fastest where memory allows).
+            ``auto``: None when the predicted peak (:mod:`.sizing`) fits ``memory_budget_gb``,
+            else the largest part that fits, at most ``part_tokens`` tokens; chosen at fit start
+            and printed.
+        memory_budget_gb: the memory a step may use for ``max_rows: auto``; None: the device's
+            free memory (GPU) or half the RAM (CPU).
+        part_tokens: ``max_rows: auto`` with checkpointing: at most this many tokens per part (a
+            part of this size already keeps the matrix units busy; larger ones only cost memory).
     """
 
     def __init__(
@@ -79,14 +91,21 @@ class LafnEditModule(L.LightningModule):
         stop_rule: str = "mean",
         language_weighting: str = "uniform",
         length_buckets: int = 1,
-        max_rows: int | None = None,
+        max_rows: int | Literal["auto"] | None = "auto",
         prefix_cache: bool = True,
+        memory_budget_gb: float | None = None,
+        part_tokens: int = PART_TOKENS,
     ) -> None:
         super().__init__()
         if site not in SITES:
             raise ValueError(f"model.site={site!r}: one of {SITES}")
-        if max_rows is not None and max_rows < 1:
-            raise ValueError(f"model.max_rows={max_rows}: at least 1 (or null: every row in one forward)")
+        if max_rows is not None and max_rows != "auto" and (not isinstance(max_rows, int) or max_rows < 1):
+            raise ValueError(f"model.max_rows={max_rows!r}: at least 1, auto (from model.memory_budget_gb) or null "
+                             "(every row in one forward)")
+        if memory_budget_gb is not None and memory_budget_gb <= 0:
+            raise ValueError(f"model.memory_budget_gb={memory_budget_gb}: a positive number of GB (or null: from the device)")
+        if part_tokens < 1:
+            raise ValueError(f"model.part_tokens={part_tokens}: at least 1")
         if stop_rule not in STOP_RULES:
             raise ValueError(f"model.stop_rule={stop_rule!r}: one of {STOP_RULES}")
         if language_weighting not in WEIGHTINGS:
@@ -107,6 +126,7 @@ class LafnEditModule(L.LightningModule):
         self._lower_states: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._prefix_kv: dict[str, tuple[torch.Tensor, list]] = {}   # key -> (ids, [(keys, values)] per layer)
         self.final_language_loss: torch.Tensor | None = None  # [groups, languages], at the last step
+        self.rows_per_forward: int | None = None if max_rows == "auto" else max_rows   # resolved at fit start
 
     # ---- state -------------------------------------------------------------------------------
     def allocate(self, n_groups: int) -> None:
@@ -157,8 +177,9 @@ class LafnEditModule(L.LightningModule):
                 states, logits = self.lower.capture(lambda: self._run(ids, att, keep=1, cache=cache))
                 self._lower_states[key] = (ids, states)
             kv = _cache_tensors(cache, ids.shape[1]) if prefix else None
-            if kv is not None:
-                self._prefix_kv[key] = (ids, kv)
+            if kv is not None:   # the layers below the first edited one never run again: not kept
+                skipped = self.lower.first if self.lower is not None else 0
+                self._prefix_kv[key] = (ids, [None if i < skipped else x for i, x in enumerate(kv)])
             return logits
 
         self._lower_states, self._prefix_kv = {}, {}
@@ -167,6 +188,30 @@ class LafnEditModule(L.LightningModule):
                 unedited("", prefix=self._cache_kw is not None)   # answer rows: states and keys/values kept
             logits = unedited("kl_")
         self.kl_reference = logits[:, -1].float().log_softmax(-1)  # log P_orig at each anchor's last position
+        if self.hparams.get("max_rows", None) == "auto":
+            self.rows_per_forward = self._auto_max_rows(b)
+
+    def _auto_max_rows(self, batch: dict) -> int | None:
+        """``max_rows: auto``: the rows per checkpointed forward that keep the predicted peak within
+        the memory budget (:func:`.sizing.auto_max_rows`); printed with the prediction."""
+        from lightning.pytorch.utilities import rank_zero_info
+
+        from .sizing import Architecture, auto_max_rows, step_memory
+
+        hp = self.hparams
+        shape = batch_shape(batch)
+        budget = hp.get("memory_budget_gb") or device_budget_gb(self.device)
+        if not hp.get("memory_budget_gb") and self.device.type == "cpu":   # processes on one host share its RAM
+            budget /= max(1, self.trainer.num_devices)
+        first = min(self.layers)
+        kwargs = dict(device=self.device.type, cache_lower_layers=self.lower is not None,
+                      prefix_cache=bool(self._prefix_kv), edited_layers=len(self.layers))
+        arch = Architecture.of(self.backbone)
+        rows = auto_max_rows(arch, shape, first, budget * 1e9, part_tokens=hp.get("part_tokens", PART_TOKENS), **kwargs)
+        peak = step_memory(arch, shape, first, max_rows=rows, **kwargs).peak
+        rank_zero_info(f"[lafn] memory: {shape.rows} answer rows, {'all in one forward' if rows is None else f'{rows} per checkpointed forward'}; "
+                       f"predicted peak {peak / 1e9:.1f} GB of a {budget:.1f} GB budget (model.memory_budget_gb)")
+        return rows
 
     def configure_optimizers(self):
         return torch.optim.Adam([self.delta_v], lr=self.hparams.lr)
@@ -217,15 +262,22 @@ class LafnEditModule(L.LightningModule):
         states = _captured(self._lower_states, key, ids)
         return None if states is None else states[rows]
 
-    def _prefix(self, key: str, ids: torch.Tensor, rows: torch.Tensor, cut: int, n: int):
+    def _prefix(self, key: str, ids: torch.Tensor, rows: torch.Tensor, cut: int, n: int, lower=None):
         """An attention cache holding every layer's unedited keys and values of ``ids[rows]`` at
-        columns ``cut .. cut + n`` (None if they were not captured for this batch)."""
+        columns ``cut .. cut + n`` (None if they were not captured for this batch, or if the layers
+        below the first edited one were not kept and will run: ``lower`` None)."""
         kv = _captured(self._prefix_kv, key, ids)
-        if kv is None:
+        if kv is None or (kv[0] is None and lower is None):   # layers not kept: only with cached lower states
             return None
         cache = _new_cache()
-        for i, (k, v) in enumerate(kv):
-            cache.update(k[rows, :, cut:cut + n], v[rows, :, cut:cut + n], i)
+        for i, layer in enumerate(kv):
+            if layer is not None:
+                cache.update(layer[0][rows, :, cut:cut + n], layer[1][rows, :, cut:cut + n], i)
+        kept = next(i for i, layer in enumerate(kv) if layer is not None)
+        for i in range(kept):   # skipped layers: never read, but the cache's length is read from layer 0
+            stand_in = cache.layers[kept].keys.new_zeros(()).expand_as(cache.layers[kept].keys)
+            cache.layers[i].lazy_initialization(stand_in, stand_in)
+            cache.layers[i].keys = cache.layers[i].values = stand_in
         return cache
 
     def _answer_token_nll(self, batch: dict, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -246,7 +298,7 @@ class LafnEditModule(L.LightningModule):
         positions = batch["subject_pos"][rows] - cut
         # columns left of every row's ΔV position keep their unedited keys and values (prefix_cache)
         n = min(int(positions.min()), first)
-        cache = self._prefix("", batch["input_ids"], rows, cut, n) if n > 0 else None
+        cache = self._prefix("", batch["input_ids"], rows, cut, n, lower) if n > 0 else None
         skip = n if cache is not None else 0
         head_inputs = [] if self.hparams.chunked_loss else None
         logits = self._forward(ids[:, skip:], att, batch["group"][rows], positions - skip, width - first,
@@ -274,7 +326,7 @@ class LafnEditModule(L.LightningModule):
         else:
             length = batch["attention_mask"][rows].sum(1)
         order = length.argsort(stable=True)
-        max_rows = self.hparams.get("max_rows")
+        max_rows = self.rows_per_forward
         n_parts = max(1, self.hparams.get("length_buckets", 1), -(-len(rows) // max_rows) if max_rows else 1)
         parts = [p for p in order.tensor_split(n_parts) if len(p)]
         tok_parts, row_parts = [], []
@@ -372,6 +424,29 @@ class LafnEditModule(L.LightningModule):
             dv = torch.where(self.stopped[:, None, None], self.frozen, self.delta_v)
             return dv * self.mask
 
+
+def batch_shape(batch: dict):
+    """The token counts of an encoded edit batch (:class:`.sizing.StepShape`): rows, padded width,
+    the positions that run (from the earliest subject position), answer tokens, KL anchors."""
+    from .sizing import StepShape
+
+    att, kl_att = batch["attention_mask"], batch["kl_attention_mask"]
+    width = int(att.sum(1).max())
+    run = int((att.shape[1] - batch["subject_pos"]).max())
+    groups = int(batch["group"].max()) + 1 if len(batch["group"]) else 0
+    return StepShape(groups=groups, rows=att.shape[0], width=width, run_width=min(run, width),
+                     answer_tokens=int(batch["target_mask"].sum()), kl_rows=kl_att.shape[0],
+                     kl_width=int(kl_att.sum(1).max()))
+
+
+def device_budget_gb(device: torch.device) -> float:
+    """The default memory budget: free plus this process's memory on a GPU, half the RAM on a CPU."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return (free + torch.cuda.memory_allocated(device)) / 1e9
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2e9
 
 #: Stop rules of :class:`LafnEditModule` (``mean`` is the paper's).
 STOP_RULES = ("mean", "every_language")

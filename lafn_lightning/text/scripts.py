@@ -24,6 +24,16 @@ UNSPACED_RANGES: tuple[tuple[int, int], ...] = (
     (0xFF66, 0xFF9F),  # half-width Katakana
     (0x20000, 0x3FFFF),  # CJK extensions B and later
 )
+#: Scripts in which one character can be a whole word or name: Han (钫, 京), Kana, Hangul syllables.
+LOGOGRAPHIC_RANGES: tuple[tuple[int, int], ...] = (
+    (0x3040, 0x30FF),  # Hiragana, Katakana
+    (0x3400, 0x4DBF),  # CJK extension A
+    (0x4E00, 0x9FFF),  # CJK unified ideographs
+    (0xAC00, 0xD7AF),  # Hangul syllables
+    (0xF900, 0xFAFF),  # CJK compatibility ideographs
+    (0xFF66, 0xFF9F),  # half-width Katakana
+    (0x20000, 0x3FFFF),  # CJK extensions B and later
+)
 #: Half- and full-width forms (e.g. the full-width question mark ending a Chinese question).
 FULLWIDTH_FORMS = (0xFF00, 0xFFEF)
 
@@ -32,6 +42,12 @@ def is_unspaced(char: str) -> bool:
     """True for a character of a script written without spaces between words."""
     code = ord(char)
     return any(lo <= code <= hi for lo, hi in UNSPACED_RANGES)
+
+
+def is_logographic(char: str) -> bool:
+    """True for a Han, Kana or Hangul character: one of them alone can name something (钫, francium)."""
+    code = ord(char)
+    return any(lo <= code <= hi for lo, hi in LOGOGRAPHIC_RANGES)
 
 
 def joins_without_space(char: str) -> bool:
