@@ -32,6 +32,7 @@ ROWS = {
                          "--data.prefix_length", "5"]),
     "demo-enzh": ("demo", ["--data.groups", "0:16", "--data.languages", "[en,zh]"]),
     "demo-12": ("demo", ["--data.groups", "0:16", "--data.languages", "null"]),
+    "demo-12-fp32": ("demo", ["--data.groups", "0:4", "--data.languages", "null", "--model.dtype", "float32"]),
     "demo-12-onegraph": ("demo", ["--data.groups", "0:8", "--data.languages", "null", "--model.max_rows", "null"]),
 }
 
@@ -86,13 +87,22 @@ def main() -> None:
     from lafn_lightning.api.plan import plan
     from lafn_lightning.api.settings import Settings
 
+    from lafn_lightning.backbone.loading import resolve_dtype
+    from lafn_lightning.editing.sizing import matmul_peak
+
+    peaks = {}   # per dtype, measured once before any fit (the machine must be idle)
     table = []
     for name in args.rows.split(","):
         config, extra = ROWS[name]
-        opts = {"peak_tflops": args.peak_tflops}
+        settings = Settings.from_config(config, args=extra)
+        dtype = resolve_dtype(settings.model.get("dtype", "float32"))
+        if args.peak_tflops is None and dtype not in peaks:
+            peaks[dtype] = max(matmul_peak(dtype) for _ in range(3)) / 1e12
+            print(f"[plan check] {dtype} matmul peak {peaks[dtype]:.3f} TFLOP/s", file=sys.stderr, flush=True)
+        opts = {"peak_tflops": args.peak_tflops or peaks[dtype]}
         if args.mfu:
             opts["mfu"] = args.mfu
-        predicted = plan(Settings.from_config(config, args=extra), edit_batch_size=10 ** 6, **opts)
+        predicted = plan(settings, edit_batch_size=10 ** 6, **opts)
         proc = subprocess.run([sys.executable, __file__, "--child", "-c", config, *extra,
                                "--trainer.max_steps", str(args.steps)], capture_output=True, text=True)
         if proc.returncode:

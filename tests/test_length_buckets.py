@@ -9,7 +9,7 @@ def _twelve_language_batch(tmp_path, dev_data):
     """The edit module and batch of 2 groups in 12 languages, with a random ΔV (every position run:
     the prefix cache, tested in test_fast_paths.py, would change the counts below)."""
     cli = fit(tmp_path, "--data.languages", "null", "--data.groups", "0:2", "--data.dataset", str(dev_data),
-              "--model.prefix_cache", "false", "--trainer.fast_dev_run", "true")
+              "--model.prefix_cache", "false", "--model.max_rows", "null", "--trainer.fast_dev_run", "true")
     with torch.no_grad():
         cli.model.delta_v.copy_(torch.randn_like(cli.model.delta_v))
     return cli.model, cli.datamodule.batch
@@ -73,6 +73,9 @@ def test_max_rows_auto_checkpoints_only_beyond_the_memory_budget(tmp_path, dev_d
     arch = Architecture.of(module.backbone)
     whole = step_memory(arch, shape, min(module.layers), device="cpu").peak
     module.hparams.memory_budget_gb = 2 * whole / 1e9
+    module.hparams.part_tokens = 4 * shape.run_width           # parts of at most 4 rows, though all would fit
+    assert module._auto_max_rows(batch) == 4
+    module.hparams.part_tokens = 10 ** 9
     assert module._auto_max_rows(batch) is None
     module.hparams.memory_budget_gb = (whole - 0.5 * step_memory(arch, shape, min(module.layers)).parts["activations"]) / 1e9
     rows = module._auto_max_rows(batch)

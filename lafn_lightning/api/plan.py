@@ -124,7 +124,7 @@ def plan(settings: Settings, edit_batch_size: int = 16, steps_per_group: float |
         output: also write the plan as JSON here.
     """
     from ..backbone.loading import resolve_dtype
-    from ..editing.module import device_budget_gb
+    from ..editing.module import CPU_PART_TOKENS, device_budget_gb
     from ..editing.sizing import (DEFAULT_MFU, Architecture, auto_max_rows, matmul_peak, meta_model, step_flops,
                                   step_memory)
 
@@ -141,6 +141,7 @@ def plan(settings: Settings, edit_batch_size: int = 16, steps_per_group: float |
     first = min(layers)
     device = "cuda" if str(trainer.get("accelerator")) in ("gpu", "cuda") else "cpu"
     budget = float(device_gb or hp.get("memory_budget_gb") or device_budget_gb(torch.device(device if device == "cpu" or torch.cuda.is_available() else "cpu")))
+    part_tokens = hp.get("part_tokens") or (CPU_PART_TOKENS if device == "cpu" else None)
     kwargs = dict(device=device, cache_lower_layers=bool(hp.get("cache_lower_layers", True)) and first > 0,
                   prefix_cache=bool(hp.get("prefix_cache", True)), edited_layers=len(layers))
 
@@ -154,7 +155,7 @@ def plan(settings: Settings, edit_batch_size: int = 16, steps_per_group: float |
                 continue
             shape = group_shape(mine, tok, int(data.get("num_prefixes", 4)), int(data.get("prefix_length", 5)))
             max_rows = hp.get("max_rows", "auto")
-            rows = auto_max_rows(arch, shape, first, budget * 1e9, part_tokens=int(hp.get("part_tokens", 2048)),
+            rows = auto_max_rows(arch, shape, first, budget * 1e9, part_tokens=part_tokens,
                                  **kwargs) if max_rows == "auto" else max_rows
             mem = step_memory(arch, shape, first, max_rows=rows, **kwargs)
             if worst is None or mem.peak > worst[1].peak:

@@ -26,8 +26,10 @@ from .injection import delta_hooks
 from .lower_layers import LowerLayers
 
 
-#: ``model.part_tokens``: tokens per checkpointed part when ``max_rows: auto`` must checkpoint.
-PART_TOKENS = 2048
+#: ``model.part_tokens: null`` on a CPU: at most this many running tokens per forward. 16 groups x
+#: 12 languages on the demo backbone (bf16, 2 cores): 38 s per step in checkpointed parts of 64 rows
+#: (about 2,000 tokens) against 62 s in one graph, at 5.6 instead of 12.0 GB (docs/results.md).
+CPU_PART_TOKENS = 2048
 
 
 class LafnEditModule(L.LightningModule):
@@ -67,13 +69,14 @@ class LafnEditModule(L.LightningModule):
             memory is that of one part, not of the whole edit batch (16 groups x 12 languages x 4
             prefixes is 768 rows); about one extra forward of compute; same loss and gradient.
             None: every row in one graph (the paper's setting; fastest where memory allows).
-            ``auto``: None when the predicted peak (:mod:`.sizing`) fits ``memory_budget_gb``,
-            else the largest part that fits, at most ``part_tokens`` tokens; chosen at fit start
-            and printed.
+            ``auto`` (default): every row in one graph when the predicted peak (:mod:`.sizing`)
+            fits ``memory_budget_gb`` and the rows hold at most ``part_tokens`` tokens; else the
+            largest checkpointed part that fits. Chosen at fit start and printed.
         memory_budget_gb: the memory a step may use for ``max_rows: auto``; None: the device's
-            free memory (GPU) or half the RAM (CPU).
-        part_tokens: ``max_rows: auto`` with checkpointing: at most this many tokens per part (a
-            part of this size already keeps the matrix units busy; larger ones only cost memory).
+            free memory (GPU) or half the RAM (CPU, shared by the processes of the host).
+        part_tokens: ``max_rows: auto``: at most this many running tokens per forward; None: 2048
+            on a CPU (where checkpointed parts of that size are faster than one large graph) and
+            no limit on a GPU.
     """
 
     def __init__(
@@ -94,7 +97,7 @@ class LafnEditModule(L.LightningModule):
         max_rows: int | Literal["auto"] | None = "auto",
         prefix_cache: bool = True,
         memory_budget_gb: float | None = None,
-        part_tokens: int = PART_TOKENS,
+        part_tokens: int | None = None,
     ) -> None:
         super().__init__()
         if site not in SITES:
@@ -104,8 +107,8 @@ class LafnEditModule(L.LightningModule):
                              "(every row in one forward)")
         if memory_budget_gb is not None and memory_budget_gb <= 0:
             raise ValueError(f"model.memory_budget_gb={memory_budget_gb}: a positive number of GB (or null: from the device)")
-        if part_tokens < 1:
-            raise ValueError(f"model.part_tokens={part_tokens}: at least 1")
+        if part_tokens is not None and part_tokens < 1:
+            raise ValueError(f"model.part_tokens={part_tokens}: at least 1 (or null: from the device)")
         if stop_rule not in STOP_RULES:
             raise ValueError(f"model.stop_rule={stop_rule!r}: one of {STOP_RULES}")
         if language_weighting not in WEIGHTINGS:
@@ -207,7 +210,8 @@ class LafnEditModule(L.LightningModule):
         kwargs = dict(device=self.device.type, cache_lower_layers=self.lower is not None,
                       prefix_cache=bool(self._prefix_kv), edited_layers=len(self.layers))
         arch = Architecture.of(self.backbone)
-        rows = auto_max_rows(arch, shape, first, budget * 1e9, part_tokens=hp.get("part_tokens", PART_TOKENS), **kwargs)
+        part_tokens = hp.get("part_tokens") or (CPU_PART_TOKENS if self.device.type == "cpu" else None)
+        rows = auto_max_rows(arch, shape, first, budget * 1e9, part_tokens=part_tokens, **kwargs)
         peak = step_memory(arch, shape, first, max_rows=rows, **kwargs).peak
         rank_zero_info(f"[lafn] memory: {shape.rows} answer rows, {'all in one forward' if rows is None else f'{rows} per checkpointed forward'}; "
                        f"predicted peak {peak / 1e9:.1f} GB of a {budget:.1f} GB budget (model.memory_budget_gb)")

@@ -193,16 +193,16 @@ def step_memory(arch: Architecture, shape: StepShape, first_layer: int, *, max_r
 
 def auto_max_rows(arch: Architecture, shape: StepShape, first_layer: int, budget: float, *,
                   part_tokens: int | None = None, **kwargs) -> int | None:
-    """The ``max_rows`` that keeps :func:`step_memory` within ``budget`` bytes: None (every row in
-    one graph, no recompute) when that fits; else the largest part that fits, and at most
-    ``part_tokens / run_width`` rows (a part of that many tokens already keeps the matrix units
-    busy; larger parts only cost memory). At least one row."""
+    """The ``max_rows`` for a memory ``budget`` in bytes: None (every row in one graph, no
+    recompute) when that fits :func:`step_memory` and the rows hold at most ``part_tokens``
+    running tokens; else the largest part that fits, of at most ``part_tokens`` tokens. At least
+    one row."""
     def fits(rows):
         return step_memory(arch, shape, first_layer, max_rows=rows, **kwargs).peak <= budget
 
-    if fits(None):
-        return None
     cap = max(1, part_tokens // max(shape.run_width, 1)) if part_tokens else shape.rows
+    if cap >= shape.rows and fits(None):
+        return None
     lo, hi = 1, min(shape.rows, cap)
     if not fits(lo):
         return 1
