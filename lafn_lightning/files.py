@@ -13,6 +13,8 @@ import contextlib
 import errno
 import fcntl
 import os
+import shutil
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -24,6 +26,41 @@ LOCK_NAME = ".lock"
 
 class LockTimeout(RuntimeError):
     """A lock could not be taken within the timeout."""
+
+
+class NotWritable(ValueError):
+    """A place a command will write to cannot take the write (a ValueError: the CLI prints it as
+    one line, exit 2, before any compute)."""
+
+
+def check_writable(target: str | os.PathLike, *, kind: str = "file", need_bytes: int = 0,
+                   what: str = "output") -> None:
+    """Raise :class:`NotWritable` now if ``target`` (a file, or with ``kind="dir"`` a directory,
+    either possibly not created yet) could not be written: a directory where a file is expected
+    (or the reverse), a read-only place, or less than ``need_bytes`` free there.
+
+        check_writable("runs/results.json", what="--output")
+        check_writable("edit_cache", kind="dir", need_bytes=1 << 20, what="cache_dir")
+    """
+    target = Path(target)
+    if kind == "file" and target.is_dir():
+        raise NotWritable(f"{what} {target} is a directory; give a file path")
+    if kind == "dir" and target.exists() and not target.is_dir():
+        raise NotWritable(f"{what} {target} exists and is not a directory")
+    base = target if kind == "dir" else target.parent
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if not base.is_dir():
+        raise NotWritable(f"{what} {target}: {base} is not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(dir=base, prefix=".lafn-probe-", suffix=TMP_SUFFIX)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise NotWritable(f"{what} {target}: cannot write in {base} ({e.strerror or e})") from None
+    free = shutil.disk_usage(base).free
+    if free < need_bytes:
+        raise NotWritable(f"{what} {target}: only {free:,} bytes free on {base}, {need_bytes:,} needed")
 
 
 def fsync_dir(path: str | os.PathLike) -> None:

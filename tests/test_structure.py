@@ -128,7 +128,7 @@ def test_training_and_evaluation_select_the_same_answer_tokens(tokenizer_name):
 
 def test_every_command_has_the_shared_options_and_its_own(capsys):
     own = {"edit-dataset": "--edit_batch_size", "evaluate": "--output", "match-report": "--matchers",
-           "plots": "--max_groups", "paraphrase": "--instruct_model"}
+           "plots": "--max_groups", "paraphrase": "--instruct_model", "plan": "--peak_tflops"}
     for command, option in own.items():
         with pytest.raises(SystemExit) as exit_:
             main([command, "--help"])

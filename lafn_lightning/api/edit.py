@@ -82,7 +82,8 @@ def edit_dataset(settings: Settings, edit_batch_size: int = 4, redo: bool = Fals
             unconverged += int((~module.stopped).sum()) if module.stopped is not None else 0
             if skipped:
                 set_skipped(cache_dir, skipped)
-            progress.update(len(ids), skipped=len(skipped), not_converged=unconverged)
+            progress.update(len(ids), f"edit batch {n}/{len(batches)} done", skipped=len(skipped),
+                            not_converged=unconverged)
     finally:
         progress.close()
     return edited

@@ -52,8 +52,9 @@ class RunProgress:
 
             self.writer = SummaryWriter(str(log_dir))
 
-    def update(self, n: int, **counts: int) -> dict:
-        """``n`` more groups done; ``counts`` (skipped, unconverged, ...) are printed and logged as given."""
+    def update(self, n: int, label: str | None = None, **counts: int) -> dict:
+        """``n`` more groups done; ``counts`` (skipped, unconverged, ...) are printed and logged as given;
+        ``label`` opens the line instead of ``what`` (e.g. ``edit batch 3/10 done``)."""
         self.done += n
         self.steps += 1
         now = time.perf_counter()
@@ -64,7 +65,7 @@ class RunProgress:
         if self.done >= self.total or now - self._last >= self.every:
             self._last = now
             extra = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items())
-            print(f"[lafn] {self.what}: {self.done}/{self.total} groups, {per_group:.1f}s/group, about "
+            print(f"[lafn] {label or self.what}: {self.done}/{self.total} groups, {per_group:.1f}s/group, about "
                   f"{figures['eta_min']:.1f} min left" + (f"; {extra}" if extra else ""), file=sys.stderr, flush=True)
         if self.writer is not None:
             for key, value in figures.items():

@@ -1,5 +1,6 @@
 """The ``lafn`` command: a table of subcommands over the plain functions of :mod:`lafn_lightning.api`.
 
+    lafn --help                             # the subcommands, one line each
     lafn fit -c demo                        # one edit batch (LightningCLI) -> ./edit_cache
     lafn edit-dataset -c demo --data.groups null --edit_batch_size 16
     lafn evaluate -c demo --data.groups 0:50 --output runs/enzh/results.json
@@ -13,7 +14,9 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import functools
 import os
+import shlex
 import signal
 import sys
 
@@ -32,6 +35,19 @@ COMMANDS = {
     "paraphrase": "lafn_lightning.api.corpus:paraphrase",
     "cache": "lafn_lightning.cli.cache:cache_command",
 }
+#: the one line of each subcommand in ``lafn --help`` (every entry of COMMANDS has one)
+SUMMARIES = {
+    "fit": "edit one edit batch (data.groups) and export it to the edit cache (LightningCLI)",
+    "edit-dataset": "edit every selected group in batches of --edit_batch_size, resumably, into one cache",
+    "evaluate": "edit what the cache lacks, then score Reliability/Generality/Locality/Portability",
+    "match-report": "how often each subject matcher finds a group's subject (and falsely fires)",
+    "plots": "paper Figures 1 and 4: factual neurons per layer and neuron-set differences",
+    "paraphrase": "write the locating corpus: paraphrases of each edit question by an instruct model",
+    "plan": "size a run before starting it: predicted peak memory, FLOPs, steps and hours",
+    "cache": "list, show, delete, merge, verify, gc and stats of an edit cache",
+}
+#: LightningCLI subcommands this project does not offer (editing is ``fit``; scoring is ``evaluate``)
+NOT_OFFERED = ("validate", "test", "predict")
 #: parameters of an API function that the command line does not set
 NOT_ON_COMMAND_LINE = frozenset({"settings", "generate"})
 #: errors that describe bad input: one line, no traceback (LAFN_DEBUG=1 shows it)
@@ -50,30 +66,73 @@ def run_command(name: str, argv: list[str]):
 
     fn = _function(name)
     doc = inspect.getdoc(fn) or ""
-    cli = LafnCLI(resolve_config_args(argv), run=False, instantiate=False, command=fn,
-                  check_cache=name in ("edit-dataset", "evaluate"),
+    cli = LafnCLI(resolve_config_args(argv), run=False, instantiate=False, command=_command_line_view(fn),
+                  check_cache=name in ("edit-dataset", "evaluate"), auto_configure_optimizers=False,
                   parser_kwargs={"prog": f"lafn {name}", "description": doc.split("\n\n")[0]})
     own = {p: cli.config[p] for p in inspect.signature(fn).parameters if p not in NOT_ON_COMMAND_LINE}
     return fn(Settings.from_namespace(cli), **own)
 
 
+def _command_line_view(fn):
+    """``fn`` with the parameters the command line does not set (``NOT_ON_COMMAND_LINE``) hidden
+    from the parser, so that ``--help`` shows only the options the command reads."""
+    sig = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def view(*args, **kwargs):  # pragma: no cover - only parsed, never called
+        return fn(*args, **kwargs)
+
+    view.__signature__ = sig.replace(parameters=[p for p in sig.parameters.values()
+                                                 if p.name not in NOT_ON_COMMAND_LINE or p.name == "settings"])
+    del view.__wrapped__
+    return view
+
+
+def help_text() -> str:
+    """``lafn --help``: the subcommands, one line each."""
+    width = max(map(len, SUMMARIES))
+    lines = ["usage: lafn COMMAND [-c CONFIG] [--data.* --model.* --locate.* --trainer.* --cache_dir DIR] ...",
+             "",
+             "Multilingual knowledge editing by locating and updating language-agnostic factual neurons (LU-LAFNs).",
+             "",
+             "commands:"]
+    lines += [f"  {name:<{width}}  {SUMMARIES[name]}" for name in ("fit", *[c for c in SUMMARIES if c != "fit"])]
+    lines += ["",
+              "`lafn COMMAND --help` shows a command's options; `--print_config` the resolved config.",
+              "Shipped configs by name: -c demo, -c tiny, -c llama3.1-8b, -c qwen2-7b, -c bloomz-7b1-mt,",
+              "-c presets/twelve_languages, -c presets/fp32, -c presets/multi_device. Docs: README.md, docs/."]
+    return "\n".join(lines)
+
+
+def _next_hint(argv: list[str], cache: str) -> str:
+    """What to run after ``lafn fit``: the same configs and data/model/locate options the user gave."""
+    keep, it = [], iter(argv)
+    for a in it:
+        if a in ("-c", "--config"):
+            keep += [a, next(it, "")]
+        elif a.startswith(("--config=", "--data.", "--model.", "--locate.", "--seed_everything")):
+            keep.append(a)
+            if "=" not in a:
+                keep.append(next(it, ""))
+    args = shlex.join(keep) if keep else "-c <config>"
+    return (f"[lafn] done. Next:\n"
+            f"  lafn cache list {shlex.quote(cache)}\n"
+            f"  lafn evaluate {args} --cache_dir {shlex.quote(cache)} --no_edit true --output runs/results.json\n"
+            f"  python -c \"from lafn_lightning import EditedModel; m = EditedModel.from_cache('{cache}')\"")
+
+
 def fit(argv: list[str]) -> None:
-    """``lafn fit`` (and LightningCLI's other subcommands) over the edit module; then what to run next."""
+    """``lafn fit`` over the edit module; then what to run next."""
     from ..api.settings import LafnCLI, resolve_config_args
 
-    cli = LafnCLI(resolve_config_args(argv))
+    cli = LafnCLI(resolve_config_args(argv), auto_configure_optimizers=False)
     if cli.subcommand != "fit":
         return
     if cli.trainer.interrupted:
         print("[lafn] interrupted: nothing was exported; the cache is as it was", file=sys.stderr, flush=True)
         raise SystemExit(130)
     if not cli.trainer.fast_dev_run and cli.trainer.global_rank == 0:
-        cache = cli.config["fit"]["cache_dir"]
-        print(f"[lafn] done. Next:\n"
-              f"  lafn cache list {cache}\n"
-              f"  lafn evaluate -c <config> --cache_dir {cache} --no_edit true --output runs/results.json\n"
-              f"  python -c \"from lafn_lightning import EditedModel; m = EditedModel.from_cache('{cache}')\"",
-              file=sys.stderr, flush=True)
+        print(_next_hint(argv[1:], str(cli.config["fit"]["cache_dir"])), file=sys.stderr, flush=True)
 
 
 class Terminated(BaseException):
@@ -100,7 +159,18 @@ def main(argv: list[str] | None = None) -> None:
     previous = {sig: signal.signal(sig, _raise(exc)) for sig, exc in ((signal.SIGTERM, Terminated),
                                                                       (signal.SIGINT, Interrupted))}
     try:
-        if args and args[0] == "cache":
+        if not args or args[0] in ("-h", "--help", "help"):
+            print(help_text(), file=sys.stdout if args else sys.stderr)
+            sys.exit(0 if args else 2)
+        if args[0] in NOT_OFFERED:
+            print(f"lafn: error: '{args[0]}' is not a lafn command (editing is `lafn fit`, scoring is "
+                  f"`lafn evaluate`); see `lafn --help`", file=sys.stderr)
+            sys.exit(2)
+        if args[0] not in ("fit", *COMMANDS):
+            print(f"lafn: error: unknown command '{args[0]}'; choose from "
+                  f"{', '.join(['fit', *COMMANDS])} (`lafn --help`)", file=sys.stderr)
+            sys.exit(2)
+        if args[0] == "cache":
             _function("cache")(args[1:])
         elif args and args[0] in COMMANDS:
             run_command(args[0], args[1:])
