@@ -32,6 +32,7 @@ def backbone_config(spec: str, tokenizer: str | None = None):
     once if needed; ``random-<name>[+TOKENIZER]``: the paper architecture's config)."""
     from transformers import AutoConfig, AutoTokenizer
 
+    from ..backbone.loading import backbone_folder
     from ..backbone.tiny import FULL_SIZE, full_size_config, tiny_model, tiny_tokenizer
 
     tok = None
@@ -45,15 +46,7 @@ def backbone_config(spec: str, tokenizer: str | None = None):
         tokenizer = tokenizer or tok_dir or None
         tok = None if tokenizer else tiny_tokenizer()
     else:
-        if spec in ("demo", "gemma-3-270m"):
-            from ..backbone.demo import ensure_demo_backbone
-
-            path = ensure_demo_backbone()
-        else:
-            path = Path(os.path.expanduser(spec))
-            if not path.is_dir():
-                raise FileNotFoundError(f"model.backbone {spec!r} is not a local model folder; for a backbone that is "
-                                        "not here, plan with its architecture: --model.backbone random-<name>")
+        path = backbone_folder(spec)
         config = AutoConfig.from_pretrained(path, local_files_only=True)
         if tokenizer is None:
             tok = AutoTokenizer.from_pretrained(path, local_files_only=True)

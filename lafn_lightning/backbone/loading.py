@@ -64,17 +64,7 @@ def _load(spec: str, dtype: torch.dtype):
                      if tok_dir else tiny_tokenizer())
         model = full_size_model(name, vocab_size=len(tokenizer), dtype=dtype)
     else:
-        if spec in ("demo", "gemma-3-270m"):
-            from .demo import ensure_demo_backbone
-
-            path = ensure_demo_backbone()
-        else:
-            path = Path(os.path.expanduser(spec))
-            if not path.is_dir():
-                raise FileNotFoundError(
-                    f"backbone {spec!r} is not a local model folder (nothing is downloaded at run time); "
-                    "give the path of a saved Hugging Face model, 'demo', or tiny-<family> with family in "
-                    f"{TINY_FAMILIES}")
+        path = backbone_folder(spec)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         model.config.name_or_path = spec if spec in ("demo", "gemma-3-270m") else model.config.name_or_path
@@ -87,6 +77,21 @@ def _load(spec: str, dtype: torch.dtype):
     adapter_for(model)  # fail early on an unsupported FFN family
     contiguous_head_input(model)
     return model, tokenizer
+
+
+def backbone_folder(spec: str) -> Path:
+    """The local Hugging Face folder of a backbone spec: ``demo`` (converted once) or a path."""
+    if spec in ("demo", "gemma-3-270m"):
+        from .demo import ensure_demo_backbone
+
+        return ensure_demo_backbone()
+    path = Path(os.path.expanduser(spec))
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"backbone {spec!r} is not a local model folder (nothing is downloaded at run time); "
+            "give the path of a saved Hugging Face model, 'demo', tiny-<family> with family in "
+            f"{TINY_FAMILIES}, or random-<name> with name in {sorted(FULL_SIZE)} (a paper backbone's architecture)")
+    return path
 
 
 def contiguous_head_input(model: nn.Module) -> None:
