@@ -38,6 +38,8 @@ import lightning as L
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from lafn_lightning.editing.sizing import matmul_peak
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -90,23 +92,6 @@ class MeterCallback(L.Callback):
 
     def on_train_batch_end(self, trainer, module, *args) -> None:
         self.meter.stop(module.device)
-
-
-def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5, device: str = "cpu") -> float:
-    """Best FLOP/s of an n x n matrix multiply in ``dtype`` on this machine's threads (or on
-    ``device``: a GPU wants a larger ``n``, e.g. 8192)."""
-    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
-    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
-    for _ in range(2):
-        a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        sync()
-        t = time.perf_counter()
-        a @ b
-        sync()
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best
 
 
 def _cli(base: list[str], *extra: str):
