@@ -72,6 +72,11 @@ def child(argv: list[str]) -> None:
                       "step_seconds": clock.seconds, "max_rows": cli.model.rows_per_forward}))
 
 
+def _shift(groups: str, by: int) -> str:
+    start, stop = (int(x) for x in groups.split(":"))
+    return f"{start + by}:{stop + by}"
+
+
 def main() -> None:
     if "--child" in sys.argv:
         torch.set_num_threads(2)
@@ -83,6 +88,10 @@ def main() -> None:
     parser.add_argument("--mfu", type=float, default=None, help="share of the matmul peak for the time prediction "
                         "(default: lafn plan's own per-device default)")
     parser.add_argument("--peak_tflops", type=float, default=None)
+    parser.add_argument("--replay", default=None, help="take the measurements from the stderr of an earlier run "
+                        "(its '[plan check] ROW: {...}' lines) instead of running the fits; predict again")
+    parser.add_argument("--shift", type=int, default=0, help="move every row's groups by this many records "
+                        "(e.g. 16: groups 16:32 instead of 0:16), to check on groups the constants were not fitted on")
     args = parser.parse_args()
     from lafn_lightning.api.plan import plan
     from lafn_lightning.api.settings import Settings
@@ -94,6 +103,7 @@ def main() -> None:
     table = []
     for name in args.rows.split(","):
         config, extra = ROWS[name]
+        extra = [_shift(a, args.shift) if i and extra[i - 1] == "--data.groups" else a for i, a in enumerate(extra)]
         settings = Settings.from_config(config, args=extra)
         dtype = resolve_dtype(settings.model.get("dtype", "float32"))
         if args.peak_tflops is None and dtype not in peaks:
@@ -103,11 +113,15 @@ def main() -> None:
         if args.mfu:
             opts["mfu"] = args.mfu
         predicted = plan(settings, edit_batch_size=10 ** 6, **opts)
-        proc = subprocess.run([sys.executable, __file__, "--child", "-c", config, *extra,
-                               "--trainer.max_steps", str(args.steps)], capture_output=True, text=True)
-        if proc.returncode:
-            sys.exit(f"{name}: the measured fit failed:\n{proc.stderr[-3000:]}")
-        measured = json.loads(proc.stdout.strip().splitlines()[-1])
+        if args.replay:
+            lines = [x for x in open(args.replay, encoding="utf-8") if x.startswith(f"[plan check] {name}: {{")]
+            measured = json.loads(lines[-1].split(": ", 1)[1])
+        else:
+            proc = subprocess.run([sys.executable, __file__, "--child", "-c", config, *extra,
+                                   "--trainer.max_steps", str(args.steps)], capture_output=True, text=True)
+            if proc.returncode:
+                sys.exit(f"{name}: the measured fit failed:\n{proc.stderr[-3000:]}")
+            measured = json.loads(proc.stdout.strip().splitlines()[-1])
         steady = measured["step_seconds"][1:]
         seconds = sum(steady) / len(steady)
         step = predicted["seconds_per_group_step"] * predicted["groups"]

@@ -39,15 +39,16 @@ def main() -> None:
         from lafn_lightning.backbone.demo import ensure_demo_backbone
 
         args.tokenizer = str(ensure_demo_backbone())
-    print(f"| backbone | languages | GPUs x GB | edit batch | peak GB / GPU | rows per forward | GFLOP per group step | "
-          f"steps | hours ({args.records} groups) |")
+    print(f"| backbone | languages | GPUs x GB | edit batch (per GPU) | peak GB / GPU | rows per forward | GFLOP per group step | "
+          f"steps | minutes ({args.records} groups) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, layers in BACKBONES.items():
         for langs, steps in (("[en,zh]", args.steps_enzh), ("null", args.steps)):
             for gpus in (1, 8):
                 for gb in (80, 141):
                     chosen = None
-                    for k in (int(b) for b in args.batches.split(",")):
+                    n_dev = len(range(*[int(x) for x in args.dev_groups.split(":")]))
+                    for k in (int(b) for b in args.batches.split(",") if int(b) * gpus <= n_dev):
                         settings = Settings.from_config(name, args=[
                             "--model.backbone", f"random-{name}", "--model.layers", layers, "--model.dtype", "bfloat16",
                             "--data.dataset", "null", "--data.groups", args.dev_groups, "--data.languages", langs,
@@ -56,7 +57,7 @@ def main() -> None:
                             r = plan(settings, edit_batch_size=k * gpus, steps_per_group=steps,
                                      peak_tflops=args.peak_tflops, mfu=args.mfu, device_gb=gb, tokenizer=args.tokenizer)
                         if r["fits"]:
-                            chosen = (k * gpus, r)
+                            chosen = (k, r)
                             break
                     if chosen is None:
                         print(f"| {name} | {langs} | {gpus} x {gb} | none fits | | | | | |")
@@ -65,7 +66,7 @@ def main() -> None:
                     hours = r["hours"] * args.records / r["groups"]
                     rows = "all" if r["max_rows"] is None else r["max_rows"]
                     print(f"| {name} | {'en+zh' if langs != 'null' else '12'} | {gpus} x {gb} | {k} | {r['peak_memory_gb']:.1f} | "
-                          f"{rows} | {r['gflop_per_group_step']:.0f} | {steps:g} | {hours:.2f} |", flush=True)
+                          f"{rows} | {r['gflop_per_group_step']:.0f} | {steps:g} | {60 * hours:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -110,16 +110,16 @@ def plan(settings: Settings, edit_batch_size: int = 16, steps_per_group: float |
             ``trainer.max_steps``, an upper bound).
         prior_cache: an edit cache made with the same settings: its groups' mean steps is the prior.
         peak_tflops: the device's matrix-multiply peak in the backbone dtype (default: measured here).
-        mfu: the share of that peak a step achieves (default: 0.25 on a CPU, as measured here; 0.4 on a GPU).
-        device_gb: memory per device for ``max_rows: auto`` (default: ``model.memory_budget_gb``,
-            else this machine's budget: free GPU memory or half the RAM).
+        mfu: the share of that peak a step achieves (default: 0.55 on a CPU, as measured here; 0.4 on a GPU).
+        device_gb: memory per device (GPU: 90 % of it is planned for, as ``max_rows: auto`` does);
+            default: ``model.memory_budget_gb``, else this machine's budget (free GPU memory or half the RAM).
         tokenizer: a tokenizer folder for the token counts (default: the backbone's own).
         output: also write the plan as JSON here.
     """
     from ..backbone.loading import resolve_dtype
     from ..editing.module import CPU_PART_TOKENS, device_budget_gb
-    from ..editing.sizing import (DEFAULT_MFU, Architecture, auto_max_rows, matmul_peak, meta_model, step_flops,
-                                  step_memory)
+    from ..editing.sizing import (DEFAULT_MFU, GPU_HEADROOM, Architecture, auto_max_rows, matmul_peak, meta_model, step_flops,
+                                  step_memory, step_seconds)
 
     if edit_batch_size < 1 or (mfu is not None and not 0 < mfu <= 1):
         raise ValueError("edit_batch_size must be >= 1 and mfu in (0, 1]")
@@ -133,14 +133,22 @@ def plan(settings: Settings, edit_batch_size: int = 16, steps_per_group: float |
     layers = [int(i) for i in hp["layers"]]
     first = min(layers)
     device = "cuda" if str(trainer.get("accelerator")) in ("gpu", "cuda") else "cpu"
-    budget = float(device_gb or hp.get("memory_budget_gb") or device_budget_gb(torch.device(device if device == "cpu" or torch.cuda.is_available() else "cpu")))
+    if device_gb:   # a device's memory: on a GPU, what max_rows auto would plan for
+        budget = device_gb * (GPU_HEADROOM if device == "cuda" else 1.0)
+    else:
+        here = torch.device(device if device == "cpu" or torch.cuda.is_available() else "cpu")
+        budget = float(hp.get("memory_budget_gb") or device_budget_gb(here))
     part_tokens = hp.get("part_tokens") or (CPU_PART_TOKENS if device == "cpu" else None)
     kwargs = dict(device=device, cache_lower_layers=bool(hp.get("cache_lower_layers", True)) and first > 0,
                   prefix_cache=bool(hp.get("prefix_cache", True)), edited_layers=len(layers))
 
     # the edit batches as edit-dataset makes them, each sharded over the devices
     batches = [groups[i:i + edit_batch_size] for i in range(0, len(groups), edit_batch_size)]
-    worst, flops_per_group_step = None, []
+    measured = peak_tflops is None
+    if measured:
+        peak_tflops = matmul_peak(dtype, device=device if device == "cpu" or torch.cuda.is_available() else "cpu") / 1e12
+    mfu = mfu or DEFAULT_MFU[device]
+    worst, flops_per_group_step, seconds_per_group_step = None, [], []
     for batch in batches:
         for d in range(devices):
             mine = batch[d::devices]
@@ -153,20 +161,19 @@ def plan(settings: Settings, edit_batch_size: int = 16, steps_per_group: float |
             mem = step_memory(arch, shape, first, max_rows=rows, **kwargs)
             if worst is None or mem.peak > worst[1].peak:
                 worst = (shape, mem)
-            flops_per_group_step.append(step_flops(arch, shape, first, max_rows=rows,
-                                                   cache_lower_layers=kwargs["cache_lower_layers"],
-                                                   prefix_cache=kwargs["prefix_cache"]) / len(mine))
+            flop_kwargs = dict(max_rows=rows, cache_lower_layers=kwargs["cache_lower_layers"],
+                               prefix_cache=kwargs["prefix_cache"])
+            flops_per_group_step.append(step_flops(arch, shape, first, **flop_kwargs) / len(mine))
+            seconds_per_group_step.append(step_seconds(arch, shape, first, peak_tflops * 1e12 * mfu, device=device,
+                                                       **flop_kwargs) / len(mine))
     flops = sum(flops_per_group_step) / len(flops_per_group_step)
+    per_group_step = sum(seconds_per_group_step) / len(seconds_per_group_step)
     if steps_per_group is None:
         steps_per_group = _prior_steps(prior_cache) if prior_cache else float(trainer.get("max_steps") or 1)
         steps_from = f"prior cache {prior_cache}" if prior_cache else "trainer.max_steps (an upper bound)"
     else:
         steps_from = "--steps_per_group"
-    mfu = mfu or DEFAULT_MFU[device]
-    measured = peak_tflops is None
-    if measured:
-        peak_tflops = matmul_peak(dtype, device=device if device == "cpu" or torch.cuda.is_available() else "cpu") / 1e12
-    seconds_per_group = steps_per_group * flops / (peak_tflops * 1e12 * mfu)
+    seconds_per_group = steps_per_group * per_group_step
     hours = len(groups) * seconds_per_group / devices / 3600
     shape, mem = worst
     result = {
@@ -178,7 +185,7 @@ def plan(settings: Settings, edit_batch_size: int = 16, steps_per_group: float |
         "fits": mem.peak <= budget * 1e9,
         "gflop_per_group_step": flops / 1e9, "steps_per_group": steps_per_group,
         "steps_from": steps_from, "peak_tflops": peak_tflops, "peak_measured_here": measured, "mfu": mfu,
-        "seconds_per_group_step": flops / (peak_tflops * 1e12 * mfu),
+        "seconds_per_group_step": per_group_step,
         "seconds_per_group": seconds_per_group, "hours": hours,
     }
     _print(result)

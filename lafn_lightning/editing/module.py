@@ -444,10 +444,13 @@ def batch_shape(batch: dict):
 
 
 def device_budget_gb(device: torch.device) -> float:
-    """The default memory budget: free plus this process's memory on a GPU, half the RAM on a CPU."""
+    """The default memory budget: :data:`.sizing.GPU_HEADROOM` of the free plus this process's memory
+    on a GPU, half the RAM on a CPU."""
     if device.type == "cuda":
+        from .sizing import GPU_HEADROOM
+
         free, _ = torch.cuda.mem_get_info(device)
-        return (free + torch.cuda.memory_allocated(device)) / 1e9
+        return GPU_HEADROOM * (free + torch.cuda.memory_allocated(device)) / 1e9
     import os
 
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2e9

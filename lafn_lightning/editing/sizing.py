@@ -29,19 +29,26 @@ import torch
 from torch import nn
 
 __all__ = ["Architecture", "StepShape", "MemoryEstimate", "step_memory", "step_flops", "auto_max_rows",
-           "meta_model", "matmul_peak", "PROCESS_BASE_BYTES", "BACKWARD_FACTOR", "DEFAULT_MFU"]
+           "meta_model", "matmul_peak", "step_seconds", "PROCESS_BASE_BYTES", "BACKWARD_FACTOR",
+           "DEFAULT_MFU", "PART_OVERHEAD_S", "GPU_HEADROOM"]
 
 #: Resident memory of a CPU process that has imported torch, transformers and Lightning and runs
 #: a fit (allocator, libraries, tokenizer, data), on top of what the tensors take. GPU: not counted
 #: (the device's allocated memory is what is predicted there).
-PROCESS_BASE_BYTES = {"cpu": 0.56e9, "cuda": 0.0}
+PROCESS_BASE_BYTES = {"cpu": 1.0e9, "cuda": 0.0}
 #: Peak of one forward/backward relative to the saved activations the meta probe counts (which
 #: overcounts tensors that share storage on a real device, and misses the backward's temporaries).
 BACKWARD_FACTOR = 0.87
 #: Share of the matrix-multiply peak an edit step achieves, per device type, for ``lafn plan``'s
-#: time: measured on the 2-core CPU (tiny and demo backbones, fp32 and bf16: 24-25 %); on a GPU
-#: an assumption (the paper-scale table's 40 %) until a measured figure replaces it.
-DEFAULT_MFU = {"cpu": 0.25, "cuda": 0.4}
+#: time: fitted on the 2-core CPU (demo backbone, fp32 and bf16: 50-64 % of the measured peak); on
+#: a GPU an assumption (the paper-scale table's 40 %) until a measured figure replaces it.
+DEFAULT_MFU = {"cpu": 0.55, "cuda": 0.4}
+#: Seconds of fixed cost per forward/backward of one part (Python, hooks, dispatch), per device
+#: type: fitted on the tiny backbone on the CPU (it dominates there); not measured on a GPU.
+PART_OVERHEAD_S = {"cpu": 0.015, "cuda": 0.0}
+#: Share of a GPU's memory that ``max_rows: auto`` and ``lafn plan`` plan for: the rest is left to
+#: the CUDA context, allocator fragmentation and what the prediction misses (not measured here).
+GPU_HEADROOM = 0.9
 #: Rows of the loss's logits chunk (:mod:`.chunked_loss`).
 LOSS_CHUNK_ROWS = 256
 
@@ -228,6 +235,15 @@ def step_flops(arch: Architecture, shape: StepShape, first_layer: int, *, max_ro
     head = 2.0 * arch.d_model * arch.vocab * (shape.answer_tokens + shape.kl_rows)
     recompute = answer if max_rows is not None and max_rows < shape.rows else 0.0
     return 2 * (answer + kl + head) + recompute    # forward + input-gradient backward (+ checkpoint recompute)
+
+
+def step_seconds(arch: Architecture, shape: StepShape, first_layer: int, flop_rate: float, *, device: str = "cpu",
+                 max_rows: int | None = None, **kwargs) -> float:
+    """Predicted seconds of one step: :func:`step_flops` at ``flop_rate`` FLOP/s (peak x MFU),
+    plus :data:`PART_OVERHEAD_S` per forward (each checkpointed part, and the KL anchors')."""
+    parts = 1 if max_rows is None else -(-shape.rows // max(1, min(max_rows, shape.rows)))
+    flops = step_flops(arch, shape, first_layer, max_rows=max_rows, **kwargs)
+    return flops / flop_rate + (parts + 1) * PART_OVERHEAD_S.get(device, 0.0)
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5, device: str = "cpu") -> float:
