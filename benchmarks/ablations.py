@@ -18,9 +18,8 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from compare_methods import METRICS, cell, run  # noqa: E402
+from compare_methods import METRICS, cell, run
 
 #: table -> [(row label, name of the run, overrides)]; "reference" is the config itself
 TABLES = {

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one device check for a session that is lent a GPU (docs/twelve_languages.md "Session 14"):
+# The one device check for a run that has a GPU (docs/results.md, "Speed, memory, inference"):
 # the project's loop on an edit batch of 16 groups x 12 languages x 4 prompts, on a random-weight
 # Llama-3.1-8B (lafn_lightning.backbone.tiny.FULL_SIZE) in bf16: seconds per group step, peak GPU
 # memory, the share of the bf16 matmul peak, and the compute bound.

@@ -54,15 +54,13 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lafn_lightning.backbone.fingerprint import fingerprint  # noqa: E402
-from lafn_lightning.backbone.loading import load_backbone  # noqa: E402
-from lafn_lightning.cache import CacheEntry, EditCache, write_shard  # noqa: E402
-from lafn_lightning.data import load_groups  # noqa: E402
-from lafn_lightning.data import default_dataset  # noqa: E402
-from lafn_lightning.inference.edited_model import EditedModel  # noqa: E402
-from lafn_lightning.backbone.ffn import adapter_for  # noqa: E402
+from lafn_lightning.backbone.fingerprint import fingerprint
+from lafn_lightning.backbone.loading import load_backbone
+from lafn_lightning.cache import CacheEntry, EditCache, write_shard
+from lafn_lightning.data import default_dataset, load_groups
+from lafn_lightning.inference.edited_model import EditedModel
+from lafn_lightning.backbone.ffn import adapter_for
 
 REPO = Path(__file__).resolve().parents[1]
 BACKBONES = {"tiny": "tiny-llama", "demo": "demo"}

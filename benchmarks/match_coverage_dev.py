@@ -18,17 +18,14 @@ from __future__ import annotations
 import argparse
 import random
 import string
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lafn_lightning.data import load_groups  # noqa: E402
-from lafn_lightning.evaluation.match_report import PROBES, LanguageCoverage, measure  # noqa: E402
-from lafn_lightning.text.matching import MATCHERS, SubjectMatcher  # noqa: E402
+from lafn_lightning.data import default_dataset, load_groups
+from lafn_lightning.evaluation.match_report import PROBES, LanguageCoverage, measure
+from lafn_lightning.text.matching import MATCHERS, SubjectMatcher
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "mzsre-dev"
 
 
 def coverage(groups, mode: str, misses: str | None = None) -> None:
@@ -95,7 +92,8 @@ def speed(sizes=(100, 10_000, 100_000), queries: int = 2000, seed: int = 0) -> N
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--data", type=Path, default=default_dataset(),
+                        help="MzsRE folder (default: the dev records shipped in the package)")
     parser.add_argument("--mode", choices=MATCHERS, action="append")
     parser.add_argument("--misses", help="print the misses of this language ('loc': loc hits)")
     parser.add_argument("--speed", action="store_true", help="only the find() cost benchmark")

@@ -17,12 +17,12 @@ the queries that hold a token near a cached key (on the others every score is no
 
 ``lexical`` (the lexical-first path, ``Router(lookup="auto")`` with the calibrated demo thresholds
 1.0001 / 0.8748, lexical_min 0.5): every group also gets real subject strings, from the packaged
-zsRE training facts whose English subject (``router_dev/subj.py``: ``template_subject``) has 4+
+zsRE training facts whose English subject (``router_coverage/subj.py``: ``template_subject``) has 4+
 letters (9,973 of 10,000; group k: the k-th of those, cyclically; en + zh for the first 9,973
 groups, a random pair of languages after that, so beyond that facts repeat in other language
 pairs: at 100k each subject is cached in about ten groups; ``--subjects recombined`` gives those
 groups names recombined from two facts' subjects instead, nearly all distinct), subjects guessed from the
-questions (the English one where a question spells it, else ``router_dev/subj.py`` for
+questions (the English one where a question spells it, else ``router_coverage/subj.py`` for
 alphabetic scripts, for zh a 《title》 or the leading noun phrase). Queries are real
 questions: half a cached fact's question (facts 0..99, cached at every size; one token's state near
 one of that group's keys), half an MzsRE dev locality question (en / zh, random states). Timed:
@@ -44,17 +44,15 @@ import json
 import random
 import re
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lafn_lightning.routing.router import Router, site_tokens  # noqa: E402
-from lafn_lightning.routing.keys import KeyStore  # noqa: E402
-from lafn_lightning.routing.lexical import _grams, fold  # noqa: E402
+from lafn_lightning.routing.router import Router, site_tokens
+from lafn_lightning.routing.keys import KeyStore
+from lafn_lightning.routing.lexical import _grams, fold
 
 LANGS = ("en", "zh", "cz", "de", "du", "es", "fr", "pt", "ru", "tr", "vi")   # th: no reliable subject guess
 _ZH_STOP = re.compile(r"[的是在属于有哪谁什位参出由为被与和及？?，,。]")
@@ -75,8 +73,7 @@ def zh_subject(question: str, en_subject: str) -> str:
 def fact_subjects() -> tuple[dict[str, list[str]], dict[str, list[str]]]:
     """(language -> subject, language -> question) of each of the 10,000 packaged zsRE training
     facts."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent / "router_dev"))
-    from subj import guess_subject, template_subject
+    from router_coverage.subj import guess_subject, template_subject
 
     from lafn_lightning.data.packaged import read_zsre_train
     questions = {lang: [q for q, _ in read_zsre_train(lang)] for lang in LANGS}
@@ -167,7 +164,7 @@ def main() -> None:
     ap.add_argument("--ef-search", type=int, default=48)
     ap.add_argument("--per_group", type=int, default=24, help="keys per cached edit group")
     ap.add_argument("--kinds", default="flat,hnsw,lexical", help="columns to measure (flat, hnsw, lexical)")
-    ap.add_argument("--no-edges", action="store_true", help="lexical: Router(edges=False), the session-9 rule")
+    ap.add_argument("--no-edges", action="store_true", help="lexical: Router(edges=False), one spelled end suffices")
     ap.add_argument("--subjects", choices=("repeat", "recombined"), default="repeat",
                     help="lexical: beyond the 9,973 facts, cache their subjects again (repeat) or recombined names")
     ap.add_argument("--block", type=int, default=20,

@@ -8,8 +8,8 @@
     python benchmarks/step_time.py --config llama3.1-8b --groups 0:16 --dtype bfloat16 --flops \
         --group-steps 65 -- --model.backbone random-llama3.1-8b+TOKENIZER_DIR --trainer.accelerator gpu
 
-Runs ``lafn fit -c demo -c presets/twelve_languages --model.layers "[5,6,7,8]"`` (the 12-language
-setting of docs/twelve_languages.md; ``--config`` another backbone's config, with its own layers)
+Runs ``lafn fit -c demo -c presets/twelve_languages`` (the 12-language setting of
+docs/twelve_languages.md; ``--config`` another backbone's config, with that config's own layers)
 for ``--steps`` steps and prints the wall time of every step
 (from the start of a training batch to its end: forward, backward, Adam), the mean over the steps
 after the first (warm-up), the step's target loss and the process's peak RSS. One process runs
@@ -31,6 +31,7 @@ includes), as the byte-level default makes rows several times longer.
 from __future__ import annotations
 
 import argparse
+import json
 import resource
 import shutil
 import sys
@@ -38,6 +39,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+import yaml
 from edit_throughput import MeterCallback, StepMeter, matmul_peak   # this folder: one meter and peak for both
 
 from lafn_lightning.api.settings import LafnCLI
@@ -75,7 +77,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--steps must be at least 2 (the first step is warm-up)")
     torch.set_num_threads(args.threads)
     out = Path(tempfile.mkdtemp(prefix="lafn_step_time_"))
-    layers = ["--model.layers", "[5,6,7,8]"] if args.config == "demo" else []
+    config = REPO / "configs" / f"{args.config}.yaml"
+    own = (yaml.safe_load(config.read_text()) or {}).get("model", {}).get("layers")
+    layers = [] if args.config == "demo" else ["--model.layers", json.dumps(own)]   # the preset's are the demo's
     fit_args = ["-c", str(REPO / "configs" / f"{args.config}.yaml"), "-c", str(REPO / "configs" / "presets" / "twelve_languages.yaml"),
                 *layers, "--model.dtype", args.dtype, "--data.groups", args.groups,
                 "--data.languages", args.languages, "--trainer.max_steps", str(args.steps),

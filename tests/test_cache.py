@@ -197,14 +197,12 @@ def test_several_shards_newest_wins_and_gc(tmp_path):
     # "a" is still referenced by g1: reusing its name would destroy g1
     with pytest.raises(CacheError, match="still holds groups"):
         write_shard(tmp_path, [make_entry("g9")], fp, shard_name="a")
-    # replacing g1 too orphans shard "a"; verify reports it, gc removes it
+    # replacing g1 too leaves shard "a" unused: it goes in the same commit, nothing for gc
     g1_new = make_entry("g1", seed=11)
     write_shard(tmp_path, [g1_new], fp, shard_name="c")
-    problems = c.verify()
-    assert len(problems) == 1 and "orphan" in problems[0] and "a.safetensors" in problems[0]
-    assert [p.name for p in c.gc(dry_run=True)] == ["a.safetensors"]
-    assert [p.name for p in c.gc()] == ["a.safetensors"]
-    assert c.verify() == []
+    assert not (tmp_path / "shards" / "a.safetensors").exists()
+    assert c.verify() == [] and c.gc() == []
+    assert_matches(c.entry("g1"), g1_new)  # an older snapshot re-reads the manifest when its shard is gone
     c = EditCache.open(tmp_path)
     assert_matches(c.entry("g1"), g1_new)
     # once no group uses a name, it may be reused
@@ -345,18 +343,22 @@ def test_crash_between_shard_and_manifest(tmp_path, monkeypatch):
         return real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", crashing_replace)
-    with pytest.raises(OSError, match="simulated crash"):
+    with pytest.raises(CacheError, match=f"cannot write {tmp_path / MANIFEST_NAME}: simulated crash"):
         write_shard(tmp_path, [make_entry("g1", seed=5), make_entry("g2", seed=2)], fp, shard_name="second")
     monkeypatch.setattr(os, "replace", real_replace)
 
     assert (tmp_path / MANIFEST_NAME).read_bytes() == before
-    assert (tmp_path / "shards" / "second.safetensors").is_file()  # shard written first
+    assert not (tmp_path / "shards" / "second.safetensors").exists()  # the failed commit took its shard back
     c = EditCache.open(tmp_path, fp)
     assert c.group_ids == ["g1"]
     assert_matches(c.entry("g1"), make_entry("g1", seed=1))  # old value, not the uncommitted one
+    assert not [p for p in tmp_path.rglob("*.tmp")]  # the temp manifest was cleaned up
+    assert c.verify() == []
+    # a real crash (the process dies between shard and manifest) leaves an orphan: verify, gc
+    orphan = tmp_path / "shards" / "second.safetensors"
+    orphan.write_bytes((tmp_path / "shards" / "first.safetensors").read_bytes())
     problems = c.verify()
     assert len(problems) == 1 and "orphan" in problems[0] and "second.safetensors" in problems[0]
-    assert not [p for p in tmp_path.rglob("*.tmp")]  # the temp manifest was cleaned up
     assert [p.name for p in c.gc()] == ["second.safetensors"]
     assert c.verify() == []
     # the cache keeps working after the crash
@@ -391,7 +393,7 @@ def test_delete_round_trip(tmp_path):
     assert c.verify() == []  # the shard is still used by g0
     c.delete("g0")
     assert len(EditCache.open(tmp_path)) == 0
-    assert len(c.gc()) == 1 and c.verify() == []
+    assert c.gc() == [] and c.verify() == []  # the shard nobody uses went with the delete
     # re-adding after rollback works
     write_shard(tmp_path, [es[1]], fp)
     assert_matches(EditCache.open(tmp_path).entry("g1"), es[1])
@@ -445,11 +447,9 @@ def test_merge_round_trip(tmp_path):
     assert (dest / MANIFEST_NAME).read_bytes() == before
     # dest already holds an intact copy with the recorded sha256, so that one is used
     m3 = merge_caches(dest, [r1])
-    # r1 now wins "shared" again, so nothing references r0's "part" in dest any more
-    problems = m3.verify()
-    assert len(problems) == 1 and "orphan" in problems[0] and "/part.safetensors" in problems[0]
-    assert [p.name for p in m3.gc()] == ["part.safetensors"]
-    assert m3.verify() == []
+    # r1 now wins "shared" again, so nothing references r0's "part" in dest any more: removed by the merge
+    assert not (dest / "shards" / "part.safetensors").exists()
+    assert m3.verify() == [] and m3.gc() == []
     assert_matches(m3.entry("c"), make_entry("c", seed=5))
 
 

@@ -6,7 +6,6 @@ import json
 import logging
 import re
 import shutil
-import time
 from pathlib import Path
 
 import pytest
@@ -110,10 +109,15 @@ def test_english_locality_prefix_removed_and_answers_stripped(dev_groups):
     assert dev_groups[0].edits["zh"].locality_prompt == raw[0]["zh"]["loc"]
 
 
-def test_reading_all_dev_files_is_fast():
-    start = time.perf_counter()
-    read_mzsre(DEV)
-    assert time.perf_counter() - start < 2.0
+def test_reading_all_dev_files_reads_each_pair_file_once(monkeypatch):
+    from lafn_lightning.data import records
+
+    reads = []
+    original = records._read_json_list
+    monkeypatch.setattr(records, "_read_json_list", lambda path: reads.append(Path(path).name) or original(path))
+    groups = read_mzsre(DEV)
+    assert sorted(reads) == sorted(p.name for p in DEV.glob("mzsre_test_duplicate_en*.json"))  # 11 files, once each
+    assert len(groups) == 150 and len(groups[0].languages) == 12
 
 
 def test_english_is_the_same_whichever_file_it_comes_from(dev_groups):
@@ -244,7 +248,7 @@ def test_jsonl_defaults_aliases_and_leak_guard(tmp_path, caplog):
                     encoding="utf-8")
     with caplog.at_level(logging.WARNING, logger="lafn_lightning.data"):
         groups = read_jsonl(path)
-    assert [g.group_id for g in groups] == ["mine:0", "custom"]
+    assert [g.group_id.rsplit(":", 1)[0] for g in groups] == ["mine:0", "custom"]   # no id: <stem>:<index>:<hash>
     assert groups[0].languages == ("en", "cz")
     assert groups[0].edits["cz"].paraphrases == ("Kdo stvořil Fú?",)
     assert groups[1].edits["en"].paraphrases == ("Where can Baz be found?",)

@@ -6,7 +6,7 @@ from lafn_lightning.backbone.loading import load_backbone
 from lafn_lightning.backbone.tiny import FULL_SIZE, full_size_model
 
 # parameter counts of the published checkpoints (their model cards / safetensors index)
-PUBLISHED = {"llama3.1-8b": 8_030_261_248, "qwen2-7b": 7_615_616_512}
+PUBLISHED = {"llama3.1-8b": 8_030_261_248, "qwen2-7b": 7_615_616_512, "bloomz-7b1-mt": 7_069_016_064}
 
 
 @pytest.mark.parametrize("name", sorted(FULL_SIZE))

@@ -9,10 +9,10 @@ import torch
 from lafn_lightning.backbone.loading import load_backbone
 from lafn_lightning.methods import artifact, stats
 from lafn_lightning.methods.compute_z import ValueHParams
-from lafn_lightning.methods.memit import MemitHParams, memit_edit
-from lafn_lightning.methods.pmet import PmetHParams, pmet_edit
+from lafn_lightning.methods.memit import MemitMethod, memit_edit
+from lafn_lightning.methods.pmet import PmetMethod, pmet_edit
 from lafn_lightning.methods.requests import EditRequest
-from lafn_lightning.methods.rome import RomeHParams, rome_edit
+from lafn_lightning.methods.rome import RomeMethod, rome_edit
 
 TEXTS = {"en": [(f"Who is person number {i}?", f"Someone {i}") for i in range(40)],
          "zh": [(f"第{i}号人物是谁？", f"某人{i}") for i in range(40)]}
@@ -66,12 +66,12 @@ def _logits(model, tok):
 
 
 EDITS = {
-    "rome": (lambda m, t, r: rome_edit(m, t, r, RomeHParams(layer=1, value=FAST, prefixes=[[3, 2]], mom2_n_samples=40),
+    "rome": (lambda m, t, r: rome_edit(m, t, r, RomeMethod(layer=1, value=FAST, prefixes=[[3, 2]], mom2_n_samples=40),
                                        log=lambda *_: None), [1]),
-    "memit": (lambda m, t, r: memit_edit(m, t, r, MemitHParams(layers=[1, 2], value=FAST, prefixes=[[3, 2]],
+    "memit": (lambda m, t, r: memit_edit(m, t, r, MemitMethod(layers=[1, 2], value=FAST, prefixes=[[3, 2]],
                                                                mom2_update_weight=10.0, mom2_n_samples=40),
                                          log=lambda *_: None), [1, 2]),
-    "pmet": (lambda m, t, r: pmet_edit(m, t, r, PmetHParams(layers=[1, 2], value=FAST, prefixes=[[3, 2]],
+    "pmet": (lambda m, t, r: pmet_edit(m, t, r, PmetMethod(layers=[1, 2], value=FAST, prefixes=[[3, 2]],
                                                             mom2_update_weight=10.0, mom2_n_samples=40),
                                        log=lambda *_: None), [1, 2]),
 }
@@ -112,7 +112,7 @@ def test_joint_rome_writes_every_language_value_at_once(tiny):
     model, tok = tiny
     reqs = {"en": REQUESTS["en"][:1], "zh": REQUESTS["zh"][:1]}
     flat = reqs["en"] + reqs["zh"]
-    update = rome_edit(model, tok, reqs, RomeHParams(layer=1, value=FAST, prefixes=[[3, 2]], mom2_n_samples=40,
+    update = rome_edit(model, tok, reqs, RomeMethod(layer=1, value=FAST, prefixes=[[3, 2]], mom2_n_samples=40,
                                                      joint=True), log=lambda *_: None)
     left, right = update.factors[1]
     assert left.shape[0] == 2 and update.rank(1) == 2
@@ -140,7 +140,7 @@ def test_memit_joint_languages_is_one_solve_with_the_mean_statistics(tiny, monke
         return real(model_, tok_, reqs, hp, prefixes, writes, *args, **kwargs)
 
     monkeypatch.setattr(memit, "spread", spy)
-    hp = MemitHParams(layers=[1, 2], value=FAST, prefixes=[[3, 2]], mom2_update_weight=10.0, mom2_n_samples=40,
+    hp = MemitMethod(layers=[1, 2], value=FAST, prefixes=[[3, 2]], mom2_update_weight=10.0, mom2_n_samples=40,
                       joint_languages=joint)
     update = memit_edit(model, tok, REQUESTS, hp, log=lambda *_: None)
     C = {lang: stats.key_second_moments(model, tok, [1, 2], lang, n_samples=40) for lang in ("en", "zh")}
@@ -164,7 +164,7 @@ def test_pmet_rewrite_o_proj_lands_the_attention_target_and_round_trips(tiny, tm
     seen = []
     real = memit.spread
     monkeypatch.setattr(pmet, "spread", lambda *a, **k: (seen.append(a[5]), real(*a, **k))[1])
-    hp = PmetHParams(layers=[1, 2], value=FAST, prefixes=[], mom2_update_weight=1e-6, mom2_n_samples=40,
+    hp = PmetMethod(layers=[1, 2], value=FAST, prefixes=[], mom2_update_weight=1e-6, mom2_n_samples=40,
                      rewrite=["down", "o_proj"], joint_languages=True)
     update = pmet_edit(model, tok, REQUESTS, hp, log=lambda *_: None)
     [writes] = seen
@@ -192,7 +192,7 @@ def test_pmet_rewrite_o_proj_lands_the_attention_target_and_round_trips(tiny, tm
     handle.remove()
     assert torch.equal(_logits(model, tok), before_logits)
     with pytest.raises(ValueError, match="rewrite"):
-        PmetHParams(rewrite=["o_proj"])
+        PmetMethod(rewrite=["o_proj"])
 
 
 def test_pmet_attention_clamp_bounds_the_attention_delta(tiny, monkeypatch):
@@ -206,7 +206,7 @@ def test_pmet_attention_clamp_bounds_the_attention_delta(tiny, monkeypatch):
     reqs = {"en": REQUESTS["en"][:1]}
     for factor in (None, 0.01, 0.0):
         seen.clear()
-        pmet_edit(model, tok, reqs, PmetHParams(layers=[1, 2], value=value, prefixes=[], mom2_update_weight=10.0,
+        pmet_edit(model, tok, reqs, PmetMethod(layers=[1, 2], value=value, prefixes=[], mom2_update_weight=10.0,
                                                 mom2_n_samples=40, attn_clamp_norm_factor=factor),
                   log=lambda *_: None)
         [(z_attn, z_ffn)] = seen
@@ -218,7 +218,7 @@ def test_pmet_attention_clamp_bounds_the_attention_delta(tiny, monkeypatch):
             assert attn <= factor + 1e-6, (factor, attn)
     assert z_attn.delta.abs().max() == 0
     with pytest.raises(ValueError, match="attn_clamp_norm_factor"):
-        PmetHParams(attn_clamp_norm_factor=-1)
+        PmetMethod(attn_clamp_norm_factor=-1)
 
 
 def test_pmet_writes_the_ffn_target_in_residual_units_through_post_ffn_norms(tiny_gemma, monkeypatch):
@@ -239,7 +239,7 @@ def test_pmet_writes_the_ffn_target_in_residual_units_through_post_ffn_norms(tin
     real = memit.spread
     monkeypatch.setattr(pmet, "spread", lambda *a, **k: (seen.append(a[5]), real(*a, **k))[1])
     req = REQUESTS["en"][0]
-    hp = PmetHParams(layers=[1, 2], value=ValueHParams(v_num_grad_steps=5, clamp_norm_factor=4.0), prefixes=[],
+    hp = PmetMethod(layers=[1, 2], value=ValueHParams(v_num_grad_steps=5, clamp_norm_factor=4.0), prefixes=[],
                      mom2_update_weight=1e-6, mom2_n_samples=40)
     y1, y2 = read_sites(model, tok, [req], [("down", 1, "out"), ("down", 2, "out")])
     update = pmet_edit(model, tok, {"en": [req]}, hp, log=lambda *_: None)
@@ -268,7 +268,7 @@ def test_pmet_residual_spread_rule_lands_the_ffn_change_in_the_residual_stream(t
     miss = {}
     for rule in ("residual", "pmet"):
         seen.clear()
-        hp = PmetHParams(layers=[0, 1, 2], value=ValueHParams(v_num_grad_steps=5, clamp_norm_factor=4.0),
+        hp = PmetMethod(layers=[0, 1, 2], value=ValueHParams(v_num_grad_steps=5, clamp_norm_factor=4.0),
                          prefixes=[], mom2_update_weight=1e-6, mom2_n_samples=40, attn_clamp_norm_factor=0.0,
                          spread_rule=rule)
         update = pmet_edit(model, tok, {"en": [req]}, hp, log=lambda *_: None)
@@ -280,7 +280,7 @@ def test_pmet_residual_spread_rule_lands_the_ffn_change_in_the_residual_stream(t
     assert miss["residual"] < 0.2, miss
     assert miss["pmet"] > 2 * miss["residual"], miss
     with pytest.raises(ValueError, match="spread_rule"):
-        PmetHParams(spread_rule="residual", rewrite=["down", "o_proj"])
+        PmetMethod(spread_rule="residual", rewrite=["down", "o_proj"])
 
 
 def test_artifact_hooks_equal_dense_weight_edit(tiny, tmp_path):
@@ -379,7 +379,7 @@ def test_edit_groups_writes_one_request_per_language(tiny, tmp_path):
     model, tok = tiny
     group = EditGroup("g0", 0, {"en": LanguageEdit("en", "Alice Smith", "Where was Alice Smith born?", "Paris"),
                                 "zh": LanguageEdit("zh", "爱丽丝", "爱丽丝出生在哪里？", "巴黎")})
-    method = RomeHParams(layer=1, value=FAST, prefixes=[[3, 1]], mom2_n_samples=40)
+    method = RomeMethod(layer=1, value=FAST, prefixes=[[3, 1]], mom2_n_samples=40)
     path = edit_groups(method, model, tok, [group], out=tmp_path / "a", log=lambda *_: None)
     record = json.loads(path.read_text())
     assert record["method"] == "rome" and record["ranks"] == {"1": 2}
@@ -399,7 +399,7 @@ def test_skip_special_tokens_leaves_bos_untouched_in_prefill_and_edits_decoding(
     group = EditGroup("g0", 0, {"en": LanguageEdit("en", "Alice Smith", "Where was Alice Smith born?", "Paris")})
     outs = {}
     for skip in (False, True):
-        method = RomeHParams(layer=1, value=FAST, prefixes=[[3, 1]], mom2_n_samples=40, skip_special_tokens=skip)
+        method = RomeMethod(layer=1, value=FAST, prefixes=[[3, 1]], mom2_n_samples=40, skip_special_tokens=skip)
         outs[skip] = edit_groups(method, model, tok, [group], out=tmp_path / f"s{skip}", log=lambda *_: None)
     assert json.loads(outs[True].read_text())["skip_token_ids"] == sorted(set(tok.all_special_ids))
     enc = tok(["Where was Alice Smith born? Paris"], return_tensors="pt")

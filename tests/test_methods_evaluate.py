@@ -19,12 +19,12 @@ from lafn_lightning.methods import stats
 TEXTS = {lang: [(f"Who is person number {i}?", f"Someone {i}") for i in range(40)] for lang in ("en", "zh")}
 FAST_VALUE = {"v_num_grad_steps": 3}
 METHODS = {
-    "memit": ("lafn_lightning.methods.memit.MemitHParams",
+    "memit": ("lafn_lightning.methods.memit.MemitMethod",
               {"layers": [1, 2], "prefixes": [[3, 2]], "mom2_update_weight": 10.0, "mom2_n_samples": 40,
                "value": FAST_VALUE}),
-    "rome": ("lafn_lightning.methods.rome.RomeHParams",
+    "rome": ("lafn_lightning.methods.rome.RomeMethod",
              {"layer": 1, "prefixes": [[3, 2]], "mom2_n_samples": 40, "value": FAST_VALUE}),
-    "lora_ft": ("lafn_lightning.methods.lora_ft.LoRAFT", {"lr": 0.01, "max_steps": 15, "stop_loss": None}),
+    "lora_ft": ("lafn_lightning.methods.lora_ft.LoraFTMethod", {"lr": 0.01, "max_steps": 15, "stop_loss": None}),
     "remake": ("lafn_lightning.methods.remake.ReMaKEMethod", {"layer": 1, "threshold": -1.0, "distractors": 5}),
 }
 
@@ -88,7 +88,7 @@ def test_each_method_is_selected_by_class_path_scored_by_the_protocol_and_resume
 
 def test_a_bad_method_config_is_refused_before_compute(tmp_path, capsys):
     cases = [({"method": {"class_path": "lafn_lightning.methods.nothing.Here"}}, "cannot be imported"),
-             ({"method": {"class_path": "lafn_lightning.methods.rome.RomeHParams", "init_args": {"layr": 3}}},
+             ({"method": {"class_path": "lafn_lightning.methods.rome.RomeMethod", "init_args": {"layr": 3}}},
               "method.init_args"),
              ({"model": {}}, "needs a 'method:' block")]
     for spec, message in cases:

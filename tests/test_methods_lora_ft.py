@@ -102,11 +102,20 @@ def test_config_selects_the_method_by_class_path_and_fast_dev_run_writes_an_arti
     from lightning.pytorch.cli import LightningCLI
 
     from lafn_lightning.data import write_jsonl
-    from tests.conftest import CONFIGS
 
     write_jsonl([GROUP], tmp_path / "edits.jsonl")
+    config = tmp_path / "lora_ft-fit-tiny.yaml"     # LoRAFineTune + EditQuestionsData as plain LightningCLI
+    config.write_text("""seed_everything: 0
+trainer: {accelerator: cpu, devices: 1, max_steps: 70, logger: false, enable_checkpointing: false}
+model:
+  class_path: lafn_lightning.methods.lora_ft.LoRAFineTune
+  init_args: {backbone: tiny-llama, dtype: float32, rank: 8, alpha: 32.0, dropout: 0.1, lr: 0.001, stop_loss: 0.01}
+data:
+  class_path: lafn_lightning.methods.lora_ft.EditQuestionsData
+  init_args: {languages: [en, zh], groups: "0:1", backbone: tiny-llama, dtype: float32}
+""")
     LightningCLI(L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                 args=["fit", "-c", str(CONFIGS / "methods/lora_ft-fit-tiny.yaml"), "--trainer.fast_dev_run", "true",
+                 args=["fit", "-c", str(config), "--trainer.fast_dev_run", "true",
                        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
                        "--data.init_args.dataset", str(tmp_path / "edits.jsonl"),
                        "--model.init_args.artifact_dir", str(tmp_path / "art")],

@@ -63,7 +63,7 @@ def test_counts_per_layer_match_locating():
 
 def test_plots_command_writes_figures_numbers_and_tensorboard(tmp_path):
     main(["plots", "-c", str(CONFIGS / "tiny.yaml"), "--data.groups", "0:4", "--data.languages", "[en,zh,de]",
-           "--layer", "2", "--beta", "0.5", "--out", str(tmp_path / "fig"), "--log_dir", str(tmp_path / "tb")])
+           "--layer", "2", "--locate.beta", "0.5", "--output", str(tmp_path / "fig"), "--log_dir", str(tmp_path / "tb")])
     for name in ("factual_neurons_per_layer.png", "neuron_difference_layer2.png"):
         data = (tmp_path / "fig" / name).read_bytes()
         assert data.startswith(PNG) and len(data) > 10_000
@@ -83,4 +83,4 @@ def test_plots_command_writes_figures_numbers_and_tensorboard(tmp_path):
 
 def test_plots_refuses_a_layer_out_of_range(tmp_path):
     with pytest.raises(ValueError, match="--layer: layer index"):
-        plots(Settings.from_config(CONFIGS / "tiny.yaml", overrides={"data.groups": "0:1"}), out=str(tmp_path), layer=9)
+        plots(Settings.from_config(CONFIGS / "tiny.yaml", overrides={"data.groups": "0:1"}), output=str(tmp_path), layer=9)

@@ -375,7 +375,7 @@ def test_prefix_filtering_finds_every_subject_reaching_lexical_min(share, overla
     assert one_end_only >= 20 or share == 1.0  # and queries where only one end is spelled (at 1.0: both are)
 
 
-# --- lexical tiers and aliases (session 9) ----------------------------------------------------
+# --- lexical tiers and aliases -----------------------------------------------------
 
 @pytest.mark.parametrize("lookup", ["index", "lexical"])
 def test_a_lexical_tier_accepts_a_low_cosine_only_with_most_of_the_subject_spelled(lookup):
@@ -454,13 +454,13 @@ def test_group_aliases_take_the_aligned_prompts_words_and_drop_common_ones():
     assert group_aliases(tok, group, [("ru", sites[0][1], "own")], background=[]) == []   # subject sites: none
 
 
-# --- both ends of a subject spelled (session 11) ----------------------------------------------
+# --- both ends of a subject spelled -----------------------------------------------
 
 @pytest.mark.parametrize("lookup", ["index", "lexical"])
 def test_one_shared_word_of_a_longer_name_does_not_lower_the_cosine(lookup):
     # Locality question "When does Thomas Rhett's album come out?" against a cached "Marlo Thomas":
     # half the subject's n-grams are spelled (its last word), and a name's last-token state sits
-    # close to the key. The session-9 rule fired; with both ends required it does not, while an
+    # close to the key. The rule without ends fired; with both ends required it does not, while an
     # inflected mention of both words ("Ненада Стаменковича") still lowers the cosine.
     store = axis_store("marlo", "nenad")
     subjects = {"marlo": ["Marlo Thomas"], "nenad": ["Ненад Стаменкович"]}
@@ -478,7 +478,7 @@ def test_one_shared_word_of_a_longer_name_does_not_lower_the_cosine(lookup):
     assert [r.group_id for r in Router(store, subjects, **args).route(*genitive, states_for(6, {4: drift}))] == ["nenad"]
 
 
-# --- one end spelled, near-identical state (session 12) ----------------------------------------
+# --- one end spelled, near-identical state -----------------------------------------
 
 @pytest.mark.parametrize("lookup", ["index", "lexical"])
 def test_a_one_end_tier_fires_only_at_a_near_identical_cosine(lookup):
@@ -530,7 +530,7 @@ def test_edges_of_subjects_with_and_without_word_spaces():
     # an edge word must start a query word: "Colda" is not in "beyzbolda", though 60 % of its n-grams are
     baseball = "beyzbolda en çok dünya serisini kim kazandı"
     assert lexical_support(baseball, ["Colda"]) >= 0.5 and not edges_spelled(baseball, "Colda")
-    # ... and its n-grams must lie in that one word (session 12): "honkbal ... gewonnen" hold half
+    # ... and its n-grams must lie in that one word: "honkbal ... gewonnen" hold half
     # of "Hönne"'s between them, "zelfklevende ... postzegel ... heeft" half of "Zellers"'s
     honkbal = "die de meeste wereldseries in honkbal heeft gewonnen"
     zegel = "wie de allereerste zelfklevende postzegel heeft gemaakt en welk jaar"
@@ -556,7 +556,7 @@ def test_edges_of_subjects_with_and_without_word_spaces():
 
 def test_an_aligned_key_inside_a_word_moves_to_the_word_end_with_its_alias_and_site():
     # The zh prompt spells the subject in Latin letters and its best-aligned token is "Gard" of
-    # "Gardner". Session 9 keyed it there, and the alias "Gard" then fired on "gardien". The key,
+    # "Gardner". An earlier rule keyed it there, and the alias "Gard" then fired on "gardien". The key,
     # training's site (routed_subject_span) and the alias now all end with the word, so the
     # router's site on the prompt is still the token training puts ΔV on.
     from lafn_lightning.routing.build import aligned_token, mention_alias
@@ -586,7 +586,7 @@ def test_an_aligned_key_inside_a_word_moves_to_the_word_end_with_its_alias_and_s
                   lexical_threshold=0.875, index="flat").route(*gardien, states_for(7, {5: unit(0)}))   # "Gard" was
 
 
-# --- common subjects (session 13) -------------------------------------------------------------
+# --- common subjects --------------------------------------------------------------
 
 def test_background_facts_count_distinct_other_facts_that_spell_the_whole_subject():
     from lafn_lightning.routing.lexical import background_facts

@@ -59,7 +59,9 @@ def test_twelve_language_preset_reaches_the_fit_and_the_cache(tmp_path, dev_data
     stop rule, loss weighting, beta 0.1, routed sites and the bare prompt reach the fit and its cache settings, and
     the router's further lexical tiers reach the key file."""
     cli = fit(tmp_path, "-c", str(CONFIGS / "presets" / "twelve_languages.yaml"), "--data.dataset", str(dev_data),
-              "--data.groups", "0:1", "--trainer.max_steps", "2")
+              "--data.groups", "0:1", "--trainer.max_steps", "2",
+              "--model.layers", "[1, 2]")                       # the preset's layers are the demo's
+    assert list(cli.model.hparams.layers) == [1, 2]
     assert cli.datamodule.hparams.subject_site == "routed"
     settings = EditCache.open(tmp_path / "cache").settings
     assert len(settings["languages"]) == 12

@@ -11,7 +11,7 @@ import torch
 
 from conftest import fit
 from lafn_lightning.cache import CacheError, EditCache
-from lafn_lightning.cli import COMMANDS, main
+from lafn_lightning.cli import COMMANDS, NOT_OFFERED, SUMMARIES, _next_hint, main
 from lafn_lightning.data import MZSRE_LANGUAGES, default_dataset, load_groups
 from lafn_lightning.editing.prompts import encode_edit_text
 from lafn_lightning.evaluation.metrics import encode_prompt_targets
@@ -138,6 +138,80 @@ def test_every_command_has_the_shared_options_and_its_own(capsys):
                        "--cache_dir", "--print_config", option):
             assert shared in text, (command, shared)
     assert set(own) | {"cache"} == set(COMMANDS)
+
+
+def test_help_lists_every_command_with_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    assert set(SUMMARIES) == {"fit", *COMMANDS}
+    for name, summary in SUMMARIES.items():
+        assert f"  {name}  " in text and summary in text, name
+    for name in NOT_OFFERED:
+        assert f"  {name} " not in text
+
+
+@pytest.mark.parametrize("command", NOT_OFFERED)
+def test_lightning_subcommands_are_refused_with_one_line(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "-c", "tiny"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith(f"lafn: error: '{command}' is not a lafn command")
+    assert err.count("\n") == 1
+
+
+def test_commands_show_only_the_options_they_read(capsys):
+    absent = {"fit": ["--optimizer", "--lr_scheduler"],
+              "plots": ["--out ", "--beta ", "--optimizer", "--lr_scheduler"],
+              "paraphrase": ["--generate", "--dtype ", "--seed ", "--optimizer"],
+              "evaluate": ["--optimizer", "--lr_scheduler"]}
+    for command, options in absent.items():
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = capsys.readouterr().out
+        assert "--data.groups" in text
+        for option in options:
+            assert option not in text, (command, option)
+    with pytest.raises(SystemExit):
+        main(["paraphrase", "--help"])
+    assert "--instruct_dtype" in capsys.readouterr().out
+
+
+def test_fit_next_hint_names_the_configs_and_options_used():
+    hint = _next_hint(["-c", "demo", "-c", "presets/twelve_languages", "--data.groups", "10:14",
+                       "--trainer.max_steps", "3", "--model.layers=[5,6]"], "my cache")
+    assert "lafn evaluate -c demo -c presets/twelve_languages --data.groups 10:14 '--model.layers=[5,6]' " \
+           "--cache_dir 'my cache' --no_edit true" in hint
+    assert "<config>" not in hint and "max_steps" not in hint
+
+
+def test_backbone_configs_share_the_base_trainer():
+    from lafn_lightning.api.settings import Settings
+
+    for name, layers in (("llama3.1-8b", [11, 12, 13, 31]), ("qwen2-7b", [19, 20, 21, 27]),
+                         ("bloomz-7b1-mt", [9, 10, 11, 29])):
+        settings = Settings.from_config(name)
+        assert settings.trainer["max_steps"] == 40 and settings.trainer["enable_checkpointing"] is False
+        assert list(settings.model["layers"]) == layers and settings.model["lr"] == 0.5
+    twelve = Settings.from_config("demo", "presets/twelve_languages")   # the measured setting, no extra flag
+    assert twelve.trainer["max_steps"] == 120 and twelve.data["languages"] is None
+    assert list(twelve.model["layers"]) == [5, 6, 7, 8] and twelve.locate["beta"] == 0.1
+
+
+def test_docs_and_configs_carry_no_development_log():
+    import re
+
+    root = PACKAGE.parent
+    texts = [root / "README.md", *(root / "docs").rglob("*.md"), *(root / "configs").rglob("*.yaml"),
+             *(root / "benchmarks").rglob("*.md")]
+    for path in texts:
+        text = path.read_text(encoding="utf-8")
+        assert not re.search(r"\bsessions?\b|\*s\d+\*", text, re.IGNORECASE), path
+    assert len((root / "README.md").read_text(encoding="utf-8").splitlines()) <= 260
+    for path in (root / "configs").rglob("*.yaml"):
+        head = [line for line in path.read_text(encoding="utf-8").splitlines() if line.startswith("#")]
+        assert len(head) <= 6, path     # a few lines that point to the docs
 
 
 def test_shipped_config_by_name_from_any_directory(tmp_path, monkeypatch, capsys):

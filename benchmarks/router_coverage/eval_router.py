@@ -1,6 +1,6 @@
 """Coverage of the Router class (150 dev groups [+ 10k zsre distractors]) from precomputed states."""
 import torch, collections, json, time, argparse
-import os; WORK=os.environ.get("ROUTER_WORK","/work/scratch/i12_work")  # states and results
+import os; WORK=os.environ.get("ROUTER_WORK", "runs/router_work"); os.makedirs(WORK, exist_ok=True)  # states and results
 torch.set_num_threads(1)
 from lafn_lightning.editing.prompts import subject_span, last_token_of_span
 from lafn_lightning.data import load_groups
@@ -11,10 +11,10 @@ ap=argparse.ArgumentParser(); ap.add_argument("--layer",type=int,default=5); ap.
 ap.add_argument("--tau-high",type=float,required=True); ap.add_argument("--tau-low",type=float,required=True); ap.add_argument("--index",default="auto"); ap.add_argument("--stage1",default="exact"); ap.add_argument("--candidates",type=int,default=1); ap.add_argument("--lookup",default="auto")
 ap.add_argument("--tiers",default="",help="further lexical tiers share:cosine,... (Router lexical_tiers)")
 ap.add_argument("--aliases",action="store_true",help="aligned prompts' mention aliases (routing.build.group_aliases)")
-ap.add_argument("--no-edges",action="store_true",help="Router(edges=False): the session-9 lexical rule")
+ap.add_argument("--no-edges",action="store_true",help="Router(edges=False): one spelled end suffices for every tier")
 ap.add_argument("--calibrate-one-end",action="store_true",help="print the one-end tier's cosine: just above the best one-end-only score of the even-line zsre-train negatives (held out: odd lines)")
 ap.add_argument("--common-from",type=int,default=0,help="Router(common_from=): subjects spelled by this many background facts need their state (0: off)")
-ap.add_argument("--last-word-keys",action="store_true",help="more anchor keys: the subject tokens that start inside its last word (not its first or last token); docs/router.md \"Session 15\"")
+ap.add_argument("--last-word-keys",action="store_true",help="more anchor keys: the subject tokens that start inside its last word (not its first or last token)")
 ap.add_argument("--out"); a=ap.parse_args()
 tiers=[tuple(map(float,t.split(":"))) for t in a.tiers.split(",") if t]
 D=torch.load(WORK+"/dev_states.pt")
@@ -71,14 +71,14 @@ if a.distractors:
             if p is None: p=aligned_token(st,offs,anc,text)
             keys.append(st[p])
         store.add(f"zsre:{j}",torch.stack(keys)); subjects[f"zsre:{j}"]=[subj]
-if a.common_from:   # background-fact counts (docs/router.md "Session 13"); a distractor's own zsRE line is not counted
+if a.common_from:   # background-fact counts; a distractor's own zsRE line is not counted
     from lafn_lightning.routing.build import set_background_facts
     set_background_facts(store,subjects,own={g:int(g.split(":")[1]) for g in subjects if g.startswith("zsre:")})
 t0=time.time()
 router=Router(store,subjects,threshold=a.tau_high,lexical_threshold=a.tau_low,index=a.index,stage1=a.stage1,candidates=a.candidates,lexical_tiers=tiers,lookup=a.lookup,edges=not a.no_edges,common_from=a.common_from)
 print(f"router: {len(router)} groups, {store.n_keys} keys, hnsw={router.index.uses_hnsw}, prompt-key rules {dict(rules)}, "
       f"tiers {router.lexical_tiers}, aliases {sum(map(len,store.all_aliases().values()))}, common {sum(map(router.is_common,subjects))}",flush=True)
-if a.calibrate_one_end:   # docs/router.md "Session 12"
+if a.calibrate_one_end:   # docs/router.md, "Design decisions"
     from lafn_lightning.routing.router import site_tokens, calibrate_threshold
     def one_end_score(i):
         """best cosine over the groups with only one end of a subject spelled (>= lexical_min)"""

@@ -1,5 +1,5 @@
 import time, torch
-import os; WORK=os.environ.get("ROUTER_WORK","/work/scratch/i12_work")  # states and results
+import os; WORK=os.environ.get("ROUTER_WORK", "runs/router_work"); os.makedirs(WORK, exist_ok=True)  # states and results
 torch.set_num_threads(1)
 from lafn_lightning.backbone.loading import load_backbone
 from lafn_lightning.data import load_groups

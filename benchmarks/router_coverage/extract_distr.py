@@ -1,6 +1,5 @@
-import sys, time, torch
-import os; WORK=os.environ.get("ROUTER_WORK","/work/scratch/i12_work")  # states and results
-sys.path.insert(0,os.path.dirname(os.path.abspath(__file__)))
+import time, torch
+import os; WORK=os.environ.get("ROUTER_WORK", "runs/router_work"); os.makedirs(WORK, exist_ok=True)  # states and results
 torch.set_num_threads(1)
 from subj import template_subject
 from lafn_lightning.backbone.loading import load_backbone

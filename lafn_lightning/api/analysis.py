@@ -1,7 +1,7 @@
 """``lafn match-report`` and ``lafn plots``: analysis commands over a config's groups.
 
     match_report(Settings.from_config("demo", overrides={"data.groups": None}), output="coverage.json")
-    plots(Settings.from_config("demo"), out="runs/plots")
+    plots(Settings.from_config("demo"), output="runs/plots")
 """
 from __future__ import annotations
 
@@ -81,24 +81,24 @@ def _label(group, width: int = 22) -> str:
     return f"{group.index}: {subject}"
 
 
-def plots(settings: Settings, out: str, layer: int | None = None, beta: float | None = None, max_groups: int = 30,
+def plots(settings: Settings, output: str, layer: int | None = None, max_groups: int = 30,
           log_dir: str | None = None) -> dict:
     """Figure 1 (factual neurons per layer, per language and their intersection) and Figure 4
     (neuron-set difference between groups in one layer) for the groups ``data.groups`` selects.
 
     Args:
-        settings: the parsed config (backbone, groups, ``locate.beta``).
-        out: output directory (two PNG files and neurons.json).
+        settings: the parsed config (``model.*`` the backbone, ``data.*`` the groups, ``locate.beta``
+            the threshold).
+        output: output directory (two PNG files and neurons.json).
         layer: layer of the Figure-4 heatmap (default: the first edited layer).
-        beta: threshold (default: the config's ``locate.beta``).
         max_groups: groups in the heatmap (the first N).
         log_dir: also write the figures to TensorBoard here.
     """
-    opt = SimpleNamespace(out=out, layer=layer, beta=beta, max_groups=max_groups, log_dir=log_dir)
+    opt = SimpleNamespace(out=output, layer=layer, max_groups=max_groups, log_dir=log_dir)
     hp = SimpleNamespace(**settings.model)
     model, tokenizer = load_backbone(hp.backbone, hp.dtype)
     adapter = adapter_for(model)
-    beta = float(settings.locate["beta"]) if opt.beta is None else opt.beta
+    beta = float(settings.locate["beta"])
     layer = int(hp.layers[0]) if opt.layer is None else opt.layer
     adapter.check_layers([layer], key="--layer")
     out = Path(opt.out)

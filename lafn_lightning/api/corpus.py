@@ -22,14 +22,15 @@ __all__ = ["paraphrase"]
 
 
 def paraphrase(settings: Settings, instruct_model: str, output: str, num: int = 30, rounds: int = 3,
-               max_new_tokens: int = 1024, batch_size: int = 4, dtype: str = "float32", seed: int = 0,
+               max_new_tokens: int = 1024, batch_size: int = 4, instruct_dtype: str = "float32",
                keep_any: bool = False, instruction: str = DEFAULT_INSTRUCTION, endpoint: str | None = None,
                api_key_env: str = "OPENAI_API_KEY", generate: Callable[..., list[str]] | None = None) -> None:
     """Generate paraphrases of every selected edit question with an instruct model: a local folder,
     or a model served by an OpenAI-compatible chat endpoint (``endpoint``).
 
     Args:
-        settings: the parsed config; ``data.*`` selects the questions.
+        settings: the parsed config; ``data.*`` selects the questions, ``seed_everything`` seeds the
+            sampled rounds.
         instruct_model: local folder of a Hugging Face instruct (chat) model (nothing is downloaded),
             or with ``endpoint`` the model name the endpoint serves.
         output: JSONL file to append to (read by ``--data.paraphrases``).
@@ -37,21 +38,23 @@ def paraphrase(settings: Settings, instruct_model: str, output: str, num: int = 
         rounds: generation attempts per question (the first greedy, then sampled).
         max_new_tokens: tokens per reply.
         batch_size: questions per generate call.
-        dtype: the instruct model's dtype.
-        seed: sampling seed.
+        instruct_dtype: the instruct model's dtype (``model.dtype`` is the edited backbone's).
         keep_any: keep lines that lost the subject.
         instruction: ``str.format`` template with {n}, {language}, {subject}, {question}.
         endpoint: base URL of an OpenAI-compatible API (``http://host:port/v1``: vLLM, llama.cpp
             server, Ollama); checked with ``GET /models`` before any question is sent.
         api_key_env: environment variable holding the endpoint's API key (sent if set).
-        generate: replaces the model (tests): ``generate(instructions, sample=, seed=) -> replies``.
+        generate: replaces the model (Python only, e.g. tests):
+            ``generate(instructions, sample=, seed=) -> replies``.
     """
     if num < 1 or rounds < 1 or batch_size < 1:
         raise ValueError("num, rounds and batch_size must be >= 1")
     from tqdm.auto import tqdm
 
+    seed = settings.config.get("seed_everything")
+    seed = seed if isinstance(seed, int) and not isinstance(seed, bool) else 0
     opt = SimpleNamespace(instruct_model=instruct_model, output=output, num=num, rounds=rounds,
-                          max_new_tokens=max_new_tokens, batch_size=batch_size, dtype=dtype, seed=seed,
+                          max_new_tokens=max_new_tokens, batch_size=batch_size, dtype=instruct_dtype, seed=seed,
                           keep_any=keep_any, instruction=instruction)
     groups = settings.load_groups()
 

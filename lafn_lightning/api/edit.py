@@ -58,7 +58,7 @@ def edit_dataset(settings: Settings, edit_batch_size: int = 4, redo: bool = Fals
         print(f"[lafn] skipped: {reason}", file=sys.stderr, flush=True)
     done = set()
     if not redo and (cache_dir / MANIFEST_NAME).exists():
-        done = set(EditCache.open(cache_dir).group_ids)
+        done = set(EditCache.open(cache_dir).usable_group_ids())   # a missing/unreadable shard: edit again
     todo = [g.index for g in groups if g.group_id not in done]
     trainer, _, _ = settings.replace(data={"groups": todo[:1] or [groups[0].index]}).instantiate()
     world = trainer.num_devices * trainer.num_nodes

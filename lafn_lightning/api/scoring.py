@@ -24,7 +24,7 @@ from ..cache import CacheError, EditCache
 from ..data import EditGroup, default_dataset, normalize_language, write_jsonl
 from ..evaluation.protocol import (MODES, PROGRESS_VERSION, SETTINGS, ProgressLog, _json_numbers, _markdown,
                                    _matrix_markdown, _section, aggregate, score_group, _MODE_ALIASES)
-from ..files import atomic_write
+from ..files import atomic_write, check_writable
 from ..inference.edited_model import EditedModel
 from ..text.matching import MATCHERS
 from .edit import edit_dataset
@@ -131,6 +131,7 @@ def evaluate(settings: Settings, output: str, mode: str = "multilingual", edit_l
     if edit_languages and mode == "multilingual":
         raise ValueError("edit_languages applies to mode monolingual or cross-lingual; multilingual edits every "
                          "language of data.languages")
+    check_writable(output, what="--output")   # before the backbone loads, not after the evaluation
     editor = _load_method(method) if method else None
     own = SimpleNamespace(mode=mode, edit_languages=edit_languages, edit_batch_size=edit_batch_size,
                           generation=generation, margin=margin, matcher=matcher, batch_size=batch_size,

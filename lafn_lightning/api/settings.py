@@ -64,6 +64,9 @@ def preflight(settings: "Settings", *, check_cache: bool = True) -> None:
     """Refuse bad settings before any compute: the data (read and checked) and, for a command that
     edits (``check_cache``), the step budget and the target cache (a directory, readable manifest,
     same edit settings)."""
+    layers = settings.model.get("layers")
+    if layers is not None and not len(layers):
+        raise ValueError("model.layers: empty list; give the decoder layers to edit, e.g. [1, 2]")
     groups = settings.load_groups()
     if check_cache:  # a command that edits into the cache
         max_steps = settings.trainer.get("max_steps", -1)
@@ -111,7 +114,7 @@ class LafnCLI(LightningCLI):
         parser.link_arguments("cache_dir", "export.cache_dir")
         parser.link_arguments("model.backbone", "data.backbone")
         parser.link_arguments("model.dtype", "data.dtype")
-        parser.link_arguments("model.layers", "data.router_layer", compute_fn=lambda layers: min(layers))
+        parser.link_arguments("model.layers", "data.router_layer", compute_fn=lambda layers: min(layers, default=None))
         if self.command is not None:
             parser.add_function_arguments(self.command, skip={"settings"})
 
@@ -123,7 +126,7 @@ class LafnCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         """Check what can be checked before the backbone is loaded (one-line errors)."""
         config = (self.config[self.subcommand] if self.subcommand else self.config).as_dict()
-        preflight(Settings(config), check_cache=self._check_cache)
+        preflight(Settings(config), check_cache=self._check_cache and not config.get("no_edit"))  # evaluate --no_edit edits nothing
 
     def instantiate_classes(self) -> None:
         if self._instantiate:

@@ -24,13 +24,13 @@ import stat as stat_mod
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 from safetensors import safe_open
 
 from ..backbone.fingerprint import FingerprintMismatch, canonical_fingerprint, check_fingerprint, fingerprints_differ
-from ..files import LOCK_NAME, TMP_SUFFIX as _TMP_SUFFIX, atomic_write, fsync_dir, locked, tmp_path
+from ..files import LOCK_NAME, TMP_SUFFIX as _TMP_SUFFIX, atomic_write, check_writable, fsync_dir, locked, tmp_path
 from safetensors.torch import save as _st_save
 
 __all__ = [
@@ -40,6 +40,8 @@ __all__ = [
     "EditCache",
     "write_shard",
     "merge_caches",
+    "same_fact",
+    "shard_bytes",
     "fingerprints_differ",
     "pack_mask",
     "unpack_mask",
@@ -302,14 +304,35 @@ def _manifest_for(cache_dir: Path, fp: dict, settings: dict | None = None) -> di
     return manifest
 
 
-def check_target(cache_dir: str | os.PathLike, fingerprint: dict | None, settings: dict | None = None) -> None:
+#: free space asked of a cache directory before the backbone is loaded (the exact shard size is
+#: checked once the backbone's d_ff is known: :func:`shard_bytes`)
+MIN_FREE_BYTES = 1 << 20
+
+
+def shard_bytes(n_groups: int, n_layers: int, d_ff: int, value_bytes: int = 2) -> int:
+    """An upper bound of the size of a shard of ``n_groups`` groups (every neuron located), plus
+    the manifest lines: what a fit's export needs free.
+
+        shard_bytes(16, 4, 2048)    # 16 groups, 4 layers of 2,048 neurons -> 282,624
+    """
+    return n_groups * n_layers * (d_ff * value_bytes + (d_ff + 7) // 8) + n_groups * 1024
+
+
+def check_target(cache_dir: str | os.PathLike, fingerprint: dict | None, settings: dict | None = None, *,
+                 need_bytes: int = MIN_FREE_BYTES) -> None:
     """Raise a one-line error now (before any compute) if ``cache_dir`` could not take edits made
     on this backbone with these settings: not a directory, links inside, unreadable or corrupt
-    manifest, another backbone (``fingerprint=None``: not checked), other settings. A directory
-    that does not exist yet is fine."""
+    manifest, another backbone (``fingerprint=None``: not checked), other settings, a read-only
+    place or less than ``need_bytes`` free. A directory that does not exist yet is fine.
+
+        check_target("edit_cache", fp, record, need_bytes=shard_bytes(16, 4, 2048))
+    """
     cache_dir = Path(cache_dir)
     if cache_dir.exists() and not cache_dir.is_dir():
         raise CacheError(f"cache_dir {cache_dir} exists and is not a directory")
+    check_writable(cache_dir, kind="dir", need_bytes=need_bytes, what="cache_dir")
+    if (cache_dir / SHARD_DIR).is_dir() and not (cache_dir / SHARD_DIR).is_symlink():
+        check_writable(cache_dir / SHARD_DIR, kind="dir", what="cache_dir")
     if cache_dir.is_dir():
         manifest = _read_manifest(cache_dir, missing_ok=True)
         if manifest is not None:
@@ -339,6 +362,104 @@ def _shard_shas(manifest: dict) -> dict[str, str]:
     for rec in manifest["groups"].values():
         out.setdefault(rec["shard"], rec["sha256"])
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# committing a change: shards, router keys, manifest, removed shards
+
+
+@contextlib.contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """Turn an OSError while writing ``path`` into a one-line :class:`CacheError` naming it.
+
+        with _writing(cache_dir / MANIFEST_NAME):
+            atomic_write(cache_dir / MANIFEST_NAME, data)
+    """
+    try:
+        yield
+    except OSError as e:
+        raise CacheError(f"cannot write {path}: {e.strerror or e}") from e
+
+
+def _copy(manifest: dict) -> dict:
+    return json.loads(json.dumps(manifest))
+
+
+def _referenced(manifest: dict) -> set[str]:
+    return {rec["shard"] for rec in manifest["groups"].values()}
+
+
+def _unlink(paths: Iterable[Path]) -> None:
+    """Remove regular files (never through a link), ignoring those already gone."""
+    dirs = set()
+    for p in paths:
+        if _regular(p):
+            with contextlib.suppress(OSError):
+                p.unlink()
+                dirs.add(p.parent)
+    for d in dirs:
+        fsync_dir(d)
+
+
+def _keys_path(cache_dir: Path) -> Path:
+    from ..routing.keys import KEYS_FILE
+
+    return Path(cache_dir) / KEYS_FILE
+
+
+def _load_keys(cache_dir: Path, fingerprint: dict | None = None):
+    """The cache's router keys (:class:`~lafn_lightning.routing.keys.KeyStore`), or None when it
+    has no key file; an unreadable, non-finite or other-backbone file is a :class:`CacheError`."""
+    from ..routing.keys import KeyStore
+
+    path = _keys_path(cache_dir)
+    if path.is_symlink():
+        raise CacheError(f"router key file {path} is a symbolic link; refusing to follow it")
+    if not path.exists():
+        return None
+    try:
+        return KeyStore.load(path, fingerprint=fingerprint)
+    except FingerprintMismatch:
+        raise
+    except Exception as e:  # noqa: BLE001 - safetensors/JSON errors: the file is damaged
+        raise CacheError(f"router key file {path} is unreadable: {e}") from None
+
+
+def _save_keys(cache_dir: Path, store) -> None:
+    path = _keys_path(cache_dir)
+    with _writing(path):
+        store.save(path)
+
+
+def _prune_router_keys(cache_dir: Path, groups) -> list[str]:
+    """Drop the router keys of groups no longer in the cache; returns their ids."""
+    store = _load_keys(Path(cache_dir))
+    gone = store.prune(groups) if store is not None else []
+    if gone:
+        _save_keys(Path(cache_dir), store)
+    return gone
+
+
+def _commit(cache_dir: Path, manifest: dict, before: dict, *, keys=None) -> None:
+    """Make ``manifest`` the cache's (its new shard files already written): the router key file
+    first (``keys``, a KeyStore; None leaves the file alone), so no committed group ever lacks its
+    keys, then the manifest (the commit point), then the shard files that only ``before`` used are
+    removed. A failure before the commit point takes the new groups' keys out again (best effort;
+    what is left, ``verify`` reports and ``gc`` removes). Call under the lock.
+
+        _commit(cache_dir, manifest, before, keys=store)
+    """
+    if keys is not None:
+        _save_keys(cache_dir, keys)
+    try:
+        with _writing(cache_dir / MANIFEST_NAME):
+            _write_manifest(cache_dir, manifest)
+    except BaseException:
+        if keys is not None:
+            with contextlib.suppress(Exception):
+                _prune_router_keys(cache_dir, before["groups"])
+        raise
+    _unlink(cache_dir / rel for rel in _referenced(before) - _referenced(manifest))
 
 
 # --------------------------------------------------------------------------------------------
@@ -376,12 +497,14 @@ def _validate_entry(e: CacheEntry, fp: dict, value_dtype: torch.dtype) -> tuple[
     mask_cpu = mask.detach().cpu()
     vals = delta.detach().cpu()[mask_cpu]
     if not torch.isfinite(vals).all():
-        raise CacheError(f"{where}: delta has non-finite values on the mask")
+        raise CacheError(f"{where}: delta has non-finite values (NaN/Inf) on the mask; training diverged "
+                         "(lower the learning rate, --model.lr)")
     vals_c = vals.to(value_dtype)
     if not torch.isfinite(vals_c).all():
         raise CacheError(
-            f"{where}: delta overflows {value_dtype} (max |value| {vals.abs().max().item():.4g}); "
-            f"use value_dtype=torch.bfloat16"
+            f"{where}: delta overflows {str(value_dtype).removeprefix('torch.')} (max |value| "
+            f"{vals.abs().max().item():.4g}); store it as bfloat16 (--export.value_dtype bfloat16) or lower "
+            "the learning rate (--model.lr)"
         )
     return vals_c.contiguous(), pack_mask(mask_cpu), mask_cpu.sum(dim=1).tolist()
 
@@ -395,16 +518,22 @@ def write_shard(
     value_dtype: torch.dtype = torch.float16,
     lock_timeout: float | None = 600.0,
     settings: dict | None = None,
+    router_keys: Callable[[Any], Any] | None = None,
 ) -> Path:
     """Write ``entries`` as one new shard of the cache in ``cache_dir`` and index them.
 
     ``settings``: how the edits were made (site, dtype, locating, loss weights, steps, ...),
     recorded once per cache; a cache holding edits made with other settings is refused.
+    ``router_keys``: called under the lock with the cache's current router keys (a KeyStore, or
+    None) and returning them with the entries' keys added; written in the same commit, before the
+    manifest (the groups are marked ``router_key`` there, which ``verify`` checks).
 
     Creates the directory if needed. Under the directory lock: re-reads the manifest, refuses a
     different backbone (:class:`FingerprintMismatch`), writes ``shards/<shard_name>.safetensors``
-    atomically, then the updated manifest atomically. Group ids already in the cache are replaced
-    (newest wins; the shard they lived in may become an orphan, see :meth:`EditCache.gc`).
+    atomically, then the router keys, then the updated manifest atomically (the commit). Group ids
+    already in the cache are replaced (newest wins); a shard no group uses any more is removed in
+    the same commit. On any failure the new shard is removed again and an OSError becomes a
+    one-line :class:`CacheError` naming the file.
     ``shard_name`` defaults to a unique name; an explicit name that is still referenced by groups
     not being replaced is refused. ``value_dtype`` is fp16 (default) or bf16 (fp32 is accepted
     for exactness tests). Values must be finite and representable in ``value_dtype``.
@@ -453,6 +582,8 @@ def write_shard(
             "meta": _jsonable(dict(e.meta or {}), f"cache entry {e.group_id!r} meta"),
             "written_at": now,
         }
+        if router_keys is not None:
+            records[e.group_id]["router_key"] = True
     metadata = {
         "format": FORMAT_NAME + "-shard",
         "version": str(FORMAT_VERSION),
@@ -464,22 +595,33 @@ def write_shard(
     for r in records.values():
         r["sha256"] = sha
 
-    _prepare_dir(cache_dir)
+    with _writing(cache_dir):
+        _prepare_dir(cache_dir)
     with locked(cache_dir, timeout=lock_timeout):
         manifest = _manifest_for(cache_dir, fp, _jsonable(settings, "settings") if settings is not None else None)
+        before = _copy(manifest)
         still_using = sorted(g for g, r in manifest["groups"].items() if r["shard"] == rel and g not in records)
         if still_using:
             raise CacheError(
                 f"shard {cache_dir / rel} already exists and still holds groups {still_using[:5]}"
                 f"{'...' if len(still_using) > 5 else ''}; choose another shard_name"
             )
+        keys = router_keys(_load_keys(cache_dir, fp)) if router_keys is not None else None  # before any write
         shard_path = cache_dir / rel
-        atomic_write(shard_path, blob)  # 1. the shard
         groups = manifest["groups"]
         for gid, rec in records.items():
             groups.pop(gid, None)  # newest wins, and moves to the end
             groups[gid] = rec
-        _write_manifest(cache_dir, manifest)  # 2. the manifest (commit point)
+        for gid in records:
+            manifest.get("skipped", {}).pop(gid, None)
+        try:
+            with _writing(shard_path):
+                atomic_write(shard_path, blob)  # 1. the shard
+            _commit(cache_dir, manifest, before, keys=keys)  # 2. router keys, 3. the manifest (commit point)
+        except BaseException:
+            if rel not in _referenced(before):
+                _unlink([shard_path])
+            raise
     return shard_path
 
 
@@ -606,10 +748,13 @@ class EditCache:
 
     # ---- tensors
 
-    def entry(self, group_id: str, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> CacheEntry:
+    def entry(self, group_id: str, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
+              *, _retry: bool = True) -> CacheEntry:
         """Load one group: dense ``delta`` [n_layers, d_ff] on ``device`` in ``dtype``, exactly
-        zero off the mask. A missing, truncated or corrupt shard raises :class:`CacheError`
-        naming the shard file; nothing is returned half-loaded."""
+        zero off the mask. A missing, truncated or corrupt shard, or non-finite values, raise
+        :class:`CacheError` naming the shard file and group; nothing is returned half-loaded. A
+        shard that a later commit removed (the group was re-edited or deleted since :meth:`open`)
+        makes it re-read the manifest once."""
         rec = self._record(group_id)
         shard_path = self.path / rec["shard"]
         key = (rec["shard"], rec["sha256"])
@@ -620,6 +765,8 @@ class EditCache:
         except OSError as e:
             raise CacheError(f"cannot read shard file {shard_path}: {e}") from None
         if st is None or not stat_mod.S_ISREG(st.st_mode):
+            if _retry and self._moved(group_id):  # replaced or deleted since this snapshot was taken
+                return self.entry(group_id, device, dtype, _retry=False)
             raise CacheError(f"shard file {shard_path} of group {group_id!r} is missing or not a regular file")
         state = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
         if self._verified_shards.get(key, state) != state:
@@ -639,7 +786,7 @@ class EditCache:
                 )
         self._verified_shards[key] = state
         try:
-            mask, values = _read_group_tensors(shard_path, rec, self._reader(key, shard_path))
+            mask, values = _read_group_tensors(shard_path, rec, self._reader(key, shard_path), group_id)
         except CacheError:
             raise
         except Exception as e:  # safetensors errors, bad shapes, ...
@@ -656,6 +803,33 @@ class EditCache:
             meta=json.loads(json.dumps(rec["meta"])),
         )
 
+    def _moved(self, group_id: str) -> bool:
+        """Re-read the manifest; True if ``group_id``'s record changed since this snapshot."""
+        try:
+            fresh = _read_manifest(self.path, missing_ok=False)
+        except CacheError:
+            return False
+        if fresh["groups"].get(group_id) == self._manifest["groups"].get(group_id):
+            return False
+        check_fingerprint(self.fingerprint, fresh["fingerprint"], str(self.path))
+        self._manifest = fresh
+        return True
+
+    def usable_group_ids(self) -> list[str]:
+        """The groups whose ΔV can be read now (shard present, readable, matching its sha256,
+        finite values): what a resumed whole-dataset run need not edit again.
+
+            todo = [g for g in wanted if g not in set(EditCache.open("edit_cache").usable_group_ids())]
+        """
+        ok = []
+        for gid in self.group_ids:
+            try:
+                self.entry(gid)
+            except (CacheError, KeyError):
+                continue
+            ok.append(gid)
+        return ok
+
     def _reader(self, key: tuple[str, str], shard_path: Path) -> _ShardReader:
         reader = self._readers.get(key)
         if reader is None:
@@ -669,7 +843,8 @@ class EditCache:
 
     def delete(self, group_id: str | Iterable[str], *, missing_ok: bool = False) -> None:
         """Remove one group (or several, in one atomic manifest write) from the cache: rolls
-        back an edit. The shard data stays on disk until :meth:`gc` finds it unreferenced."""
+        back an edit. A shard no group uses any more is removed in the same commit, and the
+        groups' router keys right after it."""
         ids = [group_id] if isinstance(group_id, str) else list(group_id)
         _check_layout(self.path)
         with locked(self.path):
@@ -678,10 +853,11 @@ class EditCache:
             missing = [g for g in ids if g not in manifest["groups"]]
             if missing and not missing_ok:
                 raise KeyError(f"groups {missing} are not in the edit cache at {self.path}")
+            before = _copy(manifest)
             for g in ids:
                 manifest["groups"].pop(g, None)
-            _write_manifest(self.path, manifest)
-            _prune_router_keys(self.path, manifest["groups"])
+            _commit(self.path, manifest, before)           # the manifest, then the shards nobody uses
+            _prune_router_keys(self.path, manifest["groups"])  # after: the key file always covers the groups
         self._manifest = manifest
 
     def _scan(self, manifest: dict) -> tuple[list[Path], list[Path]]:
@@ -710,7 +886,9 @@ class EditCache:
         """Check the cache on disk against the (freshly re-read) manifest. Returns the problems
         found, one message each: missing shard files, sha256 mismatches, unreadable shards,
         missing tensors or tensors of the wrong dtype/size, mask/count disagreements, shards of
-        another backbone, orphan shards and stale temp files. ``[]`` means healthy."""
+        another backbone, non-finite ΔV, orphan shards and stale temp files, and a router key file
+        that is unreadable, non-finite, lacks keys of groups exported with them or holds keys of
+        groups not in the cache. ``[]`` means healthy."""
         problems: list[str] = []
         try:
             _check_layout(self.path)
@@ -753,7 +931,7 @@ class EditCache:
                         problems.append(f"shard file {path} was written for a different backbone fingerprint")
                 for gid in gids:
                     try:
-                        _read_group_tensors(path, manifest["groups"][gid], reader)
+                        _read_group_tensors(path, manifest["groups"][gid], reader, gid)
                     except Exception as e:
                         problems.append(f"shard file {path}, group {gid!r}: {e}")
             orphans, temps = self._scan(manifest)
@@ -761,25 +939,33 @@ class EditCache:
                          for p in self._links() if f"{SHARD_DIR}/{p.name}" not in by_shard]
             problems += [f"orphan shard file {p} (not referenced by the manifest; remove with `lafn cache gc`)" for p in orphans]
             problems += [f"stale temporary file {p} (left by an interrupted write; remove with `lafn cache gc`)" for p in temps]
+            problems += _key_problems(self.path, manifest)
         return problems
 
     def gc(self, *, dry_run: bool = False) -> list[Path]:
-        """Delete orphan shards and stale temp files (under the lock, so never a shard a
-        concurrent writer is about to index). Only regular files inside the cache are removed; links
-        are never followed. Returns the paths removed (or to remove)."""
+        """Delete what an interrupted write leaves: orphan shards, stale temp files, and router
+        keys of groups not in the cache (under the lock, so never a shard a concurrent writer is
+        about to index). Only regular files inside the cache are removed; links are never
+        followed. Returns the paths removed (or to remove); the router key file is listed when
+        keys were (or would be) pruned from it."""
         _check_layout(self.path)
         with locked(self.path):
             manifest = _read_manifest(self.path, missing_ok=False)
             self._manifest = manifest
             orphans, temps = self._scan(manifest)
             victims = orphans + temps
+            store = _load_keys(self.path)
+            stale_keys = store is not None and any(g not in manifest["groups"] for g in store.group_ids())
             if not dry_run:
-                for p in victims:
-                    with contextlib.suppress(FileNotFoundError):
-                        p.unlink()
+                with _writing(self.path / SHARD_DIR):
+                    for p in victims:
+                        with contextlib.suppress(FileNotFoundError):
+                            p.unlink()
                 if victims:
                     fsync_dir(self.path / SHARD_DIR)
-        return victims
+                if stale_keys:
+                    _prune_router_keys(self.path, manifest["groups"])
+        return victims + ([_keys_path(self.path)] if stale_keys else [])
 
     def stats(self) -> dict:
         """Sizes for the current snapshot: groups, shards, bytes on disk (referenced shards +
@@ -818,6 +1004,30 @@ class EditCache:
         }
 
 
+def _key_problems(cache_dir: Path, manifest: dict) -> list[str]:
+    """What :meth:`EditCache.verify` finds wrong with the router key file against ``manifest``."""
+    path = _keys_path(cache_dir)
+    want = [g for g, r in manifest["groups"].items() if r.get("router_key")]
+    try:
+        store = _load_keys(cache_dir, manifest["fingerprint"])
+    except (CacheError, FingerprintMismatch) as e:
+        return [str(e)]
+    if store is None:
+        return [f"missing router key file {path} (groups {want[:5]}{'...' if len(want) > 5 else ''} were exported "
+                "with keys)"] if want else []
+    problems = []
+    missing = [g for g in want if g not in store]
+    if missing:
+        problems.append(f"router key file {path} has no keys for groups {missing[:5]}{'...' if len(missing) > 5 else ''}"
+                        " (delete and edit them again)")
+    stale = [g for g in store.group_ids() if g not in manifest["groups"]]
+    if stale:
+        problems.append(f"router key file {path} holds keys of {len(stale)} group(s) not in the cache "
+                        f"({stale[:5]}{'...' if len(stale) > 5 else ''}; left by an interrupted write; remove them "
+                        "with `lafn cache gc`)")
+    return problems
+
+
 class _ShardReader:
     """An open (memory-mapped) shard and its tensor names, kept by :class:`EditCache` so that a
     large shard's header is parsed once, not at every group read."""
@@ -832,9 +1042,11 @@ class _ShardReader:
             raise CacheError(f"shard file {shard_path} is truncated or corrupt: {e}") from None
 
 
-def _read_group_tensors(shard_path: Path, rec: dict, reader: _ShardReader | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(bool mask [L, d_ff], values [n_located]) of one group, fully validated. ``reader``: the
-    shard already open (else it is opened for this read)."""
+def _read_group_tensors(shard_path: Path, rec: dict, reader: _ShardReader | None = None,
+                        group_id: str = "?") -> tuple[torch.Tensor, torch.Tensor]:
+    """(bool mask [L, d_ff], values [n_located]) of one group, fully validated, finite values
+    included (a NaN/Inf ΔV is never served). ``reader``: the shard already open (else it is
+    opened for this read)."""
     kv, km = rec["keys"]["values"], rec["keys"]["mask"]
     n_layers, d_ff = len(rec["layers"]), rec["d_ff"]
     try:
@@ -855,6 +1067,9 @@ def _read_group_tensors(shard_path: Path, rec: dict, reader: _ShardReader | None
             f"shard file {shard_path}: tensor {kv!r} is {values.dtype} {tuple(values.shape)}, "
             f"expected {want_dtype} ({n_located},)"
         )
+    if not torch.isfinite(values).all():
+        raise CacheError(f"group {group_id!r} in shard file {shard_path} has non-finite ΔV values (NaN/Inf); "
+                         f"delete it (lafn cache delete) and edit it again")
     if packed.dtype != torch.uint8 or packed.shape != (n_layers, (d_ff + 7) // 8):
         raise CacheError(
             f"shard file {shard_path}: tensor {km!r} is {packed.dtype} {tuple(packed.shape)}, "
@@ -908,14 +1123,21 @@ def merge_caches(
     *,
     link: bool = True,
     lock_timeout: float | None = 600.0,
+    rename: bool = False,
 ) -> EditCache:
     """Merge the caches in ``sources`` (directories or :class:`EditCache` objects, e.g. one per
     device or run) into ``dest_dir`` (created if needed; an existing cache there is kept and
     merged into). All fingerprints must agree. Shard files are hard-linked when possible (they are
     never modified in place, so sharing inodes is safe), else copied, and their sha256 checked;
-    a name clash with a different file gets a ``-<sha12>`` suffix. Later sources win on duplicate
-    group ids (and sources win over what ``dest_dir`` already held). The manifest is written
-    once, atomically, under the destination lock. Returns the opened destination cache.
+    a name clash with a different file gets a ``-<sha12>`` suffix. Every group's ΔV and the
+    router keys are read and must be finite. A group id held by two caches for the same fact:
+    later sources win (and sources win over what ``dest_dir`` already held); for different facts
+    (:func:`same_fact`) the merge is refused, or with ``rename`` the later one is stored as
+    ``<id>#<fact hash>``. The skipped records are united (less those now edited). The router keys
+    and then the manifest are written once, atomically, under the destination lock; shards no
+    group uses any more are removed in the same commit. Returns the opened destination cache.
+
+        merge_caches("merged", ["rank0", "rank1"], rename=True)
     """
     dest = Path(dest_dir)
     caches = [s if isinstance(s, EditCache) else EditCache.open(s) for s in sources]
@@ -927,68 +1149,150 @@ def merge_caches(
         check_settings(settings, c.settings, f"{c.path} (merging with {caches[0].path})")
     for c in caches[1:]:
         check_fingerprint(fp, c.fingerprint, f"{c.path} (merging with {caches[0].path})")
-    _prepare_dir(dest)
+    with _writing(dest):
+        _prepare_dir(dest)
     with locked(dest, timeout=lock_timeout):
         manifest = _manifest_for(dest, fp, settings)
-        groups = manifest["groups"]
-        dest_now = json.loads(json.dumps(manifest))  # dest as re-read under the lock
+        before = _copy(manifest)  # dest as re-read under the lock
         dest_real = dest.resolve()
+        plans = []  # (cache, its manifest, {id in it: id in dest})
+        owner: dict[str, tuple[dict, Path]] = {g: (r, dest) for g, r in before["groups"].items()}
         for c in caches:
-            same_dir = c.path.resolve() == dest_real
-            src_manifest = dest_now if same_dir else c._manifest
-            placed: dict[str, str] = {}  # source rel -> dest rel
-            for rel, sha in _shard_shas(src_manifest).items():
-                if same_dir:
-                    placed[rel] = rel
-                    continue
-                src = c.path / rel
-                if not _regular(src):
-                    raise CacheError(f"merge into {dest}: shard file {src} is missing or not a regular file")
-                name = Path(rel).name
-                target = dest / SHARD_DIR / name
-                if target.is_symlink() or (target.exists() and (not _regular(target) or _sha256_file(target) != sha)):
-                    stem = name[: -len(SHARD_SUFFIX)]
-                    target = dest / SHARD_DIR / f"{stem}-{sha[:12]}{SHARD_SUFFIX}"
-                if not (_regular(target) and _sha256_file(target) == sha):
-                    _place_file(src, target, sha, link)
-                placed[rel] = f"{SHARD_DIR}/{target.name}"
-            for gid, rec in src_manifest["groups"].items():
-                rec = json.loads(json.dumps(rec))
-                rec["shard"] = placed[rec["shard"]]
-                groups.pop(gid, None)
-                groups[gid] = rec
-        fsync_dir(dest / SHARD_DIR)
-        keys = _merged_router_keys(dest, [c.path for c in caches], groups)  # refuses before the manifest changes
-        _write_manifest(dest, manifest)
-        if keys is not None:
-            from ..routing.keys import KEYS_FILE
-
-            keys.save(dest / KEYS_FILE)
+            src_manifest = before if c.path.resolve() == dest_real else c._manifest
+            plans.append((c, src_manifest, _merged_ids(dest, c.path, src_manifest["groups"], owner, rename)))
+        keys = _merged_router_keys(dest, [(c.path, ids) for c, _, ids in plans], owner)  # refuses before any write
+        placed_new: list[Path] = []
+        try:
+            groups = manifest["groups"]
+            for c, src_manifest, ids in plans:
+                placed = _place_shards(dest, c.path, src_manifest, link, same_dir=src_manifest is before,
+                                       placed_new=placed_new)
+                recs = {new_id: {**_copy(src_manifest["groups"][gid]), "shard": placed[src_manifest["groups"][gid]["shard"]]}
+                        for gid, new_id in ids.items()}
+                _check_values(dest, recs)  # the copies in dest, their sha256 checked
+                for new_id, rec in recs.items():
+                    if keys is not None and new_id not in keys:
+                        rec.pop("router_key", None)
+                    groups.pop(new_id, None)
+                    groups[new_id] = rec
+            skipped = {**before.get("skipped", {})}
+            for c, src_manifest, _ in plans:
+                skipped.update(src_manifest.get("skipped", {}))
+            skipped = {g: why for g, why in skipped.items() if g not in groups}
+            if skipped or "skipped" in manifest:
+                manifest["skipped"] = skipped
+            fsync_dir(dest / SHARD_DIR)
+            _commit(dest, manifest, before, keys=keys)
+        except BaseException:
+            _unlink(p for p in placed_new if f"{SHARD_DIR}/{p.name}" not in _referenced(before))
+            raise
     return EditCache(dest, manifest)
 
 
-def _prune_router_keys(cache_dir: Path, groups) -> None:
-    """Drop the router keys (:mod:`lafn_lightning.routing.keys`) of groups no longer in the cache."""
-    from ..routing.keys import KEYS_FILE, KeyStore
+def same_fact(a: dict, b: dict) -> bool:
+    """Whether two manifest records of one group id hold the same fact: the content hash of the
+    edit (``meta["fact"]``, :attr:`~lafn_lightning.data.EditGroup.digest`) where both record it,
+    else the subjects.
 
-    path = Path(cache_dir) / KEYS_FILE
-    if path.is_file() and not path.is_symlink():
-        store = KeyStore.load(path)
-        if store.prune(groups):
-            store.save(path)
+        same_fact(cache_a.info("edits:0"), cache_b.info("edits:0"))
+    """
+    fa, fb = a.get("meta", {}).get("fact"), b.get("meta", {}).get("fact")
+    if fa is not None and fb is not None:
+        return fa == fb
+    return a["subjects"] == b["subjects"]
 
 
-def _merged_router_keys(dest: Path, sources: list[Path], groups):
-    """The router keys of ``dest`` and ``sources`` (later ones win), pruned to ``groups``; None if none has keys."""
-    from ..routing.keys import KEYS_FILE, KeyStore
+def _fact_hash(rec: dict) -> str:
+    fact = rec.get("meta", {}).get("fact")
+    return str(fact) if fact else hashlib.sha256(json.dumps(rec["subjects"], sort_keys=True,
+                                                            ensure_ascii=False).encode()).hexdigest()
 
-    files = [p / KEYS_FILE for p in [dest, *sources]]
-    stores = [KeyStore.load(f) for f in dict.fromkeys(f.resolve() for f in files if f.is_file() and not f.is_symlink())]
+
+def _merged_ids(dest: Path, src: Path, src_groups: dict, owner: dict, rename: bool) -> dict[str, str]:
+    """Source group id -> its id in the merged cache; refuses (or renames) an id that an earlier
+    cache holds for another fact. Updates ``owner`` (merged id -> (record, cache))."""
+    ids = {}
+    for gid, rec in src_groups.items():
+        new_id = gid
+        if gid in owner and not same_fact(owner[gid][0], rec):
+            if not rename:
+                raise CacheError(f"merge into {dest}: group {gid!r} names different facts in {owner[gid][1]} and {src} "
+                                 f"(subjects {owner[gid][0]['subjects']} vs {rec['subjects']}); nothing merged "
+                                 "(--rename keeps both, the later as <id>#<fact hash>)")
+            new_id = f"{gid}#{_fact_hash(rec)[:8]}"
+            if new_id in owner and not same_fact(owner[new_id][0], rec):
+                raise CacheError(f"merge into {dest}: group {gid!r} of {src} cannot be renamed: {new_id!r} is taken")
+        owner[new_id] = (rec, src)
+        ids[gid] = new_id
+    return ids
+
+
+def _check_values(cache_dir: Path, records: dict[str, dict]) -> None:
+    """Read every group of ``records`` (group id -> manifest record) from its shard in
+    ``cache_dir``: refuse a missing shard, bad tensors or non-finite ΔV before the commit."""
+    readers: dict[str, _ShardReader] = {}
+    for gid, rec in records.items():
+        path = cache_dir / rec["shard"]
+        if not _regular(path):
+            raise CacheError(f"merge: shard file {path} is missing or not a regular file (group {gid!r})")
+        if rec["shard"] not in readers:
+            readers[rec["shard"]] = _ShardReader(path)
+        try:
+            _read_group_tensors(path, rec, readers[rec["shard"]], gid)
+        except CacheError as e:
+            raise CacheError(f"merge: {e}; nothing merged") from None
+
+
+def _place_shards(dest: Path, src_dir: Path, src_manifest: dict, link: bool, *, same_dir: bool,
+                  placed_new: list[Path]) -> dict[str, str]:
+    """Put the shard files of ``src_manifest`` into ``dest`` (linked or copied, sha256 checked);
+    returns source rel -> dest rel and appends the files it created to ``placed_new``."""
+    placed: dict[str, str] = {}
+    for rel, sha in _shard_shas(src_manifest).items():
+        if same_dir:
+            placed[rel] = rel
+            continue
+        src = src_dir / rel
+        if not _regular(src):
+            raise CacheError(f"merge into {dest}: shard file {src} is missing or not a regular file")
+        name = Path(rel).name
+        target = dest / SHARD_DIR / name
+        if target.is_symlink() or (target.exists() and (not _regular(target) or _sha256_file(target) != sha)):
+            stem = name[: -len(SHARD_SUFFIX)]
+            target = dest / SHARD_DIR / f"{stem}-{sha[:12]}{SHARD_SUFFIX}"
+        if not (_regular(target) and _sha256_file(target) == sha):
+            with _writing(target):
+                _place_file(src, target, sha, link)
+            placed_new.append(target)
+        placed[rel] = f"{SHARD_DIR}/{target.name}"
+    return placed
+
+
+def _merged_router_keys(dest: Path, sources: list[tuple[Path, dict[str, str]]], owner: dict):
+    """The router keys of ``dest`` and ``sources`` (each with its id renames; later ones win),
+    restricted to the merged groups ``owner``; None if no cache has keys."""
+    from ..routing.keys import KeyStore
+
+    stores, seen = [], set()
+    for path, ids in [(dest, None), *sources]:
+        real = path.resolve()
+        if real in seen:
+            continue
+        seen.add(real)
+        store = _load_keys(path)
+        if store is None:
+            continue
+        if ids is not None:
+            store.prune(ids)
+            for old, new in ids.items():
+                if old != new and old in store:
+                    store.rename(old, new)
+        stores.append(store)
     if not stores:
         return None
     try:
         merged = KeyStore.merge(stores)
     except ValueError as exc:
         raise CacheError(f"merge into {dest}: router keys cannot be merged ({exc})") from None
-    merged.prune(groups)
+    merged.prune(owner)
     return merged

@@ -5,7 +5,8 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
 from lafn_lightning.backbone.fingerprint import fingerprint
-from lafn_lightning.cache import CacheEntry, check_target, write_shard
+from lafn_lightning.cache import CacheEntry, CacheError, check_target, write_shard
+from lafn_lightning.cache.store import shard_bytes
 from lafn_lightning.editing.record import edit_record
 from lafn_lightning.routing.router import _tiers
 
@@ -13,8 +14,12 @@ from lafn_lightning.routing.router import _tiers
 class CacheExport(L.Callback):
     """Write {subjects: ΔV} of every group of the edit batch into ``cache_dir``.
 
-    The shard is written first and the manifest last (both atomically), so an interrupted run
-    leaves the cache as it was. Nothing is exported from ``fast_dev_run`` or an interrupted fit.
+    The shard, the router keys and the manifest are one commit (each file atomic, the manifest
+    last), so an interrupted run leaves the cache as it was. Nothing is exported from
+    ``fast_dev_run`` or an interrupted fit. An export that fails (a full disk, values float16
+    cannot hold) keeps the trained ΔV in ``lafn-unexported-*.safetensors`` (the trainer's
+    ``default_root_dir``, else the working or temporary directory) and names it in its one-line
+    error: ``lafn cache import FILE CACHE_DIR`` adds it later.
 
     Args:
         cache_dir: the edit cache directory (several fits add to one cache).
@@ -29,7 +34,7 @@ class CacheExport(L.Callback):
             rule (``Router(lexical_tiers=)``), stored with the keys; None: keep the key file's.
         router_common_from: a subject that the questions of at least this many background facts
             (the packaged zsRE training lines) spell is *common*: it fires only where its state
-            agrees (``Router(common_from=)``, docs/router.md "Session 13"); the counts are
+            agrees (``Router(common_from=)``, docs/router.md); the counts are
             stored with the keys (about 7 s per fit). 0: off; None: keep the key file's.
     """
 
@@ -72,6 +77,7 @@ class CacheExport(L.Callback):
                 "language_loss": _language_loss(pl_module, dm, k),
                 "located": [int(n) for n in mask[k].sum(-1)],
                 "dataset": str(dm.dataset),
+                "fact": group.digest,
             }
             out.append(CacheEntry(group_id=group.group_id, subjects={l: e.subject for l, e in group.edits.items()},
                                   layers=tuple(pl_module.layers), mask=mask[k], delta=delta[k], meta=meta))
@@ -80,7 +86,24 @@ class CacheExport(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
         """Refuse a cache this fit could not write into before any compute (one line)."""
         if stage == "fit" and not trainer.fast_dev_run:
-            check_target(self.cache_dir, fingerprint(pl_module.backbone, pl_module.layers), self.record(trainer, pl_module))
+            fp = fingerprint(pl_module.backbone, pl_module.layers)
+            need = shard_bytes(len(trainer.datamodule.mine), len(pl_module.layers), int(fp.get("d_ff") or 0),
+                               4 if self.value_dtype == "float32" else 2)
+            check_target(self.cache_dir, fp, self.record(trainer, pl_module), need_bytes=need)
+
+    def _router_keys(self, trainer: L.Trainer, pl_module, exported: set[str], fp: dict):
+        """What ``write_shard(router_keys=)`` calls under the cache lock: the cache's keys with
+        the exported groups' added (computed there, written in the same commit as the shard)."""
+        from lafn_lightning.routing.build import extend_cache_keys
+
+        groups = [g for g in trainer.datamodule.groups if g.group_id in exported]
+
+        def extend(store):
+            return extend_cache_keys(pl_module.backbone, pl_module.tokenizer, store, groups,
+                                     layer=min(pl_module.layers), fingerprint=fp, where=self.cache_dir,
+                                     threshold=self.router_threshold, lexical_threshold=self.router_lexical_threshold,
+                                     lexical_tiers=self.router_lexical_tiers, common_from=self.router_common_from)
+        return extend
 
     @staticmethod
     def record(trainer: L.Trainer, pl_module) -> dict:
@@ -104,20 +127,17 @@ class CacheExport(L.Callback):
             rank_zero_info("[lafn] no group was trained: nothing exported")
             return
         fp = fingerprint(pl_module.backbone, pl_module.layers)
-        self.last_written = write_shard(self.cache_dir, entries, fp, value_dtype=getattr(torch, self.value_dtype),
-                                        settings=self.record(trainer, pl_module))
-        if self.router_keys:
-            from lafn_lightning.files import locked
-            from lafn_lightning.routing.build import update_cache_keys
+        settings = self.record(trainer, pl_module)
+        keys = self._router_keys(trainer, pl_module, {e.group_id for e in entries}, fp) if self.router_keys else None
+        try:
+            self.last_written = write_shard(self.cache_dir, entries, fp, value_dtype=getattr(torch, self.value_dtype),
+                                            settings=settings, router_keys=keys)
+        except (CacheError, OSError, ValueError) as exc:
+            from lafn_lightning.cache.rescue import save_unexported
 
-            exported = {e.group_id for e in entries}
-            with locked(self.cache_dir):
-                update_cache_keys(pl_module.backbone, pl_module.tokenizer, self.cache_dir,
-                                  [g for g in trainer.datamodule.groups if g.group_id in exported],
-                                  layer=min(pl_module.layers), fingerprint=fp, threshold=self.router_threshold,
-                                  lexical_threshold=self.router_lexical_threshold,
-                                  lexical_tiers=self.router_lexical_tiers,
-                                  common_from=self.router_common_from)
+            kept = save_unexported(entries, fp, settings, [trainer.default_root_dir, "."])
+            raise CacheError(f"{exc}; the trained ΔV of {len(entries)} group(s) is kept in {kept} "
+                             f"(`lafn cache import {kept} {self.cache_dir}` adds it once fixed)") from exc
         for e in entries:
             rank_zero_info(f"[lafn] {e.group_id}: {e.meta['steps']} steps, target loss {e.meta['target_loss']:.3f}"
                            f"{'' if e.meta['converged'] else ' (not converged)'}, neurons {e.meta['located']}")

@@ -19,14 +19,24 @@ def cache_command(argv: list[str]) -> None:
     p = sub.add_parser("show", help="everything stored about one group"); p.add_argument("cache_dir"); p.add_argument("group_id")
     p = sub.add_parser("delete", help="roll back edits (remove groups)"); p.add_argument("cache_dir"); p.add_argument("group_id", nargs="+")
     p = sub.add_parser("merge", help="merge caches (e.g. from several runs or devices) into DEST"); p.add_argument("dest"); p.add_argument("sources", nargs="+")
+    p.add_argument("--rename", action="store_true", help="keep both groups of an id that names different facts (the later as ID#HASH)")
+    p = sub.add_parser("import", help="add the ΔV a failed export kept (lafn-unexported-*.safetensors) to CACHE_DIR")
+    p.add_argument("file"); p.add_argument("cache_dir")
+    p.add_argument("--value_dtype", default="float16", choices=["float16", "bfloat16"], help="storage dtype of the values")
     p = sub.add_parser("verify", help="check every file against the manifest; exit 1 on problems"); p.add_argument("cache_dir")
     p = sub.add_parser("stats", help="sizes and counts"); p.add_argument("cache_dir")
-    p = sub.add_parser("gc", help="remove orphan shards and stale temporary files"); p.add_argument("cache_dir")
+    p = sub.add_parser("gc", help="remove what an interrupted write left: orphan shards, temporary files, stale router keys"); p.add_argument("cache_dir")
     p.add_argument("--dry_run", action="store_true", help="only list what would be removed")
     args = parser.parse_args(argv)
     if args.action == "merge":
-        cache = merge_caches(args.dest, args.sources)
+        cache = merge_caches(args.dest, args.sources, rename=args.rename)
         print(f"merged {len(args.sources)} cache(s) into {args.dest}: {len(cache)} groups")
+        return
+    if args.action == "import":
+        from ..cache.rescue import import_unexported
+
+        ids = import_unexported(args.file, args.cache_dir, args.value_dtype)
+        print(f"imported {len(ids)} group(s) into {args.cache_dir} (router keys are not kept in {args.file})")
         return
     cache = EditCache.open(args.cache_dir)
     if args.action == "list":

@@ -10,6 +10,7 @@ field. Formats and choices (locality prefix, leak guard, language aliases): docs
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import re
@@ -36,6 +37,7 @@ __all__ = [
     "attach_paraphrases",
     "write_jsonl",
     "resolve_selection",
+    "fact_digest",
 ]
 
 MZSRE_LANGUAGES = ("en", "cz", "de", "du", "es", "fr", "pt", "ru", "th", "tr", "vi", "zh")
@@ -123,6 +125,26 @@ class EditGroup:
         """Distinct subjects over all languages, longest first (ties: language order)."""
         distinct = list(dict.fromkeys(e.subject for e in self.edits.values()))
         return tuple(sorted(distinct, key=len, reverse=True))
+
+    @property
+    def digest(self) -> str:
+        """A content hash of the fact as edited (per language: subject, question, new answer),
+        16 hex digits: two groups with one id but another digest are different facts (the
+        edit cache's merge refuses to mix them).
+
+            EditGroup("g", 0, {"en": LanguageEdit("en", "Paris", "Where is Paris?", "Rome")}).digest
+        """
+        return fact_digest({l: {"subject": e.subject, "prompt": e.prompt, "target": e.target}
+                            for l, e in self.edits.items()})
+
+
+def fact_digest(edits: dict) -> str:
+    """16 hex digits of sha256 over ``{language: {subject, prompt, target}}`` as canonical JSON.
+
+        fact_digest({"en": {"subject": "Paris", "prompt": "Where is Paris?", "target": "Rome"}})
+    """
+    core = {l: {k: edits[l].get(k) for k in ("subject", "prompt", "target")} for l in sorted(edits)}
+    return hashlib.sha256(json.dumps(core, ensure_ascii=False, sort_keys=True).encode("utf-8")).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -437,6 +459,16 @@ def _parse_jsonl_block(block: Any, lang: str, file: Path, index: int) -> dict:
     return row
 
 
+def _record_digest(edits: Any) -> str:
+    """The content hash of a JSONL record's ``edits`` (any shape: validated later), so that a
+    record without ``id`` gets an id naming its fact, not just its line
+    (``edits:3:1f0c2a9e``): two files' ``edits.jsonl:3`` never collide in one cache."""
+    if isinstance(edits, dict) and all(isinstance(b, dict) for b in edits.values()):
+        return fact_digest({str(l).strip().lower(): {k: (v.strip() if isinstance(v, str) else v) for k, v in b.items()}
+                            for l, b in edits.items()})
+    return hashlib.sha256(json.dumps(edits, ensure_ascii=False, sort_keys=True).encode("utf-8")).hexdigest()[:16]
+
+
 def read_jsonl(path, languages=None, select=None) -> list[EditGroup]:
     """Read the project's JSONL format (see the module docstring)."""
     path = Path(path)
@@ -449,7 +481,7 @@ def read_jsonl(path, languages=None, select=None) -> list[EditGroup]:
                 raise _record_error(path, index, key, "unknown field (expected 'id', 'edits')")
         gid = obj.get("id")
         if gid is None:
-            gid = f"{path.stem}:{index}"
+            gid = f"{path.stem}:{index}:{_record_digest(obj.get('edits'))[:8]}"
         elif not isinstance(gid, str) or not gid.strip():
             raise _record_error(path, index, "id", "expected a non-empty string")
         gid = gid.strip()
@@ -493,12 +525,26 @@ def load_groups(path, format="auto", languages=None, select=None) -> list[EditGr
         elif path.suffix == ".jsonl":
             format = "jsonl"
         else:
-            format = "bizsre"
+            format = _format_of_records(path)
     readers = {"mzsre": read_mzsre, "bizsre": read_bizsre, "jsonl": read_jsonl}
     if format not in readers:
         raise DataError(f"format: unknown data format {format!r}; expected auto, "
                         f"{', '.join(readers)}", field="format")
     return readers[format](path, languages=languages, select=select)
+
+
+def _format_of_records(path: Path) -> str:
+    """``mzsre`` or ``bizsre`` for a JSON file whatever its name, from record 0: an MzsRE pair
+    file pairs English with one other language; Bi-ZsRE is English and Chinese (an English-Chinese
+    MzsRE pair file reads the same either way but for the ids: name it as upstream does)."""
+    if not path.is_file():
+        return "bizsre"   # the reader names the missing file
+    data = _read_json_list(path)
+    first = data[0] if data and isinstance(data[0], dict) else {}
+    others = [k for k in first if k != "en"]
+    if len(others) == 1 and LANGUAGE_ALIASES.get(others[0], others[0]) in MZSRE_LANGUAGES and others[0] != "zh":
+        return "mzsre"
+    return "bizsre"
 
 
 # --------------------------------------------------------------------------- paraphrases

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from pathlib import Path
 from typing import Iterator
 
 import lightning as L
@@ -18,7 +19,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from ..backbone.loading import load_backbone
 from ..backbone.inputs import pad_rows
-from ..data import EditGroup, default_dataset
+from ..data import DataError, EditGroup, default_dataset
 from ..data.selection import select
 from .prompts import RULES, anchor_text, encode_edit_text, sample_prefixes, subject_span
 
@@ -62,7 +63,7 @@ class EditBatchDataModule(L.LightningDataModule):
             ROME/MEMIT's ``"{}"`` context template), the other M - 1 are sampled. The paper
             samples all M (false). Reliability scores that bare question: with all M prefixed, a
             group can reach the stop loss while the bare question's first answer token is still
-            wrong (docs/twelve_languages.md "Session 10"). Same number of rows.
+            wrong (docs/twelve_languages.md). Same number of rows.
         prefix_length: tokens per prefix (paper: 5).
         seed: seed of the prefix sampling (prefixes depend only on seed and language).
         check_subjects: refuse subjects that cannot be matched sensibly (no letter or digit, a single
@@ -142,6 +143,7 @@ class EditBatchDataModule(L.LightningDataModule):
         rows, anchors = [], []
         self.rule_counts = {lang: Counter({r: 0 for r in RULES}) for lang in self.languages}
         site = self._site_rule(model, tokenizer)
+        limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
         for k in self.mine:
             group = self.groups[k]
             for li, (lang, edit) in enumerate(group.edits.items()):
@@ -149,6 +151,10 @@ class EditBatchDataModule(L.LightningDataModule):
                 for prefix in prefixes[lang]:
                     enc = encode_edit_text(tokenizer, prefix, edit.prompt, edit.target, edit.subject, group.subjects,
                                            span)
+                    if limit and len(enc.input_ids) > limit:   # refused before training, not cut silently
+                        raise DataError(f"{Path(str(self.dataset)).name}: record {group.index} ({group.group_id}), field "
+                                        f"'{lang}.prompt': {len(enc.input_ids)} tokens with its prefix and answer, beyond "
+                                        f"the backbone's context of {limit}")
                     rows.append((k, li, enc))
                 self.rule_counts[lang][enc.rule] += 1
                 a = encode_edit_text(tokenizer, "", anchor_text(lang, edit.subject), None, edit.subject, group.subjects)

@@ -85,6 +85,8 @@ class EditedModel(nn.Module):
         else:  # only the wanted groups: no pass over a large cache's manifest
             subjects = {g: list(dict.fromkeys(self.cache.subjects(g).values()))
                         for g in dict.fromkeys(groups) if g in self.cache}
+            for g in subjects:  # refused now (missing shard, NaN/Inf ΔV: CacheError naming it), not mid-forward
+                self.cache.entry(g)
         self.matcher = SubjectMatcher(subjects, mode=matcher)
         self._special = frozenset(tokenizer.all_special_ids)
         if delta_cache_size < 1:

@@ -1,7 +1,13 @@
-"""The paper's comparison methods, each a module of its own (work in progress: not yet selectable from
-``lafn fit``/``lafn evaluate``; see docs/locate_then_edit.md and docs/baselines/README.md).
+"""The paper's comparison methods, each a module of its own, selected with
+``lafn evaluate --method methods/<name>-<backbone>`` (a config whose ``method.class_path`` names one
+of the classes below; docs/locate_then_edit.md, docs/baselines/README.md).
 
-    from lafn_lightning.methods.memit import MEMIT            # M-ROME / M-MEMIT / M-PMET: edit artifacts
-    from lafn_lightning.methods.lora_ft import LoRAFineTune   # LoRA-FT through PEFT
-    from lafn_lightning.methods.remake import ReMaKE          # retrieval + in-context
+    from lafn_lightning.methods.rome import RomeMethod        # M-ROME  } low-rank edit artifacts with
+    from lafn_lightning.methods.memit import MemitMethod      # M-MEMIT } per-language key statistics
+    from lafn_lightning.methods.pmet import PmetMethod        # M-PMET  }
+    from lafn_lightning.methods.lora_ft import LoraFTMethod   # LoRA-FT through PEFT
+    from lafn_lightning.methods.remake import ReMaKEMethod    # ReMaKE: retrieval + in-context
+
+Each has ``name`` and an ``edited(model, tokenizer, groups, workdir)`` context manager
+(:class:`lafn_lightning.methods.base.EditMethod`).
 """

@@ -6,7 +6,7 @@
     with applied_lora(model, "edits/lora/g0"):   # model = load_backbone("demo")[0]
         logits = model(ids).logits                 # edited; on exit the original modules are back
 
-As a method of ``lafn evaluate --method methods/lora_ft-demo`` (:class:`LoRAFT`, see
+As a method of ``lafn evaluate --method methods/lora_ft-demo`` (:class:`LoraFTMethod`, see
 :mod:`lafn_lightning.methods.base`): one fit per edit batch, artifact reused on resume.
 
 Artifact (a folder): PEFT's ``adapter_model.safetensors`` + ``adapter_config.json`` and
@@ -298,7 +298,7 @@ class AdapterModel(nn.Module):
 
 
 @dataclass
-class LoRAFT:
+class LoraFTMethod:
     """LoRA-FT as a method of ``lafn evaluate --method`` (one fit of :class:`LoRAFineTune` per edit
     batch, on its edit questions in every language; see :mod:`lafn_lightning.methods.base`).
 
@@ -342,3 +342,7 @@ class LoRAFT:
             model.train(training)
         with applied_lora(model, path) as peft_model:
             yield AdapterModel(model, peft_model)
+
+
+#: the name before the methods were named alike (configs that name it keep working)
+LoRAFT = LoraFTMethod

@@ -2,7 +2,7 @@
 
 Usage::
 
-    update = memit_edit(model, tok, requests_by_language(groups), MemitHParams(layers=[4, 5, 6, 7, 8]))
+    update = memit_edit(model, tok, requests_by_language(groups), MemitMethod(layers=[4, 5, 6, 7, 8]))
 
 Per language l (Meng et al. 2023, ``memit_main.py``): z_i at the residual stream output of the
 last edit layer is optimised per request (``compute_z``); then for each layer in order, with the
@@ -28,7 +28,7 @@ from .stats import key_second_moments
 
 
 @dataclass
-class MemitHParams(ArtifactEditing):
+class MemitMethod(ArtifactEditing):
     layers: list = field(default_factory=lambda: [4, 5, 6, 7, 8])
     value: ValueHParams = field(default_factory=ValueHParams)
     #: MEMIT: [["{}"], five prefixes of length 10]
@@ -122,7 +122,7 @@ def mean_statistics(model, tokenizer, hp, languages, *, stats_dir=None, module: 
     return {layer: sum(c[layer] for c in C) / len(C) for layer in hp.layers}
 
 
-def memit_edit(model, tokenizer, requests: dict, hp: MemitHParams, *, stats_dir=None,
+def memit_edit(model, tokenizer, requests: dict, hp: MemitMethod, *, stats_dir=None,
                update: LowRankUpdate | None = None, log=print) -> LowRankUpdate:
     update = update if update is not None else LowRankUpdate()
     z_site = ("residual", hp.layers[-1])
@@ -142,3 +142,7 @@ def memit_edit(model, tokenizer, requests: dict, hp: MemitHParams, *, stats_dir=
         spread(model, tokenizer, reqs, hp, prefixes, [("down", z_site, C_batch, torch.stack(zs))], update,
                scale=lambda i: float(n - i), log=log)
     return update
+
+
+#: the name before the methods were named alike (configs that name it keep working)
+MemitHParams = MemitMethod

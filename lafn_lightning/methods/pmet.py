@@ -2,7 +2,7 @@
 
 Usage::
 
-    update = pmet_edit(model, tok, requests_by_language(groups), PmetHParams(layers=[4, 5, 6, 7, 8]))
+    update = pmet_edit(model, tok, requests_by_language(groups), PmetMethod(layers=[4, 5, 6, 7, 8]))
 
 Per request, two deltas at the last edit layer are optimised jointly: one on the attention
 block's output and one on the FFN (down_proj) output (EasyEdit ``pmet/compute_zs.py``). Only the
@@ -14,7 +14,7 @@ the attention target into the attention output projection the same way (EasyEdit
 ``rewrite_module_tmps`` with both modules).
 
 Two options for backbones where PMET's FFN-only write falls short (Gemma-3: post-FFN norms, an
-attention output 6-8x the FFN's at the last edit layer; docs/locate_then_edit.md "Session 8"):
+attention output 6-8x the FFN's at the last edit layer; docs/locate_then_edit.md "Design decisions"):
 ``attn_clamp_norm_factor`` bounds the attention delta (0: the FFN delta carries the whole edit),
 and ``spread_rule: residual`` spreads the FFN target's change by MEMIT's self-correcting rule.
 Where FFN outputs pass a post-FFN norm, R is converted between layers in residual-stream units
@@ -34,7 +34,7 @@ from .memit import down_to_residual, mean_statistics, spread
 
 
 @dataclass
-class PmetHParams(ArtifactEditing):
+class PmetMethod(ArtifactEditing):
     layers: list = field(default_factory=lambda: [4, 5, 6, 7, 8])
     #: EasyEdit hparams/PMET/llama-7b.yaml
     value: ValueHParams = field(default_factory=lambda: ValueHParams(v_num_grad_steps=20, v_weight_decay=0.5,
@@ -91,7 +91,7 @@ def residual_targets(model, tokenizer, reqs, layer: int, z_ffn: torch.Tensor) ->
     return h + down_to_residual(model, layer, z_ffn) - down_to_residual(model, layer, y)
 
 
-def pmet_edit(model, tokenizer, requests: dict, hp: PmetHParams, *, stats_dir=None,
+def pmet_edit(model, tokenizer, requests: dict, hp: PmetMethod, *, stats_dir=None,
               update: LowRankUpdate | None = None, log=print) -> LowRankUpdate:
     update = update if update is not None else LowRankUpdate()
     z_layer = hp.layers[-1]
@@ -120,3 +120,7 @@ def pmet_edit(model, tokenizer, requests: dict, hp: PmetHParams, *, stats_dir=No
         writes = [(m, sites[m], C[m], torch.stack(zs[m])) for m in hp.rewrite]
         spread(model, tokenizer, reqs, hp, prefixes, writes, update, scale=lambda i: math.sqrt(n - i), log=log)
     return update
+
+
+#: the name before the methods were named alike (configs that name it keep working)
+PmetHParams = PmetMethod

@@ -2,7 +2,7 @@
 
 Usage::
 
-    update = rome_edit(model, tok, requests_by_language(groups), RomeHParams(layer=6))
+    update = rome_edit(model, tok, requests_by_language(groups), RomeMethod(layer=6))
 
 Per request (Meng et al. 2022, ``rome_main.py``): u = C_l^{-1} k (k: mean key over prefixed
 prompts, C_l: the key second moment of the request's language l), left = u / |u|; the value
@@ -31,7 +31,7 @@ from .stats import key_second_moments
 
 
 @dataclass
-class RomeHParams(ArtifactEditing):
+class RomeMethod(ArtifactEditing):
     layer: int = 6
     value: ValueHParams = field(default_factory=ValueHParams)
     #: (prefix length, count) pairs; ROME: [(5, 10), (10, 10)]
@@ -62,7 +62,7 @@ def joint_update(U: torch.Tensor, K: torch.Tensor, R: torch.Tensor) -> tuple[tor
     return left, R
 
 
-def _request_values(model, tokenizer, requests: dict, hp: RomeHParams, stats_dir, update: LowRankUpdate, log):
+def _request_values(model, tokenizer, requests: dict, hp: RomeMethod, stats_dir, update: LowRankUpdate, log):
     """Per request, on the model with ``update`` as it is when the request comes: ``(request,
     whitened key direction u, optimised value z, bare-prompt key k*, current value W k*)``."""
     layer = hp.layer
@@ -83,7 +83,7 @@ def _request_values(model, tokenizer, requests: dict, hp: RomeHParams, stats_dir
             yield req, u, z, k_star[0].double(), v_now[0].double()
 
 
-def rome_edit(model, tokenizer, requests: dict, hp: RomeHParams, *, stats_dir=None, update: LowRankUpdate | None = None,
+def rome_edit(model, tokenizer, requests: dict, hp: RomeMethod, *, stats_dir=None, update: LowRankUpdate | None = None,
               log=print) -> LowRankUpdate:
     update = update if update is not None else LowRankUpdate()
     values = _request_values(model, tokenizer, requests, hp, stats_dir, update, log)
@@ -98,3 +98,7 @@ def rome_edit(model, tokenizer, requests: dict, hp: RomeHParams, *, stats_dir=No
         right = (z.target.double() - v_now) / torch.dot(k_star, left)
         update.add(hp.layer, left.float(), right.float())
     return update
+
+
+#: the name before the methods were named alike (configs that name it keep working)
+RomeHParams = RomeMethod

@@ -31,7 +31,7 @@ from .states import encode_with_offsets, ids_states
 
 __all__ = ["new_store", "aligned_token", "word_end", "group_keys", "group_aliases", "mention_alias", "add_group",
            "negative_scores", "calibrate", "background_questions", "background_fact_questions",
-           "set_background_facts", "standard_store", "update_cache_keys", "store_for_groups"]
+           "set_background_facts", "standard_store", "update_cache_keys", "extend_cache_keys", "store_for_groups"]
 
 
 def _states(model, tokenizer, texts: Sequence[str], layer: int):
@@ -277,11 +277,22 @@ def update_cache_keys(model, tokenizer, cache_dir, groups, *, layer: int, finger
 
     path = Path(cache_dir) / KEYS_FILE
     store = KeyStore.load(path, fingerprint=fingerprint) if path.exists() else None
-    if store is not None and store.layer != layer:
-        raise ValueError(f"{path}: router keys of layer {store.layer}, but this fit routes at layer {layer} "
-                         "(the first edited layer); use another cache_dir")
-    store = store_for_groups(model, tokenizer, groups, layer=layer, fingerprint=fingerprint, store=store,
-                             threshold=threshold, lexical_threshold=lexical_threshold,
-                             lexical_tiers=lexical_tiers, common_from=common_from)
+    store = extend_cache_keys(model, tokenizer, store, groups, layer=layer, fingerprint=fingerprint, where=path,
+                              threshold=threshold, lexical_threshold=lexical_threshold,
+                              lexical_tiers=lexical_tiers, common_from=common_from)
     store.save(path)
     return store
+
+
+def extend_cache_keys(model, tokenizer, store: KeyStore | None, groups, *, layer: int, fingerprint: dict, where,
+                      **settings) -> KeyStore:
+    """A cache's router keys ``store`` (None: a new one) with ``groups``' keys added, refused if
+    they route at another layer; ``settings``: as :func:`store_for_groups`. What
+    :func:`update_cache_keys` saves, and what ``write_shard(router_keys=)`` commits with a shard.
+
+        store = extend_cache_keys(model, tok, store, groups, layer=5, fingerprint=fp, where="edit_cache")
+    """
+    if store is not None and store.layer != layer:
+        raise ValueError(f"{where}: router keys of layer {store.layer}, but this fit routes at layer {layer} "
+                         "(the first edited layer); use another cache_dir")
+    return store_for_groups(model, tokenizer, groups, layer=layer, fingerprint=fingerprint, store=store, **settings)

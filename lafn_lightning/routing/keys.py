@@ -127,6 +127,13 @@ class KeyStore:
         self._aliases.pop(str(group_id), None)
         self._common.pop(str(group_id), None)
 
+    def rename(self, old: str, new: str) -> None:
+        """Store group ``old``'s keys (radii, aliases, counts) under ``new`` (e.g. a merge that
+        keeps two facts with one id apart); nothing happens if ``old`` is absent."""
+        for table in (self._keys, self._radii, self._aliases, self._common):
+            if str(old) in table:
+                table[str(new)] = table.pop(str(old))
+
     def prune(self, keep: Iterable[str]) -> list[str]:
         """Forget every group not in ``keep`` (e.g. the edit cache's group ids); returns them."""
         keep = set(map(str, keep))
@@ -179,7 +186,8 @@ class KeyStore:
 
     @classmethod
     def load(cls, path: str | os.PathLike, fingerprint: dict | None = None) -> "KeyStore":
-        """Read a key file; with ``fingerprint``, raise :class:`FingerprintMismatch` if it differs."""
+        """Read a key file; with ``fingerprint``, raise :class:`FingerprintMismatch` if it differs;
+        a non-finite key, radius or centring vector is a ValueError naming the group."""
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             if meta.get("format") != _FORMAT:
@@ -208,7 +216,17 @@ class KeyStore:
                     store._aliases[gid] = list(aliases[i])
                 if f"r{i}" in names:
                     store._radii[gid] = f.get_tensor(f"r{i}")
+        store._check_finite(path)
         return store
+
+    def _check_finite(self, path) -> None:
+        """Refuse NaN/Inf anywhere in the store (a key that matches nothing, or everything)."""
+        if self.center is not None and not torch.isfinite(self.center).all():
+            raise ValueError(f"router key file {path}: the centring vector has non-finite values (NaN/Inf)")
+        for table, what in ((self._keys, "keys"), (self._radii, "radii")):
+            for gid, t in table.items():
+                if not torch.isfinite(t).all():
+                    raise ValueError(f"router key file {path}: group {gid!r} has non-finite {what} (NaN/Inf)")
 
     @classmethod
     def merge(cls, stores: Iterable["KeyStore"]) -> "KeyStore":

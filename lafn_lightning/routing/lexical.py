@@ -4,8 +4,13 @@
     # 0.62: share of the subject's character n-grams (folded) found in the query
 
 Characters are NFKD-folded, marks dropped, case-folded, runs of non-letters/digits become one
-space; n = 2 for subjects in scripts without word spaces (CJK, Thai), else 3.  The score is the
-best over the group's subjects (every language).
+space; n = 2 for subjects in dense scripts (:func:`lafn_lightning.text.scripts.mostly_dense`: CJK,
+Kana, Thai, Hangul, ...), else 3.  The score is the best over the group's subjects (every language).
+
+:func:`fold` is the n-gram fold of the router, not the subject matchers' (``text/matching.py``:
+NFKC for exact/normalized, diacritics-only stripping plus a letter table for fuzzy): it drops every
+combining mark but Thai/Lao ones, keeps "ı" and "ø", and turns punctuation into spaces. Its router
+thresholds were calibrated with it (docs/router.md), so the two rules stay separate.
 
 ``edges=True`` counts a subject only where both of its ends are spelled (:func:`edges_spelled`):
 a query sharing one word of a two-word name ("Thomas Rhett" for "Marlo Thomas", "the good doctor"
@@ -20,6 +25,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from ..text.scripts import mostly_dense
+
 __all__ = ["fold", "lexical_support", "end_supports", "edges_spelled", "SubjectGramIndex", "background_facts",
            "COMMON_SHARE"]
 
@@ -27,12 +34,7 @@ __all__ = ["fold", "lexical_support", "end_supports", "edges_spelled", "SubjectG
 #: :func:`background_facts`: the lowest further tier of the twelve-language preset
 COMMON_SHARE = 0.7
 
-_NO_SPACE = ((0x0E00, 0x0EFF), (0x3040, 0x30FF), (0x3400, 0x9FFF), (0xAC00, 0xD7AF), (0xF900, 0xFAFF))
-
-
-def _no_space(text: str) -> bool:
-    n = sum(any(lo <= ord(c) <= hi for lo, hi in _NO_SPACE) for c in text)
-    return n * 2 >= max(1, sum(not c.isspace() for c in text))
+_no_space = mostly_dense  # n-grams of 2 characters, not 3, for such text
 
 
 @lru_cache(maxsize=65536)
@@ -87,7 +89,7 @@ def _edge_spec(fs: str) -> tuple[tuple[frozenset[str], int, str], ...]:
 
 def _end_ok(g: frozenset[str], need: int, start: str, padded: str, qg: frozenset[str]) -> bool:
     """One end of :func:`_edge_spec` spelled in the query: ``need`` of its n-grams ``g``, and, for
-    an edge word, in *one* query word that starts with its ``start`` (since session 12: "Hönne"
+    an edge word, in *one* query word that starts with its ``start`` ("Hönne"
     is not spelled by "honkbal ... gewonnen", whose words hold its trigrams between them)."""
     if len(g & qg) < need or start not in padded:
         return False
@@ -203,7 +205,7 @@ class SubjectGramIndex:
     prefix filtering; 5 (default) posts four more n-grams per subject and drops the subjects that
     share fewer than five posted n-grams with the query: at 100k groups it checks 12 subjects per
     query where 3 checked 40 and 1 checked 689, in 0.13-0.18 ms against 0.18-0.29 and 2.1-2.5 ms
-    (``benchmarks/router_dev/gram_index.py``).
+    (measured with a one-off index benchmark kept in git history).
 
     >>> ix = SubjectGramIndex(0.5); ix.add("g1", ["Moscow"]); ix.add("g2", ["Bangkok"])
     >>> sorted(ix.groups("Is Moscow big?")), sorted(ix.groups("Is Paris big?"))

@@ -183,24 +183,24 @@ class Router:
             of ``min_cosine`` when ``min_share`` (>= ``lexical_min``) of one of its subjects is
             spelled in the query -- an inflected or re-transliterated mention ("Ненада
             Стаменковича" for "Ненад Стаменкович") moves the state at its last token away from the
-            keys, while its spelling stays close (docs/router.md, "Session 9"). A third element
+            keys, while its spelling stays close (docs/router.md). A third element
             ``1`` (``[min_share, min_cosine, 1]``; default 2) lets the tier count a subject with
             only *one* of its ends spelled (with ``edges``): a mention whose other end changed
             («конкурс ИААФ» for "Соревнования ИААФ"), at a cosine calibrated so high that a
             shared word alone ("Thomas Rhett" for "Marlo Thomas") does not reach it
-            (docs/router.md, "Session 12").
+            (docs/router.md).
         edges: the lexical rule counts a subject (or alias) only where both of its ends are spelled
             in the query (:func:`~lafn_lightning.routing.lexical.edges_spelled`): one shared word
             of a longer name ("Thomas Rhett" for "Marlo Thomas", "Sunday" for "Runaway Sunday")
-            no longer lowers the cosine a group needs (docs/router.md, "Session 11"). False: the
-            session-9 rule (any ``lexical_min`` of the n-grams).
+            no longer lowers the cosine a group needs (docs/router.md). False: the
+            earlier rule (any ``lexical_min`` of the n-grams).
         common, common_from: group id -> how many background facts spell its subject (the key
             store's :meth:`KeyStore.all_common` by default;
             :func:`~lafn_lightning.routing.lexical.background_facts`) and the count from which a
             subject is *common* (None: the store's ``common_from``; 0: off). A common subject is
             not specific to its edit ("Ali" in "Muhammad Ali", "Canada" in any question about
             Canada): its stage-1 match fires only where stage 2 also accepts the group, and every
-            lexical tier needs at least ``lexical_threshold`` for it (docs/router.md, "Session 13").
+            lexical tier needs at least ``lexical_threshold`` for it (docs/router.md).
         aliases: group id -> mention strings (the key store's :meth:`KeyStore.aliases` by
             default): spelled forms that count for the lexical rule and the site, never for
             stage 1 -- an edit prompt's words at an aligned key (its own wording of the subject).

@@ -2,9 +2,11 @@
 
     is_unspaced("巴")   # True: CJK, kana, Thai, Lao, Khmer, Myanmar
     joins_without_space("？")  # True: also full-width forms (CJK punctuation)
+    is_dense("한")      # True: unspaced or logographic (one character is a syllable or morpheme)
 
-Answer joining (:mod:`lafn_lightning.editing.prompts`) and subject matching
-(:mod:`lafn_lightning.text.matching`) both read it.
+Answer joining (:mod:`lafn_lightning.editing.prompts`), subject matching
+(:mod:`lafn_lightning.text.matching`) and the router's character n-grams
+(:mod:`lafn_lightning.routing.lexical`) all read it.
 """
 from __future__ import annotations
 
@@ -54,3 +56,16 @@ def joins_without_space(char: str) -> bool:
     """True where no space separates this character from its neighbour: :func:`is_unspaced`
     or a half-/full-width form."""
     return is_unspaced(char) or FULLWIDTH_FORMS[0] <= ord(char) <= FULLWIDTH_FORMS[1]
+
+
+def is_dense(char: str) -> bool:
+    """True for a character that carries a syllable or morpheme on its own: :func:`is_unspaced` or
+    :func:`is_logographic` (Hangul is written with spaces, but its syllables are as dense as Han).
+    Character bigrams of such text say as much as trigrams of alphabetic text."""
+    return is_unspaced(char) or is_logographic(char)
+
+
+def mostly_dense(text: str) -> bool:
+    """True when at least half of the non-space characters of ``text`` are :func:`is_dense`."""
+    n = sum(is_dense(c) for c in text)
+    return n * 2 >= max(1, sum(not c.isspace() for c in text))
