@@ -66,8 +66,7 @@ def test_max_rows_auto_checkpoints_only_beyond_the_memory_budget(tmp_path, dev_d
     """model.max_rows auto: every row in one forward when the predicted peak fits the budget; parts that
     fit it otherwise, with the loss and gradient of the one full forward."""
     module, batch = _twelve_language_batch(tmp_path, dev_data)
-    from lafn_lightning.editing.module import batch_shape
-    from lafn_lightning.editing.sizing import Architecture, step_memory
+    from lafn_lightning.editing.sizing import Architecture, batch_shape, step_memory
 
     shape = batch_shape(batch)
     arch = Architecture.of(module.backbone)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 
 from ..cache import EditCache, MANIFEST_NAME, set_skipped
-from .progress import RunProgress, tensorboard_dir
+from .progress import RunProgress, report_skipped, tensorboard_dir
 from .settings import Settings
 
 __all__ = ["edit_dataset", "plan_batches"]
@@ -54,8 +54,7 @@ def edit_dataset(settings: Settings, edit_batch_size: int = 4, redo: bool = Fals
     cache_dir = settings.cache_dir
     selection = settings.load_selection()
     groups, skipped = selection.groups, selection.skipped
-    for reason in skipped.values():
-        print(f"[lafn] skipped: {reason}", file=sys.stderr, flush=True)
+    report_skipped(skipped)
     done = set()
     if not redo and (cache_dir / MANIFEST_NAME).exists():
         done = set(EditCache.open(cache_dir).usable_group_ids())   # a missing/unreadable shard: edit again

@@ -15,7 +15,6 @@ a backbone without one here, e.g. the demo's Gemma tokenizer for a ``random-*`` 
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -117,9 +116,8 @@ def plan(settings: Settings, edit_batch_size: int = 16, steps_per_group: float |
         output: also write the plan as JSON here.
     """
     from ..backbone.loading import resolve_dtype
-    from ..editing.module import CPU_PART_TOKENS, device_budget_gb
-    from ..editing.sizing import (DEFAULT_MFU, GPU_HEADROOM, Architecture, auto_max_rows, matmul_peak, meta_model, step_flops,
-                                  step_memory, step_seconds)
+    from ..editing.sizing import (DEFAULT_MFU, GPU_HEADROOM, Architecture, auto_max_rows, default_part_tokens,
+                                  device_budget_gb, matmul_peak, meta_model, step_flops, step_memory, step_seconds)
 
     if edit_batch_size < 1 or (mfu is not None and not 0 < mfu <= 1):
         raise ValueError("edit_batch_size must be >= 1 and mfu in (0, 1]")
@@ -133,12 +131,12 @@ def plan(settings: Settings, edit_batch_size: int = 16, steps_per_group: float |
     layers = [int(i) for i in hp["layers"]]
     first = min(layers)
     device = "cuda" if str(trainer.get("accelerator")) in ("gpu", "cuda") else "cpu"
+    here = device if device == "cpu" or torch.cuda.is_available() else "cpu"   # planning a GPU run on a CPU
     if device_gb:   # a device's memory: on a GPU, what max_rows auto would plan for
         budget = device_gb * (GPU_HEADROOM if device == "cuda" else 1.0)
     else:
-        here = torch.device(device if device == "cpu" or torch.cuda.is_available() else "cpu")
-        budget = float(hp.get("memory_budget_gb") or device_budget_gb(here))
-    part_tokens = hp.get("part_tokens") or (CPU_PART_TOKENS if device == "cpu" else None)
+        budget = float(hp.get("memory_budget_gb") or device_budget_gb(torch.device(here)))
+    part_tokens = hp.get("part_tokens") or default_part_tokens(device)
     kwargs = dict(device=device, cache_lower_layers=bool(hp.get("cache_lower_layers", True)) and first > 0,
                   prefix_cache=bool(hp.get("prefix_cache", True)), edited_layers=len(layers))
 
@@ -146,7 +144,7 @@ def plan(settings: Settings, edit_batch_size: int = 16, steps_per_group: float |
     batches = [groups[i:i + edit_batch_size] for i in range(0, len(groups), edit_batch_size)]
     measured = peak_tflops is None
     if measured:
-        peak_tflops = matmul_peak(dtype, device=device if device == "cpu" or torch.cuda.is_available() else "cpu") / 1e12
+        peak_tflops = matmul_peak(dtype, device=here) / 1e12
     mfu = mfu or DEFAULT_MFU[device]
     worst, flops_per_group_step, seconds_per_group_step = None, [], []
     for batch in batches:
@@ -213,5 +211,3 @@ def _print(r: dict) -> None:
         f"({'measured here' if r['peak_measured_here'] else '--peak_tflops'})",
     ]
     print("\n".join(lines), file=sys.stdout, flush=True)
-    if not math.isfinite(r["hours"]):
-        print("plan: time not finite", file=sys.stderr)

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-__all__ = ["RunProgress", "tensorboard_dir"]
+__all__ = ["RunProgress", "report_skipped", "tensorboard_dir"]
 
 
 def tensorboard_dir(config: Mapping[str, Any], name: str) -> Path | None:
@@ -28,6 +28,12 @@ def tensorboard_dir(config: Mapping[str, Any], name: str) -> Path | None:
             init = lg.get("init_args", {}) or {}
             return Path(init.get("save_dir") or ".") / str(init.get("name") or "lightning_logs") / name
     return None
+
+
+def report_skipped(skipped: Mapping[str, str]) -> None:
+    """One stderr line per record a whole-dataset command leaves out, with its reason."""
+    for reason in skipped.values():
+        print(f"[lafn] skipped: {reason}", file=sys.stderr, flush=True)
 
 
 class RunProgress:

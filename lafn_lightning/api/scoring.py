@@ -28,7 +28,7 @@ from ..files import atomic_write, check_writable
 from ..inference.edited_model import EditedModel
 from ..text.matching import MATCHERS
 from .edit import edit_dataset
-from .progress import RunProgress, tensorboard_dir
+from .progress import RunProgress, report_skipped, tensorboard_dir
 from .settings import Settings
 
 __all__ = ["evaluate"]
@@ -145,10 +145,7 @@ def evaluate(settings: Settings, output: str, mode: str = "multilingual", edit_l
     hp = SimpleNamespace(**settings.model)
     selection = settings.load_selection()
     groups, skipped_records = selection.groups, selection.skipped
-    for reason in skipped_records.values():
-        print(f"[lafn] skipped: {reason}", file=sys.stderr, flush=True)
-    if not groups:
-        raise ValueError(f"data.groups={settings.data.get('groups')!r} selects no group")
+    report_skipped(skipped_records)   # select() refuses a selection that keeps no group
     languages = list(groups[0].languages)
 
     # ---- the runs: which cache, which groups, which test languages
@@ -247,6 +244,10 @@ def evaluate(settings: Settings, output: str, mode: str = "multilingual", edit_l
         log_dir = log_dir / output.stem
     report = RunProgress("evaluate", total, done_before, log_dir=log_dir, every_n_seconds=30.0)
     with tqdm(total=total, initial=done_before, desc="evaluate", unit="group") as bar, contextlib.closing(report):
+        def tick():   # one group done (scored, or not in the cache)
+            bar.update(1)
+            report.update(1, skipped=len(skipped_records), not_in_cache=sum(map(len, not_cached.values())))
+
         for run in runs:
             cache = caches[run.name]
             todo = [g for g in run.groups if not progress.done(run.name, g.group_id)]
@@ -262,8 +263,7 @@ def evaluate(settings: Settings, output: str, mode: str = "multilingual", edit_l
             all_cached = EditedModel(model, tokenizer, cache, matcher=own.matcher, site=hp.site) if cache else None
             for group in todo:
                 if group.group_id not in cached_ids:
-                    bar.update(1)
-                    report.update(1, skipped=len(skipped_records), not_in_cache=sum(map(len, not_cached.values())))
+                    tick()
                     continue
                 with contextlib.ExitStack() as stack:
                     if editor is not None:   # edit this group alone (or reuse its artifact), score, undo
@@ -276,8 +276,7 @@ def evaluate(settings: Settings, output: str, mode: str = "multilingual", edit_l
                     cells = score_group(model, tokenizer, group, edited, languages=run.test_languages,
                                         generation=own.generation, margin=own.margin, batch_size=own.batch_size)
                 progress.add(run.name, group.group_id, cells)
-                bar.update(1)
-                report.update(1, skipped=len(skipped_records), not_in_cache=sum(map(len, not_cached.values())))
+                tick()
                 bar.set_postfix_str(f"{run.name}:{group.group_id}")
     eval_seconds = time.perf_counter() - t0
 

@@ -78,10 +78,10 @@ def select(dataset: str | None = None, format: str = "auto", languages: Sequence
                 f"{Path(dataset).name}: record {g.index} ({g.group_id}), field 'subject': no subject of the group "
                 f"({list(g.subjects)}) occurs in any of its questions", index=g.index, field="subject")
     if check:
-        problems.update({gid: e for gid, e in subject_problems(selected, Path(dataset).name).items()
-                         if gid not in problems})
+        for gid, error in subject_problems(selected, Path(dataset).name).items():
+            problems.setdefault(gid, error)
     if problems and strict:
-        raise next(e for g in selected for gid, e in problems.items() if gid == g.group_id)
+        raise next(problems[g.group_id] for g in selected if g.group_id in problems)   # the first in selection order
     kept = [g for g in selected if g.group_id not in problems]
     skipped = {g.group_id: str(problems[g.group_id]) for g in selected if g.group_id in problems}
     if not kept:

@@ -26,12 +26,6 @@ from .injection import delta_hooks
 from .lower_layers import LowerLayers
 
 
-#: ``model.part_tokens: null`` on a CPU: at most this many running tokens per forward. 16 groups x
-#: 12 languages on the demo backbone (bf16, 2 cores): 38 s per step in checkpointed parts of 64 rows
-#: (about 2,000 tokens) against 62 s in one graph, at 5.6 instead of 12.0 GB (docs/results.md).
-CPU_PART_TOKENS = 2048
-
-
 class LafnEditModule(L.LightningModule):
     """Learn ΔV for one edit batch.
 
@@ -199,7 +193,7 @@ class LafnEditModule(L.LightningModule):
         the memory budget (:func:`.sizing.auto_max_rows`); printed with the prediction."""
         from lightning.pytorch.utilities import rank_zero_info
 
-        from .sizing import Architecture, auto_max_rows, step_memory
+        from .sizing import Architecture, auto_max_rows, batch_shape, default_part_tokens, device_budget_gb, step_memory
 
         hp = self.hparams
         shape = batch_shape(batch)
@@ -210,7 +204,7 @@ class LafnEditModule(L.LightningModule):
         kwargs = dict(device=self.device.type, cache_lower_layers=self.lower is not None,
                       prefix_cache=bool(self._prefix_kv), edited_layers=len(self.layers))
         arch = Architecture.of(self.backbone)
-        part_tokens = hp.get("part_tokens") or (CPU_PART_TOKENS if self.device.type == "cpu" else None)
+        part_tokens = hp.get("part_tokens") or default_part_tokens(self.device.type)
         rows = auto_max_rows(arch, shape, first, budget * 1e9, part_tokens=part_tokens, **kwargs)
         peak = step_memory(arch, shape, first, max_rows=rows, **kwargs).peak
         rank_zero_info(f"[lafn] memory: {shape.rows} answer rows, {'all in one forward' if rows is None else f'{rows} per checkpointed forward'}; "
@@ -428,32 +422,6 @@ class LafnEditModule(L.LightningModule):
             dv = torch.where(self.stopped[:, None, None], self.frozen, self.delta_v)
             return dv * self.mask
 
-
-def batch_shape(batch: dict):
-    """The token counts of an encoded edit batch (:class:`.sizing.StepShape`): rows, padded width,
-    the positions that run (from the earliest subject position), answer tokens, KL anchors."""
-    from .sizing import StepShape
-
-    att, kl_att = batch["attention_mask"], batch["kl_attention_mask"]
-    width = int(att.sum(1).max())
-    run = int((att.shape[1] - batch["subject_pos"]).max())
-    groups = int(batch["group"].max()) + 1 if len(batch["group"]) else 0
-    return StepShape(groups=groups, rows=att.shape[0], width=width, run_width=min(run, width),
-                     answer_tokens=int(batch["target_mask"].sum()), kl_rows=kl_att.shape[0],
-                     kl_width=int(kl_att.sum(1).max()))
-
-
-def device_budget_gb(device: torch.device) -> float:
-    """The default memory budget: :data:`.sizing.GPU_HEADROOM` of the free plus this process's memory
-    on a GPU, half the RAM on a CPU."""
-    if device.type == "cuda":
-        from .sizing import GPU_HEADROOM
-
-        free, _ = torch.cuda.mem_get_info(device)
-        return GPU_HEADROOM * (free + torch.cuda.memory_allocated(device)) / 1e9
-    import os
-
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2e9
 
 #: Stop rules of :class:`LafnEditModule` (``mean`` is the paper's).
 STOP_RULES = ("mean", "every_language")

@@ -22,6 +22,7 @@ runs at the answer positions and the anchors' last positions.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -30,7 +31,8 @@ from torch import nn
 
 __all__ = ["Architecture", "StepShape", "MemoryEstimate", "step_memory", "step_flops", "auto_max_rows",
            "meta_model", "matmul_peak", "step_seconds", "PROCESS_BASE_BYTES", "BACKWARD_FACTOR",
-           "DEFAULT_MFU", "PART_OVERHEAD_S", "GPU_HEADROOM"]
+           "DEFAULT_MFU", "PART_OVERHEAD_S", "GPU_HEADROOM",
+           "CPU_PART_TOKENS", "default_part_tokens", "batch_shape", "device_budget_gb"]
 
 #: Resident memory of a CPU process that has imported torch, transformers and Lightning and runs
 #: a fit (allocator, libraries, tokenizer, data), on top of what the tensors take. GPU: not counted
@@ -217,6 +219,38 @@ def auto_max_rows(arch: Architecture, shape: StepShape, first_layer: int, budget
         mid = (lo + hi + 1) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
     return lo
+
+
+#: ``model.part_tokens: null`` on a CPU: at most this many running tokens per forward. 16 groups x
+#: 12 languages on the demo backbone (bf16, 2 cores): 38 s per step in checkpointed parts of 64 rows
+#: (about 2,000 tokens) against 62 s in one graph, at 5.6 instead of 12.0 GB (docs/results.md).
+CPU_PART_TOKENS = 2048
+
+
+def default_part_tokens(device_type: str) -> int | None:
+    """``model.part_tokens: null``: :data:`CPU_PART_TOKENS` on a CPU, no limit on a GPU."""
+    return CPU_PART_TOKENS if device_type == "cpu" else None
+
+
+def batch_shape(batch: dict) -> StepShape:
+    """The token counts of an encoded edit batch (:class:`StepShape`): rows, padded width,
+    the positions that run (from the earliest subject position), answer tokens, KL anchors."""
+    att, kl_att = batch["attention_mask"], batch["kl_attention_mask"]
+    width = int(att.sum(1).max())
+    run = int((att.shape[1] - batch["subject_pos"]).max())
+    groups = int(batch["group"].max()) + 1 if len(batch["group"]) else 0
+    return StepShape(groups=groups, rows=att.shape[0], width=width, run_width=min(run, width),
+                     answer_tokens=int(batch["target_mask"].sum()), kl_rows=kl_att.shape[0],
+                     kl_width=int(kl_att.sum(1).max()))
+
+
+def device_budget_gb(device: torch.device) -> float:
+    """The default memory budget: :data:`GPU_HEADROOM` of the free plus this process's memory
+    on a GPU, half the RAM on a CPU."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return GPU_HEADROOM * (free + torch.cuda.memory_allocated(device)) / 1e9
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2e9
 
 
 def step_flops(arch: Architecture, shape: StepShape, first_layer: int, *, max_rows: int | None = None,
