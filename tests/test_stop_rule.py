@@ -68,3 +68,39 @@ def test_twelve_language_preset_reaches_the_fit_and_the_cache(tmp_path, dev_data
     assert (settings["stop_rule"], settings["language_weighting"], settings["beta"]) == ("every_language", "loss", 0.1)
     assert settings["bare_prompt"] is True and cli.datamodule.prefixes["en"][0] == ""
     assert KeyStore.load(tmp_path / "cache" / KEYS_FILE).lexical_tiers == [[0.7, 0.6], [0.5, 0.9795, 1.0]]   # the router's tiers
+
+
+def test_converged_languages_leave_the_step_and_the_group_stops_on_a_full_step(tmp_path, dev_data):
+    """``model.drop_converged``: a language below the stop loss runs no rows until the group's next
+    full step (every ``full_every`` steps, or when its latest losses would stop it); the group
+    stops only on a step where every language ran and each was below the stop loss."""
+    stop, every = 6.6, 3
+    cli = LafnCLI(["-c", str(CONFIGS / "tiny.yaml"), "--cache_dir", str(tmp_path / "cache"), "--trainer.logger", "false",
+                   "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+                   "--trainer.default_root_dir", str(tmp_path), "--data.dataset", str(dev_data),
+                   "--data.languages", "null", "--data.groups", "0:1", "--locate.strategy", "all",
+                   "--model.stop_rule", "every_language", "--model.stop_loss", str(stop),
+                   "--model.drop_converged", "true", "--model.full_every", str(every),
+                   "--trainer.max_steps", "30"], run=False)
+    module, steps = cli.model, []
+    losses = module.losses
+
+    def spy(batch, active=None, cells=None):
+        before = module.final_language_loss[0].clone()
+        out = losses(batch, active, cells)
+        ran = batch["language"][out["rows"]].unique().tolist()
+        steps.append((before, sorted(ran), out["language_target"][0].clone()))
+        return out
+
+    module.losses = spy
+    cli.trainer.fit(module, datamodule=cli.datamodule)
+    full = [len(ran) == 12 for _, ran, _ in steps]
+    assert full[0] and not all(full)                        # languages left some steps ...
+    for before, ran, _ in steps[1:]:
+        if len(ran) < 12:                                    # ... exactly those below the stop loss
+            assert sorted(ran) == (before >= stop).nonzero().squeeze(1).tolist()
+    assert all(any(full[i:i + every + 1]) for i in range(len(full) - every))   # a full step at least every `every`
+    assert bool(module.stopped[0]) and full[-1]              # stopped on a full step ...
+    assert steps[-1][2].amax() < stop                        # ... with every language below the stop loss
+    for (_, ran, loss), f in zip(steps[:-1], full[:-1]):
+        assert not (f and loss.amax() < stop)                # and on the first full step that met it

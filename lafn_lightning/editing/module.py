@@ -71,6 +71,17 @@ class LafnEditModule(L.LightningModule):
         part_tokens: ``max_rows: auto``: at most this many running tokens per forward; None: 2048
             on a CPU (where checkpointed parts of that size are faster than one large graph) and
             no limit on a GPU.
+        drop_converged: a language whose mean target loss is below ``stop_loss`` leaves the
+            group's forward (its rows are not run) until the group's next full step: every
+            ``full_every`` steps of the group, and always before it may stop, all its languages
+            run, and a language that drifted back above the stop loss rejoins. A group stops
+            only on a full step, so the exported ΔV meets the stop rule as without this option.
+            Not the paper's (off).
+        full_every: with ``drop_converged``, a group's every ``full_every``-th step runs all its
+            languages.
+        lr_schedule: ``constant`` (paper) or ``cosine``: the learning rate falls from ``lr`` to
+            ``lr * lr_floor`` along a half cosine over ``trainer.max_steps``.
+        lr_floor: the last learning rate of ``cosine`` as a share of ``lr``.
     """
 
     def __init__(
@@ -92,6 +103,10 @@ class LafnEditModule(L.LightningModule):
         prefix_cache: bool = True,
         memory_budget_gb: float | None = None,
         part_tokens: int | None = None,
+        drop_converged: bool = False,
+        full_every: int = 5,
+        lr_schedule: str = "constant",
+        lr_floor: float = 0.1,
     ) -> None:
         super().__init__()
         if site not in SITES:
@@ -103,6 +118,12 @@ class LafnEditModule(L.LightningModule):
             raise ValueError(f"model.memory_budget_gb={memory_budget_gb}: a positive number of GB (or null: from the device)")
         if part_tokens is not None and part_tokens < 1:
             raise ValueError(f"model.part_tokens={part_tokens}: at least 1 (or null: from the device)")
+        if full_every < 1:
+            raise ValueError(f"model.full_every={full_every}: at least 1 (every step runs every language)")
+        if lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"model.lr_schedule={lr_schedule!r}: one of {LR_SCHEDULES}")
+        if not 0 <= lr_floor <= 1:
+            raise ValueError(f"model.lr_floor={lr_floor}: a share of model.lr between 0 and 1")
         if stop_rule not in STOP_RULES:
             raise ValueError(f"model.stop_rule={stop_rule!r}: one of {STOP_RULES}")
         if language_weighting not in WEIGHTINGS:
@@ -122,7 +143,7 @@ class LafnEditModule(L.LightningModule):
         self.lower = LowerLayers(model, self.adapter, first) if cache_lower_layers and first > 0 else None
         self._lower_states: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._prefix_kv: dict[str, tuple[torch.Tensor, list]] = {}   # key -> (ids, [(keys, values)] per layer)
-        self.final_language_loss: torch.Tensor | None = None  # [groups, languages], at the last step
+        self.final_language_loss: torch.Tensor | None = None  # [groups, languages], last measured
         self.rows_per_forward: int | None = None if max_rows == "auto" else max_rows   # resolved at fit start
 
     # ---- state -------------------------------------------------------------------------------
@@ -137,6 +158,7 @@ class LafnEditModule(L.LightningModule):
         self.register_buffer("steps", torch.zeros(n_groups, dtype=torch.long))
         self.register_buffer("final_target_loss", torch.full((n_groups,), float("nan")))
         self.register_buffer("frozen", torch.zeros(shape), persistent=True)
+        self.register_buffer("full_due", torch.ones(n_groups, dtype=torch.bool), persistent=False)   # drop_converged
 
     def setup(self, stage: str) -> None:
         dm = self.trainer.datamodule
@@ -212,7 +234,20 @@ class LafnEditModule(L.LightningModule):
         return rows
 
     def configure_optimizers(self):
-        return torch.optim.Adam([self.delta_v], lr=self.hparams.lr)
+        optimizer = torch.optim.Adam([self.delta_v], lr=self.hparams.lr)
+        if self.hparams.get("lr_schedule", "constant") == "constant":
+            return optimizer
+        import math
+
+        total, floor = self.trainer.max_steps, self.hparams.get("lr_floor", 0.1)
+        if total < 1:
+            raise ValueError("model.lr_schedule=cosine falls over trainer.max_steps: set it (e.g. --trainer.max_steps 120)")
+
+        def share(step: int) -> float:   # of model.lr at this step
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, share)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def effective_delta(self) -> torch.Tensor:
         return self.delta_v * self.mask
@@ -310,11 +345,16 @@ class LafnEditModule(L.LightningModule):
                                      softcap=head_softcap(self.backbone)), row_of
         return F.cross_entropy(logits.float(), gold, reduction="none"), row_of
 
-    def losses(self, batch: dict, active: torch.Tensor | None = None) -> dict:
-        """Per-group L_target and L_kl (and per-row answer log-probabilities) for the active groups."""
+    def losses(self, batch: dict, active: torch.Tensor | None = None, cells: torch.Tensor | None = None) -> dict:
+        """Per-group L_target and L_kl (and per-row answer log-probabilities) for the active groups;
+        with ``cells`` ([groups, languages] bool), only the answer rows of those languages run
+        (L_target and the language weights are then over those languages)."""
         n_groups = self.delta_v.shape[0]
         active = torch.ones(n_groups, dtype=torch.bool, device=self.device) if active is None else active
-        rows = active[batch["group"]].nonzero().squeeze(1)
+        run = active[batch["group"]]
+        if cells is not None:
+            run = run & cells[batch["group"], batch["language"]]
+        rows = run.nonzero().squeeze(1)
         groups = batch["group"][rows]
         # Rows of very different lengths (12 scripts) waste compute on padding: with
         # `length_buckets` > 1 the rows run in that many forwards of similar length (same loss).
@@ -367,30 +407,46 @@ class LafnEditModule(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int):
         active = ~self.stopped
-        out = self.losses(batch, active)
+        n_langs = int(batch["language"].max()) + 1
+        if self.final_language_loss is None or self.final_language_loss.shape != (len(active), n_langs):
+            self.final_language_loss = torch.full((len(active), n_langs), float("nan"), device=self.device)
         hp = self.hparams
+        drop = bool(hp.get("drop_converged", False))
+        full = active & self.full_due if drop else active       # groups whose every language runs
+        cells = None
+        if drop:   # [groups, languages]: run a language unless it converged (its last measured loss)
+            cells = full[:, None] | ~(self.final_language_loss < hp.stop_loss)
+        out = self.losses(batch, active, cells)
         per_group = hp.lambda_target * out["objective"] + hp.lambda_kl * out["kl"]
         # Sum over groups (not mean): each group's gradient is what it would be alone. DDP averages
         # gradients over processes, and only a group's owner contributes: scale back by world size.
         loss = per_group[active].sum() * self.trainer.world_size
         with torch.no_grad():
             self.steps[active] += 1
-            self.final_target_loss[active] = out["target"][active].detach()
             lang_loss = out["language_target"].detach()
-            if self.final_language_loss is None or self.final_language_loss.shape != lang_loss.shape:
-                self.final_language_loss = torch.full_like(lang_loss, float("nan"))
-            self.final_language_loss[active] = lang_loss[active]
-            done = active & self.reached(out["target"].detach(), lang_loss)
+            ran = ~torch.isnan(lang_loss) & active[:, None]
+            self.final_language_loss[ran] = lang_loss[ran]
+            self.final_target_loss[full] = out["target"][full].detach()
+            # the stop rule is only checked where every language ran
+            done = full & self.reached(out["target"].detach(), lang_loss)
             if done.any():  # freeze the ΔV that reached the threshold (before this step's update)
                 self.frozen[done] = self.delta_v.detach()[done]
                 self.stopped |= done
+            if drop:
+                estimate = self.final_language_loss
+                partial = active & ~full
+                self.final_target_loss[partial] = estimate[partial].nanmean(1)
+                # a group that would stop on its latest per-language losses runs in full next
+                self.full_due = (self.reached(estimate.nanmean(1), estimate)
+                                 | (self.steps % hp.get("full_every", 5) == 0))
         n_active = int(active.sum())
         self.log_dict({
             "train/loss": loss.detach() / max(n_active, 1),
-            "train/target_loss": out["target"][active].mean().detach(),
+            "train/target_loss": self.final_target_loss[active].mean(),
             "train/kl_loss": out["kl"][active].mean().detach(),
             "train/dv_norm": self.effective_delta().detach().norm(dim=-1).mean(),
             "train/active_groups": float(self.stopped.numel() - int(self.stopped.sum())),
+            "train/rows": float(len(out["rows"])),
         }, prog_bar=False, on_step=True, batch_size=1)
         self.log("loss", loss.detach() / max(n_active, 1), prog_bar=True, on_step=True, logger=False, batch_size=1)
         langs = batch["language"][out["rows"]]
@@ -399,7 +455,8 @@ class LafnEditModule(L.LightningModule):
             sel = langs == li
             if sel.any():
                 self.log(f"train/prob/{lang}", out["row_logprob"][sel].exp().mean().detach(), on_step=True, batch_size=1)
-                self.log(f"train/target/{lang}", out["language_target"][active, li].nanmean().detach(), on_step=True, batch_size=1)
+            if active.any():
+                self.log(f"train/target/{lang}", self.final_language_loss[active, li].nanmean(), on_step=True, batch_size=1)
         if self.trainer.strategy.reduce_boolean_decision(bool(self.stopped.all()), all=True):
             self.trainer.should_stop = True
         return loss
@@ -427,6 +484,8 @@ class LafnEditModule(L.LightningModule):
 STOP_RULES = ("mean", "every_language")
 #: Language weightings of L_target (``uniform`` is the paper's).
 WEIGHTINGS = ("uniform", "loss")
+#: Learning-rate schedules (``constant`` is the paper's).
+LR_SCHEDULES = ("constant", "cosine")
 
 
 def _captured(store: dict, key: str, ids: torch.Tensor):
