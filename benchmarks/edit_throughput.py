@@ -3,6 +3,7 @@
     python benchmarks/edit_throughput.py                    # demo backbone, groups 0:16, en+zh
     python benchmarks/edit_throughput.py --backbone tiny    # quick run on a tiny random model
     python benchmarks/edit_throughput.py --sizes 16 -- --data.bare_prompt true   # options for both loops
+    python benchmarks/edit_throughput.py --sizes 16 --variant "drop=--model.drop_converged true"
 
 Anything after ``--`` goes to the ``lafn fit`` configuration of both loops (the baseline reads its
 batch, prompts and hyper-parameters from the same configuration).
@@ -22,17 +23,21 @@ trained in), and the achieved FLOP/s of the optimisation steps (FLOPs counted by
 ``torch.utils.flop_counter`` during the steps) as a fraction of the matrix-multiply peak measured
 here in the same precision. The last line is ``speedup=X reliability_project=Y reliability_baseline=Z``
 (speedup and reliability of the largest edit batch in the first ``--dtype``).
+Each ``--variant NAME=OPTIONS`` adds a project loop with further ``lafn fit`` options (largest batch,
+every dtype), timed in the same run.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shlex
 import sys
 import tempfile
 import time
 import zlib
 from pathlib import Path
+from typing import Sequence
 
 import lightning as L
 import torch
@@ -152,9 +157,11 @@ def baseline(base: list[str], index: int, cache_dir: Path, meter: StepMeter) -> 
     return steps
 
 
-def project(base: list[str], indices: list[int], cache_dir: Path, dtype: str, meter: StepMeter) -> int:
-    """Edit ``indices`` with ``lafn fit`` (one fit per edit batch); return the total steps of all groups."""
-    cli = _cli(base, "--data.groups", json.dumps(indices), "--model.dtype", dtype, "--cache_dir", str(cache_dir))
+def project(base: list[str], indices: list[int], cache_dir: Path, dtype: str, meter: StepMeter,
+            extra: Sequence[str] = ()) -> int:
+    """Edit ``indices`` with ``lafn fit`` (one fit per edit batch, ``extra`` options added); return
+    the total steps of all groups."""
+    cli = _cli(base, "--data.groups", json.dumps(indices), "--model.dtype", dtype, "--cache_dir", str(cache_dir), *extra)
     cli.trainer.callbacks.append(MeterCallback(meter))
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     return int(cli.model.steps.sum())
@@ -186,6 +193,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
     parser.add_argument("--out", default=None, help="where the caches go (default: a temporary folder)")
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=OPTIONS",
+                        help="a further project loop (largest batch) with these lafn fit options, e.g. "
+                             "'drop=--model.drop_converged true'; repeatable")
     argv = sys.argv[1:]
     cut = argv.index("--") if "--" in argv else len(argv)
     args = parser.parse_args(argv[:cut])
@@ -230,6 +240,13 @@ def main() -> None:
             for start in range(0, len(indices), size):
                 steps += project(base, indices[start:start + size], cache, dtype, meter)
             record(f"project b={size}", dtype, time.perf_counter() - t, steps, meter, cache)
+        for variant in args.variant:
+            name, _, options = variant.partition("=")
+            meter, t, steps = StepMeter(), time.perf_counter(), 0
+            cache = out / f"{name}-{dtype}"
+            for start in range(0, len(indices), sizes[-1]):
+                steps += project(base, indices[start:start + sizes[-1]], cache, dtype, meter, shlex.split(options))
+            record(f"{name} b={sizes[-1]}", dtype, time.perf_counter() - t, steps, meter, cache)
 
     base_s = rows[0]["sec_per_group"]
     print()
@@ -241,6 +258,10 @@ def main() -> None:
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
     last = rows[len(sizes)]                                     # the largest batch of the first dtype
+    rows_by_name = {r["loop"]: r for r in rows if r["dtype"] == dtypes[0]}
+    for variant in args.variant:
+        r = rows_by_name[f"{variant.partition('=')[0]} b={sizes[-1]}"]
+        print(f"speedup[{r['loop']}]={base_s / r['sec_per_group']:.2f} reliability={r['reliability']:.1f}")
     print(f"speedup={base_s / last['sec_per_group']:.2f} reliability_project={last['reliability']:.1f} "
           f"reliability_baseline={rows[0]['reliability']:.1f}")
 
