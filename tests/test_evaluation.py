@@ -187,7 +187,7 @@ def test_results_files_schema_and_tensorboard(tmp_path):
     progress = [json.loads(x) for x in (tmp_path / "out/results.progress.jsonl").read_text().splitlines()[1:]]
     preds = {(c[1], c[3]): [] for r in progress for c in r["cells"]}
     for r in progress:
-        for view, setting, metric, lang, _, _, text in r["cells"]:
+        for view, setting, metric, lang, _, _, text, *_ in r["cells"]:
             if view == "teacher_forced" and metric == "reliability":
                 preds[(setting, lang)].append(text)
     for lang in ("en", "zh"):

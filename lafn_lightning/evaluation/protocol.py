@@ -2,6 +2,7 @@
 
     cells = score_group(model, tokenizer, group, {"edit_one_test_one": edited_one, "all_cached": edited_all})
     tables = aggregate(records, languages=["en", "zh"])
+    header, records = read_progress(progress_file("runs/r.json"))   # runs/r.progress.jsonl
 
 Settings (edit_one_test_one, all_cached, pre_edit), views (teacher-forced, generation) and the
 file formats: docs/evaluation-protocol.md.
@@ -20,6 +21,8 @@ from torch import nn
 from . import metrics as M
 from ..files import append_line, atomic_write, complete_lines
 from ..data import EditGroup
+from ..text.matching import SubjectMatcher
+from ..text.spans import last_token_of_span, token_spans
 
 __all__ = [
     "MODES",
@@ -28,8 +31,11 @@ __all__ = [
     "Probe",
     "group_probes",
     "score_group",
+    "subject_end",
     "aggregate",
     "ProgressLog",
+    "progress_file",
+    "read_progress",
 ]
 
 SETTINGS: tuple[str, ...] = ("edit_one_test_one", "all_cached", "pre_edit")
@@ -132,6 +138,36 @@ def _site_signature(edited: nn.Module, rows: Sequence[Sequence[int]]) -> tuple |
     return tuple(sig)
 
 
+def subject_end(tokenizer, ids: Sequence[int], subject: str | None,
+                special: frozenset[int] | None = None) -> int | None:
+    """The token index in ``ids`` where ``subject`` ends, or None when that exact form is not in
+    their text.
+
+    The exact matcher (:class:`~lafn_lightning.text.matching.SubjectMatcher`, mode ``exact``) is
+    run on the decoded text of ``ids``, and its first occurrence is mapped to its last token with
+    the same token spans and last-token rule as :meth:`EditedModel.find_sites`, so an exact-matched
+    edit of ``subject`` fires at exactly this index. ``special``: the tokenizer's special ids
+    (computed when not given).
+    """
+    if not subject or not subject.strip():
+        return None
+    text, spans = token_spans(tokenizer, list(ids), special)
+    for m in SubjectMatcher({"subject": [subject]}, "exact").find(text):
+        tok = last_token_of_span(spans, m.start, m.end)
+        if tok is not None:
+            return tok
+    return None
+
+
+def cell_sites(cell: Sequence) -> tuple[list | None, int | None]:
+    """``(sites, subject_end)`` of a cell: the ``[position, group id]`` pairs where ΔV was injected
+    (None when not recorded: a cell written before sites were recorded, or a model without
+    ``find_sites``) and the token where the group's own subject ends in the question (None: the
+    exact form does not occur, or not recorded)."""
+    extra = cell[7] if len(cell) > 7 and isinstance(cell[7], Mapping) else {}
+    return extra.get("sites"), extra.get("subject_end")
+
+
 def score_group(
     model: nn.Module,
     tokenizer,
@@ -159,9 +195,16 @@ def score_group(
             other cached subject.
 
     Returns:
-        cells ``[view, setting, metric, language, f1, em, prediction]`` with f1/em in [0, 1] and
-        the decoded prediction. Locality is scored against the backbone's prediction, computed on
-        the same batch; its ``pre_edit`` cell is not produced.
+        cells ``[view, setting, metric, language, f1, em, prediction, {"sites", "subject_end"}]``
+        with f1/em in [0, 1] and the decoded prediction. ``sites``: the ``[token position, group
+        id]`` pairs where the setting's model injected ΔV in the probe's row (the whole row in the
+        teacher-forced view, the prompt in generation; ``[]`` for ``pre_edit``; None for a model
+        without ``find_sites``). ``subject_end``: the token position where the group's own subject
+        (its edit's subject in the probe's language) ends in the question, if that exact form
+        occurs there (:func:`subject_end`), else None. Locality is scored against the backbone's
+        prediction, computed on the same batch; its ``pre_edit`` cell is not produced.
+        Read a cell's sites with :func:`cell_sites` (cells written before sites were recorded
+        have 7 elements).
     """
     probes = group_probes(group, languages)
     if not probes:
@@ -169,20 +212,26 @@ def score_group(
     prompts, targets = [p.prompt for p in probes], [p.target for p in probes]
     cells: list[list] = []
 
-    def add(view: str, setting: str, preds, refs) -> None:
-        for probe, (pred, gold), (ref, _) in zip(probes, preds, refs):
+    def add(view: str, setting: str, preds, refs, sig: tuple | None) -> None:
+        for i, (probe, (pred, gold), (ref, _)) in enumerate(zip(probes, preds, refs)):
             loc = probe.metric == "locality"
             if setting == "pre_edit" and loc:
                 continue
             f1, em = _score(tokenizer, pred, ref if loc else gold, loc)
             text = tokenizer.decode(pred, skip_special_tokens=True)
-            cells.append([view, setting, probe.metric, probe.language, f1, em, text])
+            sites = None if sig is None else [[int(p), g] for p, g in sig[i]]
+            cells.append([view, setting, probe.metric, probe.language, f1, em, text,
+                          {"sites": sites, "subject_end": ends[i]}])
 
     def _prompts(target) -> list[str]:  # a method that edits the context (methods.base.InContext)
         rewrite = getattr(target, "rewrite_prompts", None)
         return list(rewrite(prompts)) if rewrite is not None else prompts
 
     encoded = M.encode_prompt_targets(tokenizer, prompts, targets)
+    special = frozenset(tokenizer.all_special_ids)
+    own = {lang: e.subject for lang, e in group.edits.items()}
+    ends = [subject_end(tokenizer, e.input_ids[: e.context_length], own.get(p.language), special)
+            for e, p in zip(encoded, probes)]
     views = [("teacher_forced", [e.input_ids for e in encoded])]
     if generation:  # generation injects ΔV into the prompt (the context) only
         views.append(("generation", [e.input_ids[: e.context_length] for e in encoded]))
@@ -196,19 +245,19 @@ def score_group(
                 return M.greedy_predictions(model, tokenizer, _prompts(target), targets, margin=margin,
                                             batch_size=batch_size, generate=_greedy_generate(target, tokenizer, model))
         base = run(model)
-        add(view, "pre_edit", base, base)
+        add(view, "pre_edit", base, base, ((),) * len(probes))
         done: dict[tuple, list] = {}
         for setting, em in edited.items():
-            sig = _site_signature(em, rows) if reuse else None
-            if sig is not None and not any(sig):
+            sig = _site_signature(em, rows)       # recorded in the cells; reused only with ``reuse``
+            if reuse and sig is not None and not any(sig):
                 preds = base                      # no site anywhere: the untouched backbone
-            elif sig is not None and sig in done:
+            elif reuse and sig is not None and sig in done:
                 preds = done[sig]                 # the same sites as a setting already run
             else:
                 preds = run(em)
                 if sig is not None:
                     done[sig] = preds
-            add(view, setting, preds, base)
+            add(view, setting, preds, base, sig)
     return cells
 
 
@@ -224,10 +273,11 @@ def aggregate(
 ) -> dict[str, dict]:
     """``{view: {setting: {metric: {language|"avg": {"f1", "em"}}}}}`` (0-100, NaN if no sample)
     from progress records (``{"run", "group_id", "cells"}``), keeping the cells for which
-    ``include(run, language)`` holds. Records are added in the order given."""
+    ``include(run, language)`` holds. Records are added in the order given. Cells with or without
+    the sites element (8 or 7 elements) are read alike."""
     tables = {view: M.ScoreTable(languages, settings=SETTINGS) for view in VIEWS}
     for rec in records:
-        for view, setting, metric, lang, f1, em, _ in rec["cells"]:
+        for view, setting, metric, lang, f1, em, *_ in rec["cells"]:
             if lang in languages and include(rec["run"], lang):
                 tables[view].update(metric, lang, [f1], [em], setting=setting)
     return {view: table.compute_all() for view, table in tables.items()}
@@ -283,6 +333,32 @@ def _matrix_markdown(by_edit: Mapping[str, Mapping], languages: Sequence[str], s
 # --------------------------------------------------------------------------------------------
 # Progress file (resume)
 # --------------------------------------------------------------------------------------------
+
+
+def progress_file(output: str | Path) -> Path:
+    """The progress file of the results file ``output``: ``runs/r.json`` -> ``runs/r.progress.jsonl``."""
+    output = Path(output)
+    return output.with_name(output.stem + ".progress.jsonl")
+
+
+def read_progress(path: str | Path) -> tuple[dict, list[dict]]:
+    """``(header, records)`` of a progress file, records in file order (a later line of the same
+    run and group replaces an earlier one). Read-only: a partial last line (a write in progress)
+    is ignored, not cut off, so a running evaluation's file can be read."""
+    path = Path(path)
+    lines = [x for x in path.read_text(encoding="utf-8").split("\n")[:-1] if x.strip()]  # complete lines only
+    try:
+        header = json.loads(lines[0])["header"]
+    except (IndexError, json.JSONDecodeError, KeyError, TypeError):
+        raise ValueError(f"{path}: not an evaluation progress file (no header line)") from None
+    records: dict[tuple[str, str], dict] = {}
+    for n, line in enumerate(lines[1:], 2):
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            raise ValueError(f"{path}: line {n} is not valid JSON") from None
+        records[(rec["run"], rec["group_id"])] = rec
+    return header, list(records.values())
 
 
 class ProgressLog:
