@@ -154,3 +154,90 @@ def test_evaluate_records_sites_in_the_progress_file(evaluated):
             if c[1] != "pre_edit" and c[2] in ("reliability", "generality") and end is not None:
                 assert [end, gid] in sites, c                 # the own edit fired at the subject's last token
     assert cell_sites(_cell(cells["moon"], "teacher_forced", "all_cached", "generality")) == ([], None)
+
+
+def test_miss_report_puts_a_question_without_its_subject_under_not_routed(evaluated, tmp_path, capsys):
+    from lafn_lightning.cli import main
+
+    main(["miss-report", str(evaluated), "--output", str(tmp_path / "misses.md")])
+    split = json.loads((tmp_path / "misses.json").read_text())
+    assert split["setting"] == "all_cached" and split["metric"] == "generality" and split["languages"] == ["en"]
+    moon = [e for e in split["examples"] if e["group_id"] == "moon"]
+    assert len(moon) == 1 and moon[0]["category"] == "not_routed" and moon[0]["sites"] == []
+    assert split["f1"]["en"]["counts"]["not_routed"] >= 1
+    assert split["f1"]["en"]["questions"] == 2
+    md = (tmp_path / "misses.md").read_text()
+    assert "| en | 2 |" in md and "not routed" in md and md in capsys.readouterr().out
+
+
+def test_miss_report_refuses_missing_or_old_progress_files(tmp_path, capsys):
+    from lafn_lightning.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["miss-report", str(tmp_path / "none.json")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "no progress file" in err and err.count("\n") == 1
+    old = ["teacher_forced", "all_cached", "generality", "en", 0.5, 0.0, "x"]          # 7 elements: no sites
+    (tmp_path / "old.progress.jsonl").write_text(
+        json.dumps({"header": {"languages": ["en"], "mode": "multilingual", "method": None}}) + "\n"
+        + json.dumps({"run": "multilingual", "group_id": "a", "cells": [old]}) + "\n")
+    with pytest.raises(SystemExit) as exit_:
+        main(["miss-report", str(tmp_path / "old.json")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "--restart true" in err and err.count("\n") == 1
+
+
+# ----------------------------------------------------------------------- the split, on hand-made cells
+
+
+def _c(lang, f1, em, sites, end, metric="generality", setting="all_cached", pred="p"):
+    extra = {"sites": sites, "subject_end": end}
+    return ["teacher_forced", setting, metric, lang, f1, em, pred, extra]
+
+
+def test_classify_each_category():
+    from lafn_lightning.evaluation.miss_report import classify
+
+    assert classify("g", [], 4) == "not_routed"
+    assert classify("g", [[4, "h"]], 4) == "other_group"
+    assert classify("g", [[2, "g"]], 4) == "other_token"
+    assert classify("g", [[2, "g"], [4, "h"]], 4) == "other_token"
+    assert classify("g", [[4, "g"]], 4) == "routed_no_answer"
+    assert classify("g", [[2, "g"]], None) == "routed_no_answer"          # subject's token unknown
+
+
+def test_miss_split_counts_shares_and_examples():
+    from lafn_lightning.evaluation.miss_report import format_markdown, miss_split
+
+    records = [
+        {"run": "multilingual", "group_id": "g", "cells": [
+            _c("en", 1.0, 1.0, [[4, "g"]], 4),                    # a hit: not a miss
+            _c("en", 0.5, 0.0, [], None, pred="a|b"),             # not routed
+            _c("de", 0.5, 0.0, [[3, "h"]], 3),                    # another group only
+            _c("de", 1.0, 0.0, [[1, "g"]], 3),                    # F1 hit, EM miss, other token
+            _c("de", 0.0, 0.0, [[3, "g"]], 3),                    # routed, no answer
+            _c("de", 0.0, 0.0, [[3, "g"]], 3, setting="edit_one_test_one"),   # another setting
+            _c("de", 0.0, 0.0, [[3, "g"]], 3, metric="reliability"),          # another metric
+            ["teacher_forced", "all_cached", "generality", "de", 0.0, 0.0, "old"],   # no sites recorded
+        ]},
+    ]
+    split = miss_split(records, languages=["en", "de"])
+    assert split["setting"] == "all_cached" and split["languages"] == ["en", "de"]
+    f1, em = split["f1"], split["em"]
+    assert f1["en"]["questions"] == 2 and f1["en"]["misses"] == 1 and f1["en"]["counts"]["not_routed"] == 1
+    assert f1["de"]["questions"] == 4 and f1["de"]["misses"] == 2
+    assert f1["de"]["counts"] == {"not_routed": 0, "other_group": 1, "other_token": 0, "routed_no_answer": 1}
+    assert f1["de"]["shares"]["other_group"] == 0.5
+    assert em["de"]["counts"] == {"not_routed": 0, "other_group": 1, "other_token": 1, "routed_no_answer": 1}
+    assert f1["avg"]["misses"] == 3 and f1["avg"]["counts"]["not_routed"] == 1
+    assert f1["avg"]["shares"]["not_routed"] == pytest.approx(0.5)             # (1.0 + 0.0) / 2 languages
+    assert split["unrecorded"] == {"f1": 1, "em": 1}
+    assert sorted(e["category"] for e in split["examples"]) == ["not_routed", "other_group", "routed_no_answer"]
+    assert miss_split(records[:1], setting="edit_one_test_one")["f1"]["de"]["counts"]["routed_no_answer"] == 1
+    md = format_markdown(split)
+    assert "| en | 2 | 1 | 1 (100%) | 0 (0%) | 0 (0%) | 0 (0%) |" in md and "a\\|b" in md
+    # cross-lingual: a run's own language is left out, as in the results tables
+    from lafn_lightning.evaluation.miss_report import include_for_mode
+
+    cross = miss_split([{**records[0], "run": "de"}], include=include_for_mode("cross-lingual"))
+    assert cross["languages"] == ["en"]

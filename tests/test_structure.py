@@ -11,7 +11,7 @@ import torch
 
 from conftest import fit
 from lafn_lightning.cache import CacheError, EditCache
-from lafn_lightning.cli import COMMANDS, NOT_OFFERED, SUMMARIES, _next_hint, main
+from lafn_lightning.cli import COMMANDS, NOT_OFFERED, PLAIN, SUMMARIES, _next_hint, main
 from lafn_lightning.data import MZSRE_LANGUAGES, default_dataset, load_groups
 from lafn_lightning.editing.prompts import encode_edit_text
 from lafn_lightning.evaluation.metrics import encode_prompt_targets
@@ -137,7 +137,7 @@ def test_every_command_has_the_shared_options_and_its_own(capsys):
         for shared in ("--config", "--data.groups", "--model.layers", "--locate.beta", "--trainer.max_steps",
                        "--cache_dir", "--print_config", option):
             assert shared in text, (command, shared)
-    assert set(own) | {"cache"} == set(COMMANDS)
+    assert set(own) | {"cache", *PLAIN} == set(COMMANDS)
 
 
 def test_help_lists_every_command_with_one_line(capsys):

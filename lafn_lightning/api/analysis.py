@@ -1,7 +1,8 @@
-"""``lafn match-report`` and ``lafn plots``: analysis commands over a config's groups.
+"""``lafn match-report``, ``lafn plots`` and ``lafn miss-report``: analysis commands.
 
     match_report(Settings.from_config("demo", overrides={"data.groups": None}), output="coverage.json")
     plots(Settings.from_config("demo"), output="runs/plots")
+    miss_report("runs/r.json", metric="generality", output="runs/r.misses.md")
 """
 from __future__ import annotations
 
@@ -14,12 +15,14 @@ from ..backbone.ffn import adapter_for
 from ..backbone.loading import load_backbone
 from ..editing.datamodule import locating_corpus
 from ..evaluation.match_report import coverage_report, format_table
+from ..evaluation.miss_report import format_markdown, include_for_mode, miss_split
+from ..evaluation.protocol import SETTINGS, VIEWS, cell_sites, progress_file, read_progress
 from ..evaluation.plots import _pyplot, difference_matrix, factual_neuron_counts, plot_difference_heatmap, plot_layer_counts
 from ..files import atomic_write
 from ..text.matching import MATCHERS
 from .settings import Settings
 
-__all__ = ["match_report", "plots"]
+__all__ = ["match_report", "plots", "miss_report"]
 
 
 def match_report(settings: Settings, matchers: list[str] = list(MATCHERS), output: str | None = None) -> dict:
@@ -135,3 +138,59 @@ def plots(settings: Settings, output: str, layer: int | None = None, max_groups:
     print(f"[lafn] wrote {out / 'factual_neurons_per_layer.png'}, {out / f'neuron_difference_layer{layer}.png'}, "
           f"{out / 'neurons.json'}", file=sys.stderr)
     return summary
+
+
+def miss_report(results: str, metric: str = "generality", setting: str | None = None, view: str = "teacher_forced",
+                examples: int = 5, output: str | None = None) -> dict:
+    """Split every miss of a metric per language by where the edit fired: not routed, routed to
+    another group, routed to another token, routed with no answer.
+
+    Reads the progress file of an evaluation (RESULTS with suffix .progress.jsonl, written by
+    ``lafn evaluate --output RESULTS``; a running evaluation's file can be read) and prints the
+    tables (markdown). Categories and fields: :mod:`lafn_lightning.evaluation.miss_report`.
+
+    Args:
+        results: the results JSON file of ``lafn evaluate`` (only its progress file is read).
+        metric: reliability, generality, locality or portability.
+        setting: all_cached or edit_one_test_one (default: all_cached where the evaluation has it,
+            else edit_one_test_one).
+        view: teacher_forced or generation.
+        examples: example misses listed per category.
+        output: also write the markdown here and the split as JSON beside it (suffix .json; an
+            OUTPUT ending in .json: the JSON only).
+    """
+    from ..evaluation.metrics import METRICS
+
+    if metric not in METRICS:
+        raise ValueError(f"metric={metric!r}: one of {', '.join(METRICS)}")
+    if setting is not None and setting not in SETTINGS:
+        raise ValueError(f"setting={setting!r}: one of {', '.join(SETTINGS)}")
+    if view not in VIEWS:
+        raise ValueError(f"view={view!r}: one of {', '.join(VIEWS)}")
+    path = progress_file(results)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no progress file of {results} (lafn evaluate --output {results} writes it)")
+    header, records = read_progress(path)
+    recorded = any(cell_sites(c)[0] is not None for r in records for c in r["cells"] if c[1] != "pre_edit")
+    if not recorded:
+        if header.get("method"):
+            raise ValueError(f"{path}: a comparison method ({header['method'].get('name')}) records no edit sites; "
+                             "miss-report splits the misses of LU-LAFN evaluations")
+        raise ValueError(f"{path} was written before edit sites were recorded (or holds no scored group); "
+                         "rerun lafn evaluate with --restart true")
+    split = miss_split(records, metric=metric, setting=setting, view=view, languages=header.get("languages"),
+                       include=include_for_mode(header.get("mode")), examples=examples)
+    markdown = format_markdown(split)
+    print(markdown)
+    if split["unrecorded"]["f1"]:
+        print(f"[lafn] {split['unrecorded']['f1']} miss(es) in {path} have no recorded sites (older lines): "
+              "rerun lafn evaluate with --restart true to split them all", file=sys.stderr)
+    if output:
+        out = Path(output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        data = out.with_suffix(".json")
+        atomic_write(data, json.dumps(split, indent=1, ensure_ascii=False) + "\n")
+        if data != out:
+            atomic_write(out, markdown)
+        print(f"wrote {', '.join(dict.fromkeys(map(str, (out, data))))}", file=sys.stderr)
+    return split

@@ -5,13 +5,15 @@
     lafn edit-dataset -c demo --data.groups null --edit_batch_size 16
     lafn evaluate -c demo --data.groups 0:50 --output runs/enzh/results.json
     lafn cache list edit_cache
+    lafn miss-report runs/enzh/results.json --metric generality --output runs/enzh/misses.md
 
-Every subcommand but ``cache`` takes ``-c CONFIG`` (a path or a shipped name) and the same
+Every subcommand but ``cache`` and the commands over a results file (``PLAIN``) takes ``-c CONFIG`` (a path or a shipped name) and the same
 ``--data.* --model.* --locate.* --trainer.* --cache_dir`` options; ``--help`` and
 ``--print_config`` work on each. Bad input: one line on stderr, exit 2 (``LAFN_DEBUG=1``: traceback).
 """
 from __future__ import annotations
 
+import argparse
 import importlib
 import inspect
 import functools
@@ -32,6 +34,7 @@ COMMANDS = {
     "evaluate": "lafn_lightning.api.scoring:evaluate",
     "match-report": "lafn_lightning.api.analysis:match_report",
     "plots": "lafn_lightning.api.analysis:plots",
+    "miss-report": "lafn_lightning.api.analysis:miss_report",
     "paraphrase": "lafn_lightning.api.corpus:paraphrase",
     "cache": "lafn_lightning.cli.cache:cache_command",
 }
@@ -41,11 +44,15 @@ SUMMARIES = {
     "edit-dataset": "edit every selected group in batches of --edit_batch_size, resumably, into one cache",
     "evaluate": "edit what the cache lacks, then score Reliability/Generality/Locality/Portability",
     "match-report": "how often each subject matcher finds a group's subject (and falsely fires)",
+    "miss-report": "split each miss of a metric per language: not routed / other group / other token / no answer",
     "plots": "paper Figures 1 and 4: factual neurons per layer and neuron-set differences",
     "paraphrase": "write the locating corpus: paraphrases of each edit question by an instruct model",
     "plan": "size a run before starting it: predicted peak memory, FLOPs, steps and hours",
     "cache": "list, show, delete, merge, verify, gc and stats of an edit cache",
 }
+#: commands over files, not a config: positional arguments and ``--option`` from the function's
+#: signature and the Args section of its docstring (no ``-c CONFIG``)
+PLAIN = ("miss-report",)
 #: LightningCLI subcommands this project does not offer (editing is ``fit``; scoring is ``evaluate``)
 NOT_OFFERED = ("validate", "test", "predict")
 #: parameters of an API function that the command line does not set
@@ -71,6 +78,40 @@ def run_command(name: str, argv: list[str]):
                   parser_kwargs={"prog": f"lafn {name}", "description": doc.split("\n\n")[0]})
     own = {p: cli.config[p] for p in inspect.signature(fn).parameters if p not in NOT_ON_COMMAND_LINE}
     return fn(Settings.from_namespace(cli), **own)
+
+
+def _arg_help(doc: str) -> dict[str, str]:
+    """``{argument: text}`` from the Args section of a Google-style docstring."""
+    helps: dict[str, str] = {}
+    lines = doc.split("Args:", 1)[1].splitlines() if "Args:" in doc else []
+    name = None
+    for line in lines[1:]:
+        if line.strip() and not line.startswith(" "):
+            break
+        head = line.strip().split(":", 1)
+        if line.startswith("    ") and not line.startswith("     ") and len(head) == 2 and head[0].isidentifier():
+            name, helps[head[0]] = head[0], head[1].strip()
+        elif name and line.strip():
+            helps[name] += " " + line.strip()
+    return helps
+
+
+def run_plain(name: str, argv: list[str]):
+    """Run a command of ``PLAIN``: parameters without a default are positional, the others
+    ``--name VALUE`` (typed as their default; ``None`` defaults take a string)."""
+    fn = _function(name)
+    doc = inspect.getdoc(fn) or ""
+    helps = _arg_help(doc)
+    parser = argparse.ArgumentParser(prog=f"lafn {name}", description=doc.split("\n\n")[0])
+    for p in inspect.signature(fn).parameters.values():
+        if p.default is inspect.Parameter.empty:
+            parser.add_argument(p.name, help=helps.get(p.name))
+        else:
+            kind = type(p.default) if p.default is not None else str
+            parser.add_argument(f"--{p.name}", type=kind, default=p.default,
+                                help=helps.get(p.name, "") + ("" if "default" in helps.get(p.name, "")
+                                                              else f" (default: {p.default})"))
+    return fn(**vars(parser.parse_args(argv)))
 
 
 def _command_line_view(fn):
@@ -172,6 +213,8 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(2)
         if args[0] == "cache":
             _function("cache")(args[1:])
+        elif args[0] in PLAIN:
+            run_plain(args[0], args[1:])
         elif args and args[0] in COMMANDS:
             run_command(args[0], args[1:])
         else:
