@@ -104,3 +104,35 @@ def test_converged_languages_leave_the_step_and_the_group_stops_on_a_full_step(t
     assert steps[-1][2].amax() < stop                        # ... with every language below the stop loss
     for (_, ran, loss), f in zip(steps[:-1], full[:-1]):
         assert not (f and loss.amax() < stop)                # and on the first full step that met it
+
+
+def test_a_converged_language_keeps_its_first_prompts(tmp_path, dev_data):
+    """``model.converged_prompts 1``: on a partial step a converged language runs its first prompt
+    only, the others every prompt."""
+    stop = 6.6
+    cli = LafnCLI(["-c", str(CONFIGS / "tiny.yaml"), "--cache_dir", str(tmp_path / "cache"), "--trainer.logger", "false",
+                   "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+                   "--trainer.default_root_dir", str(tmp_path), "--data.dataset", str(dev_data),
+                   "--data.languages", "null", "--data.groups", "0:1", "--locate.strategy", "all",
+                   "--model.stop_rule", "every_language", "--model.stop_loss", str(stop),
+                   "--model.drop_converged", "true", "--model.converged_prompts", "1",
+                   "--trainer.max_steps", "30"], run=False)
+    module, steps = cli.model, []
+    losses = module.losses
+
+    def spy(batch, active=None, cells=None):
+        before = module.final_language_loss[0].clone()
+        out = losses(batch, active, cells)
+        rows = out["rows"]
+        per_lang = torch.bincount(batch["language"][rows], minlength=12)
+        steps.append((before, per_lang))
+        return out
+
+    module.losses = spy
+    cli.trainer.fit(module, datamodule=cli.datamodule)
+    prompts = cli.datamodule.hparams.num_prefixes
+    partial = [(b, n) for b, n in steps[1:] if (n < prompts).any()]
+    assert partial                                          # some steps ran fewer rows
+    for before, per_lang in partial:
+        converged = before < stop
+        assert (per_lang[converged] == 1).all() and (per_lang[~converged] == prompts).all()

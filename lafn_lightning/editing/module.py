@@ -79,6 +79,9 @@ class LafnEditModule(L.LightningModule):
             Not the paper's (off).
         full_every: with ``drop_converged``, a group's every ``full_every``-th step runs all its
             languages.
+        converged_prompts: with ``drop_converged``, a converged language still runs its first this
+            many prompts (the bare question first, with ``data.bare_prompt``), so the step keeps
+            holding it; its loss on them decides whether it rejoins in full.
         lr_schedule: ``constant`` (paper) or ``cosine``: the learning rate falls from ``lr`` to
             ``lr * lr_floor`` along a half cosine over ``trainer.max_steps``.
         lr_floor: the last learning rate of ``cosine`` as a share of ``lr``.
@@ -105,6 +108,7 @@ class LafnEditModule(L.LightningModule):
         part_tokens: int | None = None,
         drop_converged: bool = False,
         full_every: int = 5,
+        converged_prompts: int = 0,
         lr_schedule: str = "constant",
         lr_floor: float = 0.1,
     ) -> None:
@@ -118,6 +122,8 @@ class LafnEditModule(L.LightningModule):
             raise ValueError(f"model.memory_budget_gb={memory_budget_gb}: a positive number of GB (or null: from the device)")
         if part_tokens is not None and part_tokens < 1:
             raise ValueError(f"model.part_tokens={part_tokens}: at least 1 (or null: from the device)")
+        if converged_prompts < 0:
+            raise ValueError(f"model.converged_prompts={converged_prompts}: 0 or more prompts per converged language")
         if full_every < 1:
             raise ValueError(f"model.full_every={full_every}: at least 1 (every step runs every language)")
         if lr_schedule not in LR_SCHEDULES:
@@ -353,7 +359,8 @@ class LafnEditModule(L.LightningModule):
         active = torch.ones(n_groups, dtype=torch.bool, device=self.device) if active is None else active
         run = active[batch["group"]]
         if cells is not None:
-            run = run & cells[batch["group"], batch["language"]]
+            keep = _prompt_rank(batch) < self.hparams.get("converged_prompts", 0)
+            run = run & (cells[batch["group"], batch["language"]] | keep)
         rows = run.nonzero().squeeze(1)
         groups = batch["group"][rows]
         # Rows of very different lengths (12 scripts) waste compute on padding: with
@@ -486,6 +493,15 @@ STOP_RULES = ("mean", "every_language")
 WEIGHTINGS = ("uniform", "loss")
 #: Learning-rate schedules (``constant`` is the paper's).
 LR_SCHEDULES = ("constant", "cosine")
+
+
+def _prompt_rank(batch: dict) -> torch.Tensor:
+    """Per answer row, its index among the rows of its group and language (the datamodule writes
+    a group's rows language by language, prompt by prompt)."""
+    key = batch["group"] * (int(batch["language"].max()) + 1) + batch["language"]
+    index = torch.arange(len(key), device=key.device)
+    first = torch.full((int(key.max()) + 1,), len(key), device=key.device).scatter_reduce(0, key, index, "amin")
+    return index - first[key]
 
 
 def _captured(store: dict, key: str, ids: torch.Tensor):
