@@ -363,3 +363,32 @@ def test_spans_always_map_back_to_the_subject(mode):
             assert [(x.start, x.end) for x in alone] == [(0, len(piece))], (text, hit)
             checked += 1
     assert checked > 1000
+
+
+# ----------------------------------------------------------------------------------- folds and scripts
+
+
+def test_the_three_folds_differ_where_documented():
+    """text/folding.py: the matchers' case fold keeps accents, the fuzzy fold drops them and folds
+    ø/ł, the router's n-gram fold drops every mark but Thai ones and keeps ø; one case rule for all."""
+    from lafn_lightning.text.folding import fold_accents, fold_case, ngram_fold
+
+    assert fold_case("İSTANBUL") == "istanbul" and fold_case("Café") == "café" and fold_case("ﬁ") == "fi"
+    assert fold_accents(fold_case("Łódź")) == "lodz" and fold_accents("ดอกฝิ่น") == "ดอกฝิน"
+    assert fold_accents("คิดส์") == ""
+    assert ngram_fold("Łódź, Ærø!") == "łodz ærø" and ngram_fold("İstanbul") == "istanbul"
+    assert ngram_fold("ดอกฝิ่น") == "ดอกฝิ่น"       # Thai marks are part of the spelling
+    assert ngram_fold("ガ") == "カ" and ngram_fold("한") == "\u1112\u1161\u11ab"   # voicing mark; jamo
+
+
+def test_script_rules_for_spaces_and_ngrams():
+    """Korean is written with spaces; Han, Kana, Thai, Lao, Khmer and Myanmar are not. The
+    router's bigram rule reads that table on folded text, so folded Korean counts in trigrams."""
+    from lafn_lightning.routing.lexical import fold
+    from lafn_lightning.text.scripts import is_logographic, is_unspaced, mostly_unspaced
+
+    assert all(is_unspaced(c) for c in "巴カかกລກ្មမ") and not is_unspaced("한")
+    assert is_logographic("한") and is_logographic("钫") and not is_logographic("ก")
+    assert mostly_unspaced(fold("IAAF综合项目挑战赛")) and mostly_unspaced(fold("กรุงเทพ มหานคร"))
+    assert not mostly_unspaced(fold("国际田联 Challenge"))   # at least half of the characters
+    assert not mostly_unspaced(fold("서울 특별시")) and not mostly_unspaced(fold("Москва"))

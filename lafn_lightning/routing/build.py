@@ -22,10 +22,11 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from ..text.matching import _is_spaced_word_char
+from ..text.scripts import mostly_unspaced
 from ..text.spans import last_token_of_span
 from ..text.subjects import anchor_text, subject_span
 from .keys import KeyStore
-from .lexical import _no_space, background_facts, fold, lexical_support
+from .lexical import background_facts, fold, lexical_support
 from .router import Router, calibrate_threshold, site_tokens
 from .states import encode_with_offsets, ids_states
 
@@ -111,7 +112,7 @@ def mention_alias(prompt: str, end: int, subject: str) -> str:
     """
     head = prompt[:end]
     window = head[-len(subject):]
-    if _no_space(fold(subject)) and _no_space(fold(window)):
+    if mostly_unspaced(fold(subject)) and mostly_unspaced(fold(window)):
         return window.strip()
     return " ".join(head.split()[-max(1, len(fold(subject).split())):])
 

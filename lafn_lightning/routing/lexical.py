@@ -3,14 +3,11 @@
     lexical_support("Когда возникла инициатива ИААФ по многоборью?", ["Соревнования ИААФ по многоборью"])
     # 0.62: share of the subject's character n-grams (folded) found in the query
 
-Characters are NFKD-folded, marks dropped, case-folded, runs of non-letters/digits become one
-space; n = 2 for subjects in dense scripts (:func:`lafn_lightning.text.scripts.mostly_dense`: CJK,
-Kana, Thai, Hangul, ...), else 3.  The score is the best over the group's subjects (every language).
-
-:func:`fold` is the n-gram fold of the router, not the subject matchers' (``text/matching.py``:
-NFKC for exact/normalized, diacritics-only stripping plus a letter table for fuzzy): it drops every
-combining mark but Thai/Lao ones, keeps "ı" and "ø", and turns punctuation into spaces. Its router
-thresholds were calibrated with it (docs/router.md), so the two rules stay separate.
+Query and subjects are folded by :func:`lafn_lightning.text.folding.ngram_fold` (here ``fold``: NFKD,
+case-folded, combining marks but Thai/Lao ones dropped, runs of non-letters/digits one space; the
+router's thresholds were calibrated on it, docs/router.md); n = 2 for subjects mostly in scripts
+written without spaces (:func:`lafn_lightning.text.scripts.mostly_unspaced`: Han, Kana, Thai, Lao,
+Khmer, Myanmar), else 3. The score is the best over the group's subjects (every language).
 
 ``edges=True`` counts a subject only where both of its ends are spelled (:func:`edges_spelled`):
 a query sharing one word of a two-word name ("Thomas Rhett" for "Marlo Thomas", "the good doctor"
@@ -19,13 +16,13 @@ for "Call the Doctor") then scores 0, an inflected mention ("Ненада Ста
 from __future__ import annotations
 
 import math
-import unicodedata
 from collections.abc import Iterable, Iterator, Mapping
 from functools import lru_cache
 
 import numpy as np
 
-from ..text.scripts import mostly_dense
+from ..text.folding import ngram_fold as fold
+from ..text.scripts import mostly_unspaced
 
 __all__ = ["fold", "lexical_support", "end_supports", "edges_spelled", "SubjectGramIndex", "background_facts",
            "COMMON_SHARE"]
@@ -33,25 +30,6 @@ __all__ = ["fold", "lexical_support", "end_supports", "edges_spelled", "SubjectG
 #: the share of a subject (both ends) that a background question must spell to count for
 #: :func:`background_facts`: the lowest further tier of the twelve-language preset
 COMMON_SHARE = 0.7
-
-_no_space = mostly_dense  # n-grams of 2 characters, not 3, for such text
-
-
-@lru_cache(maxsize=65536)
-def fold(text: str) -> str:
-    """Case-folded, accent-free text with single spaces between letter/digit runs."""
-    out, space = [], True
-    for ch in unicodedata.normalize("NFKD", text).casefold():
-        cat = unicodedata.category(ch)
-        if cat[0] == "M" and not (0x0E00 <= ord(ch) <= 0x0EFF):
-            continue
-        if cat[0] in "LN" or (0x0E00 <= ord(ch) <= 0x0EFF):
-            out.append(ch)
-            space = False
-        elif not space:
-            out.append(" ")
-            space = True
-    return "".join(out).strip()
 
 
 @lru_cache(maxsize=65536)
@@ -77,7 +55,7 @@ def _edge_spec(fs: str) -> tuple[tuple[frozenset[str], int, str], ...]:
     long: ".45 Super" needs its "45"): padded trigrams, :data:`EDGE_SHARE` of them in one query
     word that starts with its first :data:`EDGE_PREFIX` characters (:func:`_end_ok`)."""
     words = fs.split()
-    if _no_space(fs):
+    if mostly_unspaced(fs):
         ends = dict.fromkeys((words[0], words[-1]) if len(words) > 1 else (fs[:EDGE_CHARS], fs[-EDGE_CHARS:]))
         return tuple((g, _need(len(g), EDGE_CHAR_SHARE), "") for g in (_grams(e, 2) for e in ends))
     long = [w for w in words if len(w) >= EDGE_WORD_MIN]
@@ -121,7 +99,7 @@ def edges_spelled(query: str, subject: str) -> bool:
     """
     q, fs = fold(query), fold(subject)
     spec = _edge_spec(fs)
-    return _ends_spelled(spec, f" {q}", _grams(q, 2 if _no_space(fs) else 3)) == len(spec)
+    return _ends_spelled(spec, f" {q}", _grams(q, 2 if mostly_unspaced(fs) else 3)) == len(spec)
 
 
 def lexical_support(query: str, subjects: Iterable[str], *, edges: bool = False) -> float:
@@ -138,7 +116,7 @@ def _shares(q: str, subjects: Iterable[str]) -> Iterator[tuple[str, float, froze
     for s in subjects:
         fs = fold(s)
         if fs:
-            n = 2 if _no_space(fs) else 3
+            n = 2 if mostly_unspaced(fs) else 3
             g, qg = _grams(fs, n), _grams(q, n)
             yield fs, len(g & qg) / len(g), qg
 
@@ -278,7 +256,7 @@ class SubjectGramIndex:
         for fs in folded:
             e = self._subjects.get(fs)
             if e is None:
-                n = 2 if _no_space(fs) else 3
+                n = 2 if mostly_unspaced(fs) else 3
                 grams = _grams(fs, n)
                 spec = _edge_spec(fs) if self.edges else ()
                 e = self._subjects[fs] = _Subject(spec, len(self._by_id), n, grams, _need(len(grams), self.min_share))

@@ -16,6 +16,7 @@ from functools import lru_cache
 
 import ahocorasick
 
+from .folding import fold_accents, fold_case
 from .scripts import is_unspaced
 
 __all__ = ["MATCHERS", "Match", "SubjectMatcher"]
@@ -66,13 +67,6 @@ def _is_spaced_word_char(ch: str) -> bool:
     return _char_class(ch) == _WORD
 
 
-@lru_cache(maxsize=65536)
-def _nfkc_fold(cluster: str) -> str:
-    """NFKC + case folding of one character cluster (Turkish 'İ' folds to plain 'i')."""
-    folded = unicodedata.normalize("NFKC", cluster).casefold().replace("i\u0307", "i")
-    return unicodedata.normalize("NFKC", folded)
-
-
 # --------------------------------------------------------------------------- tokenisation
 
 
@@ -107,11 +101,11 @@ def _tokens(text: str) -> list[tuple[str, int, int]]:
         if cls != _WORD:
             flush()
             if cls in (_NOSPACE, _SYMBOL):
-                norm = _nfkc_fold(text[start:end])
+                norm = fold_case(text[start:end])
                 if norm.strip():
                     out.append((norm, start, end))
             continue
-        for ch in _nfkc_fold(text[start:end]):  # NFKC may expand: "ﬁ" -> "fi", "①" -> "1"
+        for ch in fold_case(text[start:end]):  # NFKC may expand: "ﬁ" -> "fi", "①" -> "1"
             cat = unicodedata.category(ch)[0]
             kind = "D" if cat == "N" else "L" if cat in "LM" else ""
             if kind != buf_kind:
@@ -125,46 +119,8 @@ def _tokens(text: str) -> list[tuple[str, int, int]]:
     return out
 
 
-# --------------------------------------------------------------------------- fuzzy folding
-
-# Combining marks removed by the fuzzy matcher: accents of Latin/Greek/Cyrillic, Arabic
-# harakat, Hebrew points.  Marks that are letters' vowels (Indic, Thai) are kept.
-_DIACRITIC_RANGES = (
-    (0x0300, 0x036F),
-    (0x0591, 0x05BD),
-    (0x05BF, 0x05C7),
-    (0x064B, 0x065F),
-    (0x0670, 0x0670),
-    (0x1AB0, 0x1AFF),
-    (0x1DC0, 0x1DFF),
-    (0x20D0, 0x20FF),
-    (0xFE20, 0xFE2F),
-)
-_LETTER_FOLD = str.maketrans(
-    {"ø": "o", "ł": "l", "đ": "d", "ð": "d", "ı": "i", "æ": "ae", "œ": "oe", "þ": "th",
-     "ħ": "h", "ŀ": "l", "ŧ": "t"}
-)
-_THAI_IGNORED = frozenset("\u0e47\u0e48\u0e49\u0e4a\u0e4b")  # mai taikhu, 4 tone marks
-_THAI_SILENT = "\u0e4c"  # thanthakhat: the letter carrying it is not pronounced
-
-
-def _is_diacritic(ch: str) -> bool:
-    cp = ord(ch)
-    return any(lo <= cp <= hi for lo, hi in _DIACRITIC_RANGES)
-
-
-@lru_cache(maxsize=65536)
-def _fuzzy_fold(token: str) -> str:
-    """Fold a normalized token for the fuzzy matcher ('' means: ignore the token)."""
-    if "\u0e00" <= token[0] <= "\u0e7f":  # Thai cluster
-        if _THAI_SILENT in token:
-            return ""
-        return "".join(ch for ch in token if ch not in _THAI_IGNORED)
-    stripped = "".join(
-        ch for ch in unicodedata.normalize("NFKD", token) if not _is_diacritic(ch)
-    )
-    return unicodedata.normalize("NFC", stripped.translate(_LETTER_FOLD))
-
+# --------------------------------------------------------------------------- fuzzy stems
+# (tokens are folded first: fold_accents of text/folding.py)
 
 # Inflectional endings, language-agnostic per script (applied after folding).  Kept short on
 # purpose: every ending pair is a chance to confuse two different names.
@@ -180,7 +136,7 @@ _ENDINGS = {
         "nin nun nu nda nde ndan nden".split()
     ),
     "cyrillic": frozenset(
-        _fuzzy_fold(e)
+        fold_accents(e)
         for e in (
             "а я о е ы и у ю ь й "
             "ой ей ий ый ая яя ое ее ые ие ую юю ом ем ам ям ах ях ым им ых их "
@@ -339,7 +295,7 @@ class _TokenIndex:
             return [(tok, tok, start, end) for tok, start, end in tokens]
         keys = []
         for k, (tok, start, end) in enumerate(tokens):
-            key = _fuzzy_fold(tok)
+            key = fold_accents(tok)
             if not key:
                 continue
             if (

@@ -1,12 +1,14 @@
 """Scripts written without spaces between words: the one table the project uses.
 
     is_unspaced("巴")   # True: CJK, kana, Thai, Lao, Khmer, Myanmar
+    is_unspaced("한")   # False: Korean is written with spaces between words
     joins_without_space("？")  # True: also full-width forms (CJK punctuation)
-    is_dense("한")      # True: unspaced or logographic (one character is a syllable or morpheme)
+    is_logographic("한")  # True: one Han, Kana or Hangul character can name something
+    mostly_unspaced("กรุงเทพ")  # True: the router compares such text in character bigrams
 
 Answer joining (:mod:`lafn_lightning.editing.prompts`), subject matching
-(:mod:`lafn_lightning.text.matching`) and the router's character n-grams
-(:mod:`lafn_lightning.routing.lexical`) all read it.
+(:mod:`lafn_lightning.text.matching`), subject checks (:mod:`lafn_lightning.data.selection`) and
+the router's character n-grams (:mod:`lafn_lightning.routing.lexical`) all read it.
 """
 from __future__ import annotations
 
@@ -58,14 +60,10 @@ def joins_without_space(char: str) -> bool:
     return is_unspaced(char) or FULLWIDTH_FORMS[0] <= ord(char) <= FULLWIDTH_FORMS[1]
 
 
-def is_dense(char: str) -> bool:
-    """True for a character that carries a syllable or morpheme on its own: :func:`is_unspaced` or
-    :func:`is_logographic` (Hangul is written with spaces, but its syllables are as dense as Han).
-    Character bigrams of such text say as much as trigrams of alphabetic text."""
-    return is_unspaced(char) or is_logographic(char)
-
-
-def mostly_dense(text: str) -> bool:
-    """True when at least half of the non-space characters of ``text`` are :func:`is_dense`."""
-    n = sum(is_dense(c) for c in text)
+def mostly_unspaced(text: str) -> bool:
+    """True when at least half of the non-space characters of ``text`` are :func:`is_unspaced`: the
+    router then counts character bigrams, not trigrams (a Han or Thai character carries as much as
+    a few letters). Korean is spaced: its folded text (``text.folding.ngram_fold``: Hangul
+    syllables split into jamo) is counted in trigrams, about one syllable each."""
+    n = sum(is_unspaced(c) for c in text)
     return n * 2 >= max(1, sum(not c.isspace() for c in text))
