@@ -13,16 +13,15 @@ Anything after ``--`` goes to ``lafn fit`` unchanged.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import resource
+import tempfile
 import time
 from pathlib import Path
 
-from lafn_lightning.api.settings import LafnCLI
+from lafn_lightning.api.settings import LafnCLI, resolve_config
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
@@ -31,9 +30,9 @@ def main() -> None:
     parser.add_argument("--languages", default="null")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--steps", type=int, default=1)
-    parser.add_argument("--dataset", default=os.environ.get("LAFN_MZSRE_DEV"))
+    parser.add_argument("--dataset", default=None, help="MzsRE folder (default: the dev records shipped in the package)")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default="/tmp/lafn_edit_memory")
+    parser.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "lafn_edit_memory"))
     argv = sys.argv[1:]
     cut = argv.index("--") if "--" in argv else len(argv)
     args = parser.parse_args(argv[:cut])
@@ -46,7 +45,7 @@ def main() -> None:
         return mask, {lang: mask for lang in corpus}
 
     locator.locate_group = all_neurons
-    argv = ["-c", str(REPO / "configs" / "demo.yaml"), "--data.groups", args.groups, "--data.languages", args.languages,
+    argv = ["-c", resolve_config("demo"), "--data.groups", args.groups, "--data.languages", args.languages,
             "--model.dtype", args.dtype, "--trainer.max_steps", str(args.steps), "--cache_dir", args.out,
             "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
             "--trainer.enable_model_summary", "false", "--trainer.default_root_dir", args.out,

@@ -43,9 +43,9 @@ import lightning as L
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from lafn_lightning.api.settings import resolve_config
 from lafn_lightning.editing.sizing import matmul_peak
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 class StepMeter:
@@ -202,7 +202,7 @@ def main() -> None:
     args.fit_args = argv[cut + 1:]
     torch.set_num_threads(args.threads)
     out = Path(args.out or tempfile.mkdtemp(prefix="lafn_throughput_"))
-    base = ["-c", str(REPO / "configs" / f"{args.backbone}.yaml"), "--data.groups", args.groups,
+    base = ["-c", resolve_config(args.backbone), "--data.groups", args.groups,
             "--data.languages", args.languages, "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
             "--trainer.enable_model_summary", "false", "--trainer.enable_checkpointing", "false",
             "--trainer.default_root_dir", str(out), *args.fit_args]

@@ -55,6 +55,7 @@ from pathlib import Path
 import torch
 
 
+from lafn_lightning.api.settings import resolve_config
 from lafn_lightning.backbone.fingerprint import fingerprint
 from lafn_lightning.backbone.loading import load_backbone
 from lafn_lightning.cache import CacheEntry, EditCache, write_shard
@@ -62,7 +63,6 @@ from lafn_lightning.data import default_dataset, load_groups
 from lafn_lightning.inference.edited_model import EditedModel
 from lafn_lightning.backbone.ffn import adapter_for
 
-REPO = Path(__file__).resolve().parents[1]
 BACKBONES = {"tiny": "tiny-llama", "demo": "demo"}
 LATIN = "bcdfghjklmnprstvz"
 VOWELS = "aeiou"
@@ -84,10 +84,11 @@ def edited_layers(args, backbone: str) -> list[int]:
     import yaml
 
     name = "tiny" if backbone.startswith("tiny") else backbone
-    config = REPO / "configs" / f"{name}.yaml"
-    if config.is_file():
-        return list(yaml.safe_load(config.read_text())["model"]["layers"])
-    raise SystemExit(f"no configs/{name}.yaml to take the edited layers from; give --layers")
+    try:
+        config = Path(resolve_config(name))
+    except FileNotFoundError:
+        raise SystemExit(f"no shipped config {name!r} to take the edited layers from; give --layers") from None
+    return list(yaml.safe_load(config.read_text())["model"]["layers"])
 
 
 def build_caches(root: Path, sizes: list[int], real_groups, fp: dict, layers: list[int], d_ff: int,
@@ -138,7 +139,7 @@ def router_thresholds(backbone: str) -> tuple[float, float | None, list, int]:
     import yaml
 
     name = "tiny" if backbone.startswith("tiny") else backbone
-    export = (yaml.safe_load((REPO / "configs" / f"{name}.yaml").read_text()) or {}).get("export") or {}
+    export = (yaml.safe_load(Path(resolve_config(name)).read_text()) or {}).get("export") or {}
     if export.get("router_threshold") is None:
         return 0.999, None, [], 0   # a backbone without calibrated thresholds (tiny): only near-copies fire
     return (export["router_threshold"], export.get("router_lexical_threshold"), export.get("router_lexical_tiers") or [],

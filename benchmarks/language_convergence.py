@@ -14,16 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 import lightning as L
-from lafn_lightning.api.settings import LafnCLI
+from lafn_lightning.api.settings import LafnCLI, resolve_config
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 class LanguageRecorder(L.Callback):
@@ -96,8 +94,8 @@ def main() -> None:
     parser.add_argument("--name", default="paper")
     parser.add_argument("--groups", default="0:6")
     parser.add_argument("--languages", default="null")
-    parser.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"))
-    parser.add_argument("--dataset", default=os.environ.get("LAFN_MZSRE_DEV"))
+    parser.add_argument("--config", default="demo", help="a config file or shipped config name")
+    parser.add_argument("--dataset", default=None, help="MzsRE folder (default: the dev records shipped in the package)")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--matcher", default="exact")
     parser.add_argument("--threads", type=int, default=1)
@@ -114,7 +112,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     cache = out / f"{args.name}_cache"
     extra = [a for a in args.rest if a != "--"]
-    argv = ["-c", args.config, "--data.groups", args.groups, "--data.languages", args.languages,
+    argv = ["-c", resolve_config(args.config), "--data.groups", args.groups, "--data.languages", args.languages,
             "--model.dtype", args.dtype, "--cache_dir", str(cache), "--trainer.logger", "false",
             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
             "--trainer.default_root_dir", str(out), *(["--data.dataset", args.dataset] if args.dataset else []), *extra]

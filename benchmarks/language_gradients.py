@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import zlib
 from pathlib import Path
 
-from lafn_lightning.api.settings import LafnCLI
+from lafn_lightning.api.settings import LafnCLI, resolve_config
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
@@ -29,7 +27,7 @@ def main() -> None:
     parser.add_argument("--groups", default="0:2")
     parser.add_argument("--languages", default="null")
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--dataset", default=os.environ.get("LAFN_MZSRE_DEV"))
+    parser.add_argument("--dataset", default=None, help="MzsRE folder (default: the dev records shipped in the package)")
     parser.add_argument("--json", default=None)
     argv = sys.argv[1:]
     cut = argv.index("--") if "--" in argv else len(argv)
@@ -37,7 +35,7 @@ def main() -> None:
     torch.set_num_threads(1)
     from lafn_lightning.editing.locate import locate_group
 
-    cli = LafnCLI(["-c", str(REPO / "configs" / "demo.yaml"), "--data.groups", args.groups, "--data.languages",
+    cli = LafnCLI(["-c", resolve_config("demo"), "--data.groups", args.groups, "--data.languages",
                     args.languages, "--model.dtype", args.dtype, "--trainer.logger", "false",
                     *(["--data.dataset", args.dataset] if args.dataset else []), *argv[cut + 1:]], run=False)
     module, dm, cfg = cli.model, cli.datamodule, cli.config

@@ -16,6 +16,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -54,11 +55,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--dtype", default="float32", help="LM-head dtype (bfloat16 is the GPU setting)")
-    parser.add_argument("--weight", default=None, help="default: /tmp/lafn_demo_lm_head_DTYPE.pt")
+    parser.add_argument("--weight", default=None, help="default: lafn_demo_lm_head_DTYPE.pt in the temporary directory")
     parser.add_argument("--modes", default="full,chunked")
     parser.add_argument("--child", default=None)
     args = parser.parse_args()
-    args.weight = args.weight or f"/tmp/lafn_demo_lm_head_{args.dtype}.pt"
+    args.weight = args.weight or str(Path(tempfile.gettempdir()) / f"lafn_demo_lm_head_{args.dtype}.pt")
     if args.child:
         return child(args.child, args.tokens, args.weight)
     if not Path(args.weight).exists():

@@ -4,7 +4,7 @@
     python benchmarks/match_coverage_dev.py --misses ru     # list the misses of one language
     python benchmarks/match_coverage_dev.py --speed         # find() time with 100/10k/100k groups
 
-Coverage (the counting is :func:`lafn_lightning.match_report.measure`, also behind
+Coverage (the counting is :func:`lafn_lightning.evaluation.match_report.measure`, also behind
 ``lafn match-report``): all 150 records are registered as groups ``mzsre:{i}`` whose subjects are
 the record's 12 language subjects.  For each language and probe kind (src, rephrase, portability
 question) "found" is the share of texts in which ``find`` returns the record's own group; "other"
@@ -29,7 +29,7 @@ from lafn_lightning.text.matching import MATCHERS, SubjectMatcher
 
 
 def coverage(groups, mode: str, misses: str | None = None) -> None:
-    """Per-probe table of one matcher (counts from :func:`lafn_lightning.match_report.measure`)."""
+    """Per-probe table of one matcher (counts from :func:`lafn_lightning.evaluation.match_report.measure`)."""
     per_lang = measure(groups, mode)
     header = f"{'lang':5}" + "".join(f"{p[:5] + ' found':>12}{'other':>7}" for p in PROBES)
     print(f"\n== {mode} ==\n{header}{'all found':>11}{'loc false':>11}")

@@ -50,6 +50,7 @@ from pathlib import Path
 import torch
 
 
+from lafn_lightning.data import default_dataset
 from lafn_lightning.routing.router import Router, site_tokens
 from lafn_lightning.routing.keys import KeyStore
 from lafn_lightning.routing.lexical import _grams, fold
@@ -128,7 +129,7 @@ def group_subjects(k: int, facts: list[int], subjects: dict[str, list[str]], mod
 
 
 def locality_questions() -> list[str]:
-    path = Path(__file__).resolve().parents[1] / "lafn_lightning/data/mzsre_dev/mzsre_test_duplicate_enzh.json"
+    path = Path(default_dataset()) / "mzsre_test_duplicate_enzh.json"
     recs = json.loads(path.read_text(encoding="utf-8"))
     out = []
     for r in recs:

@@ -42,9 +42,8 @@ import torch
 import yaml
 from edit_throughput import MeterCallback, StepMeter, matmul_peak   # this folder: one meter and peak for both
 
-from lafn_lightning.api.settings import LafnCLI
+from lafn_lightning.api.settings import LafnCLI, resolve_config
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 class _StepClock(MeterCallback):
@@ -77,10 +76,10 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--steps must be at least 2 (the first step is warm-up)")
     torch.set_num_threads(args.threads)
     out = Path(tempfile.mkdtemp(prefix="lafn_step_time_"))
-    config = REPO / "configs" / f"{args.config}.yaml"
+    config = Path(resolve_config(args.config))
     own = (yaml.safe_load(config.read_text()) or {}).get("model", {}).get("layers")
     layers = [] if args.config == "demo" else ["--model.layers", json.dumps(own)]   # the preset's are the demo's
-    fit_args = ["-c", str(REPO / "configs" / f"{args.config}.yaml"), "-c", str(REPO / "configs" / "presets" / "twelve_languages.yaml"),
+    fit_args = ["-c", str(config), "-c", resolve_config("presets/twelve_languages"),
                 *layers, "--model.dtype", args.dtype, "--data.groups", args.groups,
                 "--data.languages", args.languages, "--trainer.max_steps", str(args.steps),
                 "--cache_dir", str(out / "cache"), "--trainer.logger", "false",

@@ -261,7 +261,7 @@ class RoutedEditedModel(EditedModel):
 
 
 class RouterMatcher:
-    """A :class:`~lafn_lightning.matching.SubjectMatcher` look-alike over a :class:`Router`
+    """A :class:`~lafn_lightning.text.matching.SubjectMatcher` look-alike over a :class:`Router`
     (``find(text) -> [Match]``, the span being the routed token), so that
     ``match_report.measure(groups, "router", matcher=RouterMatcher(router, model, tok))`` and
     ``lafn match-report --matchers router`` can count its coverage like the string matchers'.

@@ -95,7 +95,7 @@ def apply_artifact(model, path):
 class ArtifactModel(nn.Module):
     """The backbone with an artifact attached only during its own calls, so the plain backbone
     stays usable beside it (the unedited reference of Locality). Drop-in for an ``EditedModel``
-    in :func:`lafn_lightning.evaluation.score_group`::
+    in :func:`lafn_lightning.evaluation.protocol.score_group`::
 
         edited = ArtifactModel(model, "runs/memit")
         cells = score_group(model, tok, group, {"edit_one_test_one": edited})

@@ -48,7 +48,7 @@ FFN_PROJECTIONS = {"gated": ("up_proj", "down_proj"), "bloom": ("dense_h_to_4h",
 def edit_batch(tokenizer, groups: Sequence[EditGroup]) -> dict:
     """Right-padded ``input_ids``/``attention_mask`` of ``join_prompt_target(question, answer)`` for
     every group and language, and ``target_mask[r, t]``: logits at ``t`` predict an answer token
-    (the answer tokens of :func:`lafn_lightning.metrics.encode_prompt_targets`)."""
+    (the answer tokens of :func:`lafn_lightning.evaluation.metrics.encode_prompt_targets`)."""
     pairs = [(e.prompt, e.target) for g in groups for e in g.edits.values()]
     encoded = encode_prompt_targets(tokenizer, [p for p, _ in pairs], [t for _, t in pairs])
     width = max(len(e.input_ids) for e in encoded)
@@ -66,7 +66,7 @@ def edit_batch(tokenizer, groups: Sequence[EditGroup]) -> dict:
 class EditQuestionsData(L.LightningDataModule):
     """The edit questions and new answers of one edit batch, every step the whole batch.
 
-    Args: as :class:`lafn_lightning.datamodule.EditBatchDataModule` (dataset, format, languages,
+    Args: as :class:`lafn_lightning.editing.datamodule.EditBatchDataModule` (dataset, format, languages,
     groups, backbone, dtype); ``edit_groups`` gives the groups directly (tests, the API).
     """
 
