@@ -61,8 +61,8 @@ def test_stopped_group_keeps_the_delta_that_converged(tmp_path, monkeypatch):
 
     real, seen = LafnEditModule.losses, []
 
-    def losses(self, batch, active=None):
-        out = real(self, batch, active)
+    def losses(self, batch, active=None, cells=None):
+        out = real(self, batch, active, cells)
         if int(self.steps[0]) == 2:                     # group 0's 3rd step: converged here
             seen.append(self.delta_v.detach()[0].clone())
             out["target"] = torch.stack([out["target"][0] * 0, out["target"][1]])
