@@ -77,6 +77,22 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def naming(path: str | os.PathLike) -> Iterator[None]:
+    """Give an OSError raised inside that names no file (a full disk at ``write`` or ``fsync``)
+    ``path`` as its file, so that its one-line message says where.
+
+        with naming(log), open(log, "a") as f:
+            f.write(line)                 # OSError: [Errno 28] No space left on device: 'log'
+    """
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None and e.strerror is not None:   # OSError("text") keeps its text
+            e.filename = str(path)
+        raise
+
+
 def tmp_path(final: str | os.PathLike) -> Path:
     """A unique temporary name beside ``final`` (hidden, ends in ``.tmp``)."""
     final = Path(final)
@@ -86,15 +102,17 @@ def tmp_path(final: str | os.PathLike) -> Path:
 @contextlib.contextmanager
 def atomic_output(final: str | os.PathLike, mode: str = "wb") -> Iterator:
     """Open a temporary file for writing; on success it is fsynced and renamed to ``final``,
-    on error it is removed and ``final`` is left untouched."""
+    on error it is removed and ``final`` is left untouched (an OSError names ``final``:
+    :func:`naming`)."""
     final = Path(final)
     tmp = tmp_path(final)
     try:
-        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
+        with naming(final):
+            with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -159,7 +177,7 @@ def complete_lines(path: str | os.PathLike) -> list[str]:
 
 def append_line(path: str | os.PathLike, line: str) -> None:
     """Append one line to a log and make it durable (flush + fsync) before returning."""
-    with Path(path).open("a", encoding="utf-8") as f:
+    with naming(path), Path(path).open("a", encoding="utf-8") as f:
         f.write(line.rstrip("\n") + "\n")
         f.flush()
         os.fsync(f.fileno())

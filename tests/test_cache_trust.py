@@ -82,15 +82,17 @@ def poison(cache: Path, group_id: str, value: float = float("nan")) -> None:
 def test_nan_delta_is_refused_on_every_read_path(fitted, tmp_path, capsys, monkeypatch):
     cache = copy_of(fitted, tmp_path)
     poison(cache, "mzsre:1")
-    with pytest.raises(CacheError, match=r"group 'mzsre:1' .*non-finite ΔV"):
+    with pytest.raises(CacheError, match=r"group 'mzsre:1': non-finite ΔV"):
         EditCache.open(cache).entry("mzsre:1")
     EditCache.open(cache).entry("mzsre:0")   # the healthy group is still served
 
     out, _ = lafn(capsys, "cache", "verify", str(cache), code=1)
-    assert "'mzsre:1'" in out and "non-finite" in out
+    assert out.splitlines() == [f"shard file {cache / EditCache.open(cache).info('mzsre:1')['shard']}, group 'mzsre:1': "
+                                "non-finite ΔV values (NaN/Inf); delete the group (lafn cache delete) and edit it again",
+                                "1 problem(s)"]
 
     _, err = lafn(capsys, "cache", "merge", str(tmp_path / "merged"), str(cache))
-    assert "mzsre:1" in err and "non-finite" in err and "nothing merged" in err
+    assert err.startswith(f"lafn: error: merge: group 'mzsre:1' of {cache}: non-finite ΔV") and "nothing merged" in err
     assert not (tmp_path / "merged" / "manifest.json").exists()
     assert not list((tmp_path / "merged" / "shards").iterdir())   # the placed copy was taken back
 
@@ -159,6 +161,25 @@ def test_output_that_cannot_be_written_is_refused_before_the_backbone(tmp_path, 
     assert err == f"lafn: error: --output {tmp_path / 'out'} is a directory; give a file path"
 
 
+def test_a_write_error_is_one_line_naming_the_file(fitted, tmp_path, capsys, monkeypatch):
+    """An OSError the preflight could not foresee (the disk fills during the evaluation) is one
+    line naming the file, not a traceback."""
+    import os
+
+    real = os.replace
+
+    def full(src, dst, *a, **k):
+        if Path(dst).name == "r.json":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(src, dst, *a, **k)
+
+    monkeypatch.setattr(os, "replace", full)
+    monkeypatch.chdir(tmp_path)
+    _, err = lafn(capsys, "evaluate", "-c", "tiny", "--cache_dir", str(fitted), "--no_edit", "true", "--data.groups", "0:1",
+                  "--output", str(tmp_path / "r.json"), "--generation", "false", *QUIET)
+    assert err == f"lafn: error: [Errno 28] No space left on device: '{tmp_path / 'r.json'}'"
+
+
 def test_write_error_after_training_keeps_the_delta_and_says_where(tmp_path, capsys, monkeypatch):
     import lafn_lightning.cache.store as store
 
@@ -190,6 +211,10 @@ def test_overflowing_lr_names_the_cli_option_and_keeps_the_delta(tmp_path, capsy
                   "--cache_dir", str(cache), "--trainer.default_root_dir", str(tmp_path), *QUIET)
     assert "overflows float16" in err and "--export.value_dtype bfloat16" in err and "torch.bfloat16" not in err
     kept = Path(err.split("is kept in ")[1].split(" ")[0])
+    assert f"`lafn cache import {kept} {cache} --value_dtype bfloat16` adds it)" in err
+    _, err = lafn(capsys, "cache", "import", str(kept), str(cache))   # float16 cannot hold it: says how to import
+    assert err.startswith(f"lafn: error: {kept}: group 'mzsre:0': ΔV overflows float16 (max |value| ")
+    assert err.endswith("); import it with --value_dtype bfloat16")
     main(["cache", "import", str(kept), str(cache), "--value_dtype", "bfloat16"])
     assert EditCache.open(cache).entry("mzsre:0").delta.abs().max() > 1e20
 
@@ -331,6 +356,12 @@ def test_mzsre_file_with_a_custom_name_is_read_as_mzsre(tmp_path, dev_data):
     shutil.copy(dev_data / "mzsre_test_duplicate_ende.json", custom)
     groups = load_groups(custom, select="0:2")
     assert [g.group_id for g in groups] == ["mzsre:0", "mzsre:1"] and groups[0].languages == ("en", "de")
+    chinese = tmp_path / "my_chinese_edits.json"        # English-Chinese: MzsRE's blocks lack zsRE's pred/answers/cond
+    shutil.copy(dev_data / "mzsre_test_duplicate_enzh.json", chinese)
+    assert [g.group_id for g in load_groups(chinese, select="0:2")] == ["mzsre:0", "mzsre:1"]
+    bizsre = tmp_path / "my_bilingual_edits.json"      # Bi-ZsRE under another name stays Bi-ZsRE
+    shutil.copy(Path(__file__).parent / "fixtures" / "bizsre_test.json", bizsre)
+    assert [g.group_id for g in load_groups(bizsre, select="0:2")] == ["bizsre:0", "bizsre:1"]
 
 
 def test_prompt_beyond_the_context_is_refused_before_training(tmp_path, capsys):

@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save as st_save
 
 from ..files import atomic_write
-from .store import CacheEntry, CacheError, _jsonable, pack_mask, unpack_mask, write_shard
+from .store import CacheEntry, CacheError, ValueOverflow, _jsonable, pack_mask, unpack_mask, write_shard
 
 __all__ = ["save_unexported", "load_unexported", "import_unexported", "UNEXPORTED_FORMAT"]
 
@@ -91,5 +91,9 @@ def import_unexported(path: str | os.PathLike, cache_dir: str | os.PathLike, val
     if value_dtype not in ("float16", "bfloat16"):
         raise CacheError(f"value_dtype={value_dtype!r}: float16 or bfloat16")
     entries, fp, settings = load_unexported(path)
-    write_shard(cache_dir, entries, fp, value_dtype=getattr(torch, value_dtype), settings=settings)
+    try:
+        write_shard(cache_dir, entries, fp, value_dtype=getattr(torch, value_dtype), settings=settings)
+    except ValueOverflow as e:
+        raise CacheError(f"{path}: group {e.group_id!r}: ΔV overflows {value_dtype} (max |value| {e.max_abs:.4g}); "
+                         "import it with --value_dtype bfloat16") from None
     return [e.group_id for e in entries]

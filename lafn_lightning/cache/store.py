@@ -35,6 +35,7 @@ from safetensors.torch import save as _st_save
 
 __all__ = [
     "CacheError",
+    "ValueOverflow",
     "FingerprintMismatch",
     "CacheEntry",
     "EditCache",
@@ -71,6 +72,15 @@ _BIT_SHIFTS = torch.tensor([7, 6, 5, 4, 3, 2, 1, 0], dtype=torch.uint8)
 
 class CacheError(RuntimeError):
     """Anything wrong with an edit cache on disk; the message names the file concerned."""
+
+
+class ValueOverflow(CacheError):
+    """A group's ΔV holds values the storage dtype cannot (float16 ends at 65,504; bfloat16 goes
+    as far as float32)."""
+
+    def __init__(self, message: str, group_id: str, max_abs: float) -> None:
+        super().__init__(message)
+        self.group_id, self.max_abs = group_id, max_abs
 
 
 @dataclasses.dataclass
@@ -501,11 +511,10 @@ def _validate_entry(e: CacheEntry, fp: dict, value_dtype: torch.dtype) -> tuple[
                          "(lower the learning rate, --model.lr)")
     vals_c = vals.to(value_dtype)
     if not torch.isfinite(vals_c).all():
-        raise CacheError(
-            f"{where}: delta overflows {str(value_dtype).removeprefix('torch.')} (max |value| "
-            f"{vals.abs().max().item():.4g}); store it as bfloat16 (--export.value_dtype bfloat16) or lower "
-            "the learning rate (--model.lr)"
-        )
+        top = vals.abs().max().item()
+        raise ValueOverflow(f"{where}: delta overflows {str(value_dtype).removeprefix('torch.')} (max |value| "
+                            f"{top:.4g}); store it as bfloat16 (--export.value_dtype bfloat16) or lower the learning "
+                            "rate (--model.lr)", e.group_id, top)
     return vals_c.contiguous(), pack_mask(mask_cpu), mask_cpu.sum(dim=1).tolist()
 
 
@@ -932,8 +941,8 @@ class EditCache:
                 for gid in gids:
                     try:
                         _read_group_tensors(path, manifest["groups"][gid], reader, gid)
-                    except Exception as e:
-                        problems.append(f"shard file {path}, group {gid!r}: {e}")
+                    except Exception as e:  # noqa: BLE001 - every problem is reported, none raised
+                        problems.append(str(e) if isinstance(e, CacheError) else f"shard file {path}, group {gid!r}: {e}")
             orphans, temps = self._scan(manifest)
             problems += [f"{p} in shards/ is not a regular file (a link or directory; not followed, not removed)"
                          for p in self._links() if f"{SHARD_DIR}/{p.name}" not in by_shard]
@@ -1043,47 +1052,46 @@ class _ShardReader:
 
 
 def _read_group_tensors(shard_path: Path, rec: dict, reader: _ShardReader | None = None,
-                        group_id: str = "?") -> tuple[torch.Tensor, torch.Tensor]:
+                        group_id: str = "?", *, where: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(bool mask [L, d_ff], values [n_located]) of one group, fully validated, finite values
     included (a NaN/Inf ΔV is never served). ``reader``: the shard already open (else it is
-    opened for this read)."""
+    opened for this read). Errors are one :class:`CacheError` line starting with ``where``
+    (default ``shard file <path>, group '<id>'``).
+
+        mask, values = _read_group_tensors(path, manifest["groups"]["mzsre:0"], group_id="mzsre:0")
+    """
+    where = where or f"shard file {shard_path}, group {group_id!r}"
     kv, km = rec["keys"]["values"], rec["keys"]["mask"]
     n_layers, d_ff = len(rec["layers"]), rec["d_ff"]
     try:
         reader = reader if reader is not None else _ShardReader(shard_path)
         for k in (kv, km):
             if k not in reader.keys:
-                raise CacheError(f"shard file {shard_path} has no tensor {k!r}")
+                raise CacheError(f"{where}: no tensor {k!r} in the shard")
         values = reader.handle.get_tensor(kv)
         packed = reader.handle.get_tensor(km)
     except CacheError:
         raise
     except Exception as e:
-        raise CacheError(f"shard file {shard_path} is truncated or corrupt: {e}") from None
+        raise CacheError(f"{where}: the shard is truncated or corrupt: {e}") from None
     n_located = sum(rec["located"])
     want_dtype = _VALUE_DTYPES[rec["value_dtype"]]
     if values.dtype != want_dtype or values.shape != (n_located,):
-        raise CacheError(
-            f"shard file {shard_path}: tensor {kv!r} is {values.dtype} {tuple(values.shape)}, "
-            f"expected {want_dtype} ({n_located},)"
-        )
+        raise CacheError(f"{where}: tensor {kv!r} is {values.dtype} {tuple(values.shape)}, "
+                         f"expected {want_dtype} ({n_located},)")
     if not torch.isfinite(values).all():
-        raise CacheError(f"group {group_id!r} in shard file {shard_path} has non-finite ΔV values (NaN/Inf); "
-                         f"delete it (lafn cache delete) and edit it again")
+        raise CacheError(f"{where}: non-finite ΔV values (NaN/Inf); delete the group (lafn cache delete) "
+                         "and edit it again")
     if packed.dtype != torch.uint8 or packed.shape != (n_layers, (d_ff + 7) // 8):
-        raise CacheError(
-            f"shard file {shard_path}: tensor {km!r} is {packed.dtype} {tuple(packed.shape)}, "
-            f"expected uint8 ({n_layers}, {(d_ff + 7) // 8})"
-        )
+        raise CacheError(f"{where}: tensor {km!r} is {packed.dtype} {tuple(packed.shape)}, "
+                         f"expected uint8 ({n_layers}, {(d_ff + 7) // 8})")
     try:
         mask = unpack_mask(packed, d_ff)
     except ValueError as e:
-        raise CacheError(f"shard file {shard_path}: tensor {km!r}: {e}") from None
+        raise CacheError(f"{where}: tensor {km!r}: {e}") from None
     counts = mask.sum(dim=1).tolist()
     if counts != list(rec["located"]):
-        raise CacheError(
-            f"shard file {shard_path}: mask {km!r} has per-layer counts {counts}, manifest says {rec['located']}"
-        )
+        raise CacheError(f"{where}: mask {km!r} has per-layer counts {counts}, manifest says {rec['located']}")
     return mask, values
 
 
@@ -1169,7 +1177,7 @@ def merge_caches(
                                        placed_new=placed_new)
                 recs = {new_id: {**_copy(src_manifest["groups"][gid]), "shard": placed[src_manifest["groups"][gid]["shard"]]}
                         for gid, new_id in ids.items()}
-                _check_values(dest, recs)  # the copies in dest, their sha256 checked
+                _check_values(dest, recs, c.path, {new: old for old, new in ids.items()})  # the placed copies
                 for new_id, rec in recs.items():
                     if keys is not None and new_id not in keys:
                         rec.pop("router_key", None)
@@ -1227,20 +1235,23 @@ def _merged_ids(dest: Path, src: Path, src_groups: dict, owner: dict, rename: bo
     return ids
 
 
-def _check_values(cache_dir: Path, records: dict[str, dict]) -> None:
-    """Read every group of ``records`` (group id -> manifest record) from its shard in
-    ``cache_dir``: refuse a missing shard, bad tensors or non-finite ΔV before the commit."""
+def _check_values(cache_dir: Path, records: dict[str, dict], src: Path, src_ids: dict[str, str]) -> None:
+    """Read every group of ``records`` (merged group id -> manifest record) from its shard in
+    ``cache_dir`` (the placed copies, sha256 checked): refuse a missing shard, bad tensors or
+    non-finite ΔV before the commit, naming the group as the source cache ``src`` holds it
+    (``src_ids``: merged id -> source id)."""
     readers: dict[str, _ShardReader] = {}
     for gid, rec in records.items():
         path = cache_dir / rec["shard"]
+        where = f"merge: group {src_ids[gid]!r} of {src}"
         if not _regular(path):
-            raise CacheError(f"merge: shard file {path} is missing or not a regular file (group {gid!r})")
+            raise CacheError(f"{where}: shard file {path} is missing or not a regular file; nothing merged")
         if rec["shard"] not in readers:
             readers[rec["shard"]] = _ShardReader(path)
         try:
-            _read_group_tensors(path, rec, readers[rec["shard"]], gid)
+            _read_group_tensors(path, rec, readers[rec["shard"]], gid, where=where)
         except CacheError as e:
-            raise CacheError(f"merge: {e}; nothing merged") from None
+            raise CacheError(f"{e}; nothing merged") from None
 
 
 def _place_shards(dest: Path, src_dir: Path, src_manifest: dict, link: bool, *, same_dir: bool,

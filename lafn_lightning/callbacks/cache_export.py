@@ -6,7 +6,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lafn_lightning.backbone.fingerprint import fingerprint
 from lafn_lightning.cache import CacheEntry, CacheError, check_target, write_shard
-from lafn_lightning.cache.store import shard_bytes
+from lafn_lightning.cache.store import ValueOverflow, shard_bytes
 from lafn_lightning.editing.record import edit_record
 from lafn_lightning.routing.router import _tiers
 
@@ -136,8 +136,11 @@ class CacheExport(L.Callback):
             from lafn_lightning.cache.rescue import save_unexported
 
             kept = save_unexported(entries, fp, settings, [trainer.default_root_dir, "."])
+            overflow = isinstance(exc, ValueOverflow)
+            dtype = "bfloat16" if overflow else self.value_dtype
+            add = f"lafn cache import {kept} {self.cache_dir}" + ("" if dtype == "float16" else f" --value_dtype {dtype}")
             raise CacheError(f"{exc}; the trained ΔV of {len(entries)} group(s) is kept in {kept} "
-                             f"(`lafn cache import {kept} {self.cache_dir}` adds it once fixed)") from exc
+                             f"(`{add}` adds it{'' if overflow else ' once the cause is fixed'})") from exc
         for e in entries:
             rank_zero_info(f"[lafn] {e.group_id}: {e.meta['steps']} steps, target loss {e.meta['target_loss']:.3f}"
                            f"{'' if e.meta['converged'] else ' (not converged)'}, neurons {e.meta['located']}")

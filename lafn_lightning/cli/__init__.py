@@ -57,9 +57,9 @@ PLAIN = ("miss-report",)
 NOT_OFFERED = ("validate", "test", "predict")
 #: parameters of an API function that the command line does not set
 NOT_ON_COMMAND_LINE = frozenset({"settings", "generate"})
-#: errors that describe bad input: one line, no traceback (LAFN_DEBUG=1 shows it)
-USER_ERRORS = (DataError, CacheError, UnsupportedBackbone, FileNotFoundError, NotADirectoryError, ValueError,
-               LockTimeout)
+#: errors that describe bad input or a place that cannot be read or written (OSError: a full disk,
+#: a read-only mount; its message names the file): one line, no traceback (LAFN_DEBUG=1 shows it)
+USER_ERRORS = (DataError, CacheError, UnsupportedBackbone, OSError, ValueError, LockTimeout)
 
 
 def _function(name: str):

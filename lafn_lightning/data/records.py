@@ -522,6 +522,8 @@ def load_groups(path, format="auto", languages=None, select=None) -> list[EditGr
             format = "mzsre" if any(path.glob(MZSRE_PATTERN.format("*"))) else "bizsre"
         elif path.name.startswith("mzsre_test_duplicate_"):
             format = "mzsre"
+        elif path.name in BIZSRE_FILENAMES:
+            format = "bizsre"
         elif path.suffix == ".jsonl":
             format = "jsonl"
         else:
@@ -535,16 +537,25 @@ def load_groups(path, format="auto", languages=None, select=None) -> list[EditGr
 
 def _format_of_records(path: Path) -> str:
     """``mzsre`` or ``bizsre`` for a JSON file whatever its name, from record 0: an MzsRE pair
-    file pairs English with one other language; Bi-ZsRE is English and Chinese (an English-Chinese
-    MzsRE pair file reads the same either way but for the ids: name it as upstream does)."""
+    file pairs English with one other language; Bi-ZsRE is English and Chinese, and its English
+    blocks are EasyEdit's zsRE records (with ``pred``, ``answers`` or ``cond``, which MzsRE's lack).
+    An English-Chinese record without those keys is read as MzsRE (``--data.format`` overrides)."""
     if not path.is_file():
         return "bizsre"   # the reader names the missing file
     data = _read_json_list(path)
     first = data[0] if data and isinstance(data[0], dict) else {}
     others = [k for k in first if k != "en"]
-    if len(others) == 1 and LANGUAGE_ALIASES.get(others[0], others[0]) in MZSRE_LANGUAGES and others[0] != "zh":
-        return "mzsre"
-    return "bizsre"
+    pair = LANGUAGE_ALIASES.get(others[0], others[0]) if len(others) == 1 else None
+    if pair not in MZSRE_LANGUAGES:
+        return "bizsre"   # the reader names what is wrong
+    english = first.get("en") if isinstance(first.get("en"), dict) else {}
+    if pair == "zh" and ZSRE_ONLY_KEYS & set(english):
+        return "bizsre"
+    return "mzsre"
+
+
+#: keys of EasyEdit's zsRE records that Bi-ZsRE's English blocks keep and MzsRE's do not
+ZSRE_ONLY_KEYS = frozenset({"pred", "answers", "cond"})
 
 
 # --------------------------------------------------------------------------- paraphrases
