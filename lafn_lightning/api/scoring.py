@@ -124,21 +124,13 @@ def evaluate(settings: Settings, output: str, mode: str = "multilingual", edit_l
             on resume.
     """
     mode = _mode(mode)
-    if edit_batch_size < 1 or batch_size < 1 or margin < 0:
-        raise ValueError("edit_batch_size and batch_size must be >= 1, margin >= 0")
-    if matcher not in (*MATCHERS, "router"):
-        raise ValueError(f"matcher={matcher!r}: one of {', '.join(MATCHERS)}, router")
-    if edit_languages and mode == "multilingual":
-        raise ValueError("edit_languages applies to mode monolingual or cross-lingual; multilingual edits every "
-                         "language of data.languages")
+    _check_options(mode, edit_languages, edit_batch_size, batch_size, margin, matcher)
     check_writable(output, what="--output")   # before the backbone loads, not after the evaluation
     editor = _load_method(method) if method else None
     own = SimpleNamespace(mode=mode, edit_languages=edit_languages, edit_batch_size=edit_batch_size,
                           generation=generation, margin=margin, matcher=matcher, batch_size=batch_size,
                           log_dir=log_dir, restart=restart, no_edit=no_edit, cache_dir=str(settings.cache_dir),
                           output=output)
-    from tqdm.auto import tqdm
-
     started = time.perf_counter()
     cache_dir = Path(own.cache_dir) / editor.name if editor is not None else Path(own.cache_dir)
     output = Path(own.output)
@@ -148,31 +140,74 @@ def evaluate(settings: Settings, output: str, mode: str = "multilingual", edit_l
     report_skipped(skipped_records)   # select() refuses a selection that keeps no group
     languages = list(groups[0].languages)
 
-    # ---- the runs: which cache, which groups, which test languages
-    if own.mode == "multilingual":
-        runs = [_Run("multilingual", cache_dir, languages, groups, [])]
-    else:
-        if own.edit_languages:
-            edit_langs = [normalize_language(x, where="edit_languages") for x in own.edit_languages]
-            missing = [x for x in edit_langs if x not in languages]
-            if missing:
-                raise ValueError(f"edit_languages {missing} are not among the selected languages {languages} "
-                                 "(--data.languages)")
-        else:
-            edit_langs = languages
-        runs = []
-        for x in edit_langs:
-            alone = {g.group_id: _alone(g, x) for g in groups}
-            run = _Run(x, cache_dir / x, [x] if own.mode == "monolingual" else languages,
-                       [g for g in groups if alone[g.group_id] is not None],
-                       [g.group_id for g in groups if alone[g.group_id] is None])
-            run.edit_groups = [alone[g.group_id] for g in run.groups]
-            runs.append(run)
-            if run.skipped:
-                print(f"[lafn] {x}: {len(run.skipped)} group(s) cannot be edited in {x} alone (no subject of the group "
-                      f"occurs in the {x} question); left out of this run", file=sys.stderr)
+    runs = _plan_runs(own, groups, languages, cache_dir)
+    _refuse_caches_of_other_languages(own, runs, languages, editor)
+    edit_seconds = _edit_missing(settings, own, runs, editor)
 
-    # ---- a cache edited with other languages would be skipped by edit-dataset and silently scored
+    model, tokenizer = load_backbone(hp.backbone, hp.dtype)
+    caches = _open_caches(runs, editor)
+    header = _progress_header(settings, own, hp, runs, caches, languages, fingerprint(model, list(hp.layers)), editor)
+    progress = ProgressLog(output.with_name(output.stem + ".progress.jsonl"), header, restart=own.restart)
+    log_dir = _log_dir(settings, own, output)
+    t0 = time.perf_counter()
+    not_cached = _score_runs(model, tokenizer, own, hp, runs, caches, progress, editor, log_dir=log_dir,
+                             skipped=len(skipped_records))
+    eval_seconds = time.perf_counter() - t0
+
+    results, markdown = _write_results(own, runs, progress, languages, header, not_cached, skipped_records,
+                                       output, log_dir)
+    n_eval = sum(len(r.groups) - len(not_cached[r.name]) for r in runs)
+    print(f"[lafn] evaluated {n_eval} group evaluation(s) ({own.mode}, languages {','.join(languages)}) in "
+          f"{time.perf_counter() - started:.0f}s (editing {edit_seconds:.0f}s, scoring {eval_seconds:.0f}s); "
+          f"wrote {output}, {output.with_suffix('.md')}" + (f", TensorBoard {log_dir}" if log_dir else ""),
+          file=sys.stderr)
+    print(markdown)
+    return results
+
+
+def _check_options(mode: str, edit_languages, edit_batch_size: int, batch_size: int, margin: int,
+                   matcher: str) -> None:
+    """Refuse option values :func:`evaluate` cannot run with, before anything is read or loaded."""
+    if edit_batch_size < 1 or batch_size < 1 or margin < 0:
+        raise ValueError("edit_batch_size and batch_size must be >= 1, margin >= 0")
+    if matcher not in (*MATCHERS, "router"):
+        raise ValueError(f"matcher={matcher!r}: one of {', '.join(MATCHERS)}, router")
+    if edit_languages and mode == "multilingual":
+        raise ValueError("edit_languages applies to mode monolingual or cross-lingual; multilingual edits every "
+                         "language of data.languages")
+
+
+def _plan_runs(own, groups: list[EditGroup], languages: list[str], cache_dir: Path) -> list[_Run]:
+    """The runs of an evaluation: which cache, which groups, which test languages. Multilingual:
+    one run over every language; monolingual / cross-lingual: one run per edit language, with
+    the groups reduced to it (:func:`_alone`; a group that cannot be is left out, and said so)."""
+    if own.mode == "multilingual":
+        return [_Run("multilingual", cache_dir, languages, groups, [])]
+    if own.edit_languages:
+        edit_langs = [normalize_language(x, where="edit_languages") for x in own.edit_languages]
+        missing = [x for x in edit_langs if x not in languages]
+        if missing:
+            raise ValueError(f"edit_languages {missing} are not among the selected languages {languages} "
+                             "(--data.languages)")
+    else:
+        edit_langs = languages
+    runs = []
+    for x in edit_langs:
+        alone = {g.group_id: _alone(g, x) for g in groups}
+        run = _Run(x, cache_dir / x, [x] if own.mode == "monolingual" else languages,
+                   [g for g in groups if alone[g.group_id] is not None],
+                   [g.group_id for g in groups if alone[g.group_id] is None])
+        run.edit_groups = [alone[g.group_id] for g in run.groups]
+        runs.append(run)
+        if run.skipped:
+            print(f"[lafn] {x}: {len(run.skipped)} group(s) cannot be edited in {x} alone (no subject of the group "
+                  f"occurs in the {x} question); left out of this run", file=sys.stderr)
+    return runs
+
+
+def _refuse_caches_of_other_languages(own, runs: list[_Run], languages: list[str], editor) -> None:
+    """A cache whose groups were edited in other languages than this evaluation edits would be
+    skipped by edit-dataset and silently scored: refused."""
     for run in runs:
         if editor is not None or not (run.cache_dir / "manifest.json").exists():
             continue
@@ -185,37 +220,47 @@ def evaluate(settings: Settings, output: str, mode: str = "multilingual", edit_l
             raise ValueError(f"{run.cache_dir}: group {bad[0]} (and {len(bad) - 1} more) was edited in languages {got}, "
                              f"but this evaluation edits in {sorted(want)}; use another --cache_dir")
 
-    # ---- edit what is not cached yet
-    edit_seconds = 0.0
+
+def _edit_missing(settings: Settings, own, runs: list[_Run], editor) -> float:
+    """Edit what is not cached yet (:func:`edit_dataset` per run; a one-language run from a JSONL
+    file of its reduced groups); with ``no_edit``, refuse a run without a cache. Nothing for a
+    comparison method (it edits while scoring). Returns the seconds spent editing."""
     if own.no_edit and editor is None:
         missing = [str(run.cache_dir) for run in runs if run.groups and not (run.cache_dir / "manifest.json").exists()]
         if missing:
             raise CacheError(f"no_edit: no edit cache at {', '.join(missing)}; drop --no_edit to edit first, "
                              "or point --cache_dir at an existing cache")
-    if not own.no_edit and editor is None:
-        t0 = time.perf_counter()
-        for run in runs:
-            if not run.groups:
-                continue
-            run_settings = settings.replace(cache_dir=str(run.cache_dir))
-            if own.mode != "multilingual":
-                # the one-language groups (subject as it occurs in the question) as a JSONL dataset
-                source = run.cache_dir / f"edits-{run.name}.jsonl"
-                source.parent.mkdir(parents=True, exist_ok=True)
-                write_jsonl(run.edit_groups, source)
-                run_settings = run_settings.replace(data={"dataset": str(source), "format": "jsonl",
-                                                          "languages": [run.name], "groups": None, "paraphrases": None})
-            edit_dataset(run_settings, edit_batch_size=own.edit_batch_size)
-        edit_seconds = time.perf_counter() - t0
+    if own.no_edit or editor is not None:
+        return 0.0
+    t0 = time.perf_counter()
+    for run in runs:
+        if not run.groups:
+            continue
+        run_settings = settings.replace(cache_dir=str(run.cache_dir))
+        if own.mode != "multilingual":
+            # the one-language groups (subject as it occurs in the question) as a JSONL dataset
+            source = run.cache_dir / f"edits-{run.name}.jsonl"
+            source.parent.mkdir(parents=True, exist_ok=True)
+            write_jsonl(run.edit_groups, source)
+            run_settings = run_settings.replace(data={"dataset": str(source), "format": "jsonl",
+                                                      "languages": [run.name], "groups": None, "paraphrases": None})
+        edit_dataset(run_settings, edit_batch_size=own.edit_batch_size)
+    return time.perf_counter() - t0
 
-    # ---- evaluate
-    model, tokenizer = load_backbone(hp.backbone, hp.dtype)
+
+def _open_caches(runs: list[_Run], editor) -> dict[str, EditCache | None]:
+    """Run name -> its edit cache (None: none on disk, or a comparison method is scored)."""
     caches: dict[str, EditCache | None] = {}
     for run in runs:
         exists = editor is None and (run.cache_dir / "manifest.json").exists()
         caches[run.name] = EditCache.open(run.cache_dir) if exists else None
-    fp = fingerprint(model, list(hp.layers))
-    header = {
+    return caches
+
+
+def _progress_header(settings: Settings, own, hp, runs: list[_Run], caches: Mapping[str, EditCache | None],
+                     languages: list[str], fp: dict, editor) -> dict:
+    """The progress file's header: what a resumed evaluation must agree with (:class:`ProgressLog`)."""
+    return {
         "version": PROGRESS_VERSION,
         "mode": own.mode,
         "languages": languages,
@@ -231,22 +276,35 @@ def evaluate(settings: Settings, output: str, mode: str = "multilingual", edit_l
         "generation": own.generation,
         "margin": own.margin,
     }
-    progress_path = output.with_name(output.stem + ".progress.jsonl")
-    progress = ProgressLog(progress_path, header, restart=own.restart)
-    total = sum(len(r.groups) for r in runs)
-    done_before = sum(progress.done(r.name, g.group_id) for r in runs for g in r.groups)
-    if done_before:
-        print(f"[lafn] resuming: {done_before} of {total} group evaluations already in {progress_path}", file=sys.stderr)
-    not_cached: dict[str, list[str]] = {}
-    t0 = time.perf_counter()
+
+
+def _log_dir(settings: Settings, own, output: Path) -> Path | None:
+    """TensorBoard directory: ``--log_dir``, else the config logger's ``evaluate/<output stem>``."""
     log_dir = Path(own.log_dir) if own.log_dir else tensorboard_dir(settings.config, "evaluate")
     if log_dir is not None and not own.log_dir:
         log_dir = log_dir / output.stem
+    return log_dir
+
+
+def _score_runs(model, tokenizer, own, hp, runs: list[_Run], caches: Mapping[str, EditCache | None],
+                progress: ProgressLog, editor, *, log_dir: Path | None, skipped: int) -> dict[str, list[str]]:
+    """Score every group of every run that ``progress`` does not hold yet (:func:`score_group`:
+    edit_one_test_one and all_cached for LU-LAFN, edit_one_test_one for a comparison method, which
+    edits the group here) and add its cells to ``progress``. Returns, per run, the groups not in
+    its cache (not scored)."""
+    from tqdm.auto import tqdm
+
+    total = sum(len(r.groups) for r in runs)
+    done_before = sum(progress.done(r.name, g.group_id) for r in runs for g in r.groups)
+    if done_before:
+        print(f"[lafn] resuming: {done_before} of {total} group evaluations already in {progress.path}",
+              file=sys.stderr)
+    not_cached: dict[str, list[str]] = {}
     report = RunProgress("evaluate", total, done_before, log_dir=log_dir, every_n_seconds=30.0)
     with tqdm(total=total, initial=done_before, desc="evaluate", unit="group") as bar, contextlib.closing(report):
         def tick():   # one group done (scored, or not in the cache)
             bar.update(1)
-            report.update(1, skipped=len(skipped_records), not_in_cache=sum(map(len, not_cached.values())))
+            report.update(1, skipped=skipped, not_in_cache=sum(map(len, not_cached.values())))
 
         for run in runs:
             cache = caches[run.name]
@@ -278,9 +336,14 @@ def evaluate(settings: Settings, output: str, mode: str = "multilingual", edit_l
                 progress.add(run.name, group.group_id, cells)
                 tick()
                 bar.set_postfix_str(f"{run.name}:{group.group_id}")
-    eval_seconds = time.perf_counter() - t0
+    return not_cached
 
-    # ---- aggregate from the progress file, in selection order
+
+def _write_results(own, runs: list[_Run], progress: ProgressLog, languages: list[str], header: dict,
+                   not_cached: dict[str, list[str]], skipped_records: Mapping[str, str], output: Path,
+                   log_dir: Path | None) -> tuple[dict, str]:
+    """Aggregate the progress file in selection order and write OUTPUT (JSON), its .md tables and
+    the TensorBoard scalars; returns the results and the markdown."""
     results = _assemble(own, runs, progress, languages, header, not_cached)
     results["meta"]["skipped_records"] = skipped_records
     markdown = _results_markdown(own, results, languages, runs)
@@ -290,13 +353,7 @@ def evaluate(settings: Settings, output: str, mode: str = "multilingual", edit_l
     atomic_write(output.with_suffix(".md"), markdown)
     if log_dir is not None:
         _write_tensorboard(log_dir, results, markdown)
-    n_eval = sum(len(r.groups) - len(not_cached[r.name]) for r in runs)
-    print(f"[lafn] evaluated {n_eval} group evaluation(s) ({own.mode}, languages {','.join(languages)}) in "
-          f"{time.perf_counter() - started:.0f}s (editing {edit_seconds:.0f}s, scoring {eval_seconds:.0f}s); "
-          f"wrote {output}, {output.with_suffix('.md')}" + (f", TensorBoard {log_dir}" if log_dir else ""),
-          file=sys.stderr)
-    print(markdown)
-    return results
+    return results, markdown
 
 
 def _load_method(name: str):
