@@ -70,18 +70,22 @@ def test_twelve_language_preset_reaches_the_fit_and_the_cache(tmp_path, dev_data
     assert KeyStore.load(tmp_path / "cache" / KEYS_FILE).lexical_tiers == [[0.7, 0.6], [0.5, 0.9795, 1.0]]   # the router's tiers
 
 
+def _dropping_fit(tmp_path, dev_data, stop: float, *extra: str):
+    """An unrun 12-language, one-group tiny fit with the every-language rule and ``drop_converged``."""
+    return LafnCLI(["-c", str(CONFIGS / "tiny.yaml"), "--cache_dir", str(tmp_path / "cache"), "--trainer.logger", "false",
+                    "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+                    "--trainer.default_root_dir", str(tmp_path), "--data.dataset", str(dev_data),
+                    "--data.languages", "null", "--data.groups", "0:1", "--locate.strategy", "all",
+                    "--model.stop_rule", "every_language", "--model.stop_loss", str(stop),
+                    "--model.drop_converged", "true", "--trainer.max_steps", "30", *extra], run=False)
+
+
 def test_converged_languages_leave_the_step_and_the_group_stops_on_a_full_step(tmp_path, dev_data):
     """``model.drop_converged``: a language below the stop loss runs no rows until the group's next
     full step (every ``full_every`` steps, or when its latest losses would stop it); the group
     stops only on a step where every language ran and each was below the stop loss."""
     stop, every = 6.6, 3
-    cli = LafnCLI(["-c", str(CONFIGS / "tiny.yaml"), "--cache_dir", str(tmp_path / "cache"), "--trainer.logger", "false",
-                   "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-                   "--trainer.default_root_dir", str(tmp_path), "--data.dataset", str(dev_data),
-                   "--data.languages", "null", "--data.groups", "0:1", "--locate.strategy", "all",
-                   "--model.stop_rule", "every_language", "--model.stop_loss", str(stop),
-                   "--model.drop_converged", "true", "--model.full_every", str(every),
-                   "--trainer.max_steps", "30"], run=False)
+    cli = _dropping_fit(tmp_path, dev_data, stop, "--model.full_every", str(every))
     module, steps = cli.model, []
     losses = module.losses
 
@@ -110,13 +114,7 @@ def test_a_converged_language_keeps_its_first_prompts(tmp_path, dev_data):
     """``model.converged_prompts 1``: on a partial step a converged language runs its first prompt
     only, the others every prompt."""
     stop = 6.6
-    cli = LafnCLI(["-c", str(CONFIGS / "tiny.yaml"), "--cache_dir", str(tmp_path / "cache"), "--trainer.logger", "false",
-                   "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-                   "--trainer.default_root_dir", str(tmp_path), "--data.dataset", str(dev_data),
-                   "--data.languages", "null", "--data.groups", "0:1", "--locate.strategy", "all",
-                   "--model.stop_rule", "every_language", "--model.stop_loss", str(stop),
-                   "--model.drop_converged", "true", "--model.converged_prompts", "1",
-                   "--trainer.max_steps", "30"], run=False)
+    cli = _dropping_fit(tmp_path, dev_data, stop, "--model.converged_prompts", "1")
     module, steps = cli.model, []
     losses = module.losses
 
