@@ -102,10 +102,11 @@ def test_nan_delta_is_refused_on_every_read_path(fitted, tmp_path, capsys, monke
         EditedModel.from_cache(cache, groups=["mzsre:1"])
 
     monkeypatch.chdir(tmp_path)
-    _, err = lafn(capsys, "evaluate", "-c", "tiny", "--cache_dir", str(cache), "--no_edit", "true", "--data.groups", "1:2",
+    _, err = lafn(capsys, "evaluate", "-c", "tiny", "--cache_dir", str(cache), "--no_edit", "true", "--data.groups", "0:2",
                   "--output", str(tmp_path / "r.json"), "--generation", "false", *QUIET)
     assert "mzsre:1" in err and "non-finite" in err
     assert not (tmp_path / "r.json").exists()
+    assert not (tmp_path / "r.progress.jsonl").exists()   # refused before any group was scored
 
 
 def test_nan_router_key_is_refused_and_reported(fitted, tmp_path, capsys):

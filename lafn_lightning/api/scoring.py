@@ -249,11 +249,18 @@ def _edit_missing(settings: Settings, own, runs: list[_Run], editor) -> float:
 
 
 def _open_caches(runs: list[_Run], editor) -> dict[str, EditCache | None]:
-    """Run name -> its edit cache (None: none on disk, or a comparison method is scored)."""
+    """Run name -> its edit cache (None: none on disk, or a comparison method is scored). Every
+    selected group the cache holds is read once here, so a missing, corrupt or non-finite ΔV is
+    refused (:class:`CacheError`, one line) before any group is scored."""
     caches: dict[str, EditCache | None] = {}
     for run in runs:
         exists = editor is None and (run.cache_dir / "manifest.json").exists()
-        caches[run.name] = EditCache.open(run.cache_dir) if exists else None
+        cache = caches[run.name] = EditCache.open(run.cache_dir) if exists else None
+        if cache is not None:
+            held = set(cache.group_ids)
+            for group in run.groups:
+                if group.group_id in held:
+                    cache.entry(group.group_id)
     return caches
 
 
