@@ -25,6 +25,25 @@ def fit(tmp_path: Path, *overrides: str, config: str = "tiny.yaml"):
     return LafnCLI(args)
 
 
+def strong_cache_of(folder: Path, groups: list):
+    """A tiny-llama edit cache in ``folder`` holding ``groups`` with a large ΔV (+8, -8, ...) on every
+    neuron of layers 1 and 2 (certain to change outputs); returns (groups, cache, model, tokenizer)."""
+    import torch
+
+    from lafn_lightning.backbone.fingerprint import fingerprint
+    from lafn_lightning.backbone.loading import load_backbone
+    from lafn_lightning.cache import CacheEntry, EditCache, write_shard
+
+    model, tok = load_backbone("tiny-llama")
+    layers = (1, 2)
+    d_ff = model.config.intermediate_size
+    entries = [CacheEntry(g.group_id, {lang: e.subject for lang, e in g.edits.items()}, layers,
+                          torch.ones(len(layers), d_ff, dtype=torch.bool), torch.full((len(layers), d_ff), sign * 8.0))
+               for g, sign in zip(groups, (1.0, -1.0))]
+    write_shard(folder / "cache", entries, fingerprint(model, layers))
+    return groups, EditCache.open(folder / "cache"), model, tok
+
+
 @pytest.fixture(autouse=True)
 def _one_thread(request):
     """Tiny models run fastest on one thread (and a shared 2-core machine does not thrash);

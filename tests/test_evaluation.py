@@ -3,13 +3,10 @@ import json
 import math
 
 import pytest
-import torch
 
-from conftest import CONFIGS
+from conftest import CONFIGS, strong_cache_of
 from lafn_lightning.evaluation import protocol as evaluation
-from lafn_lightning.backbone.fingerprint import fingerprint
-from lafn_lightning.backbone.loading import load_backbone
-from lafn_lightning.cache import CacheEntry, CacheError, EditCache, write_shard
+from lafn_lightning.cache import CacheError, EditCache
 from lafn_lightning.data import read_jsonl
 from lafn_lightning.inference.edited_model import EditedModel
 from lafn_lightning.api import scoring as evaluate_api
@@ -80,15 +77,7 @@ def test_group_probes_take_each_question_once_and_skip_missing_ones(tmp_path):
 def strong_cache(tmp_path_factory):
     """Both groups cached with a large ΔV on every neuron of the edited layers (certain to change outputs)."""
     tmp = tmp_path_factory.mktemp("strong")
-    groups = read_jsonl(write_groups(tmp / "g.jsonl"))
-    model, tok = load_backbone("tiny-llama")
-    layers = (1, 2)
-    d_ff = model.config.intermediate_size
-    entries = [CacheEntry(g.group_id, {l: e.subject for l, e in g.edits.items()}, layers,
-                          torch.ones(len(layers), d_ff, dtype=torch.bool), torch.full((len(layers), d_ff), sign * 8.0))
-               for g, sign in zip(groups, (1.0, -1.0))]
-    write_shard(tmp / "cache", entries, fingerprint(model, layers))
-    return groups, EditCache.open(tmp / "cache"), model, tok
+    return strong_cache_of(tmp, read_jsonl(write_groups(tmp / "g.jsonl")))
 
 
 def _cells(cells, **where):

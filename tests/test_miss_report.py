@@ -5,10 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import CONFIGS
-from lafn_lightning.backbone.fingerprint import fingerprint
-from lafn_lightning.backbone.loading import load_backbone
-from lafn_lightning.cache import CacheEntry, EditCache, write_shard
+from conftest import CONFIGS, strong_cache_of
 from lafn_lightning.cli import run_command
 from lafn_lightning.data import read_jsonl
 from lafn_lightning.inference.edited_model import EditedModel
@@ -45,15 +42,7 @@ def write_groups(path):
 def strong_cache(tmp_path_factory):
     """Both groups cached with a large ΔV on every neuron of the edited layers."""
     tmp = tmp_path_factory.mktemp("strong")
-    groups = read_jsonl(write_groups(tmp / "g.jsonl"))
-    model, tok = load_backbone("tiny-llama")
-    layers = (1, 2)
-    d_ff = model.config.intermediate_size
-    entries = [CacheEntry(g.group_id, {lang: e.subject for lang, e in g.edits.items()}, layers,
-                          torch.ones(len(layers), d_ff, dtype=torch.bool), torch.full((len(layers), d_ff), sign * 8.0))
-               for g, sign in zip(groups, (1.0, -1.0))]
-    write_shard(tmp / "cache", entries, fingerprint(model, layers))
-    return groups, EditCache.open(tmp / "cache"), model, tok
+    return strong_cache_of(tmp, read_jsonl(write_groups(tmp / "g.jsonl")))
 
 
 def _cell(cells, view, setting, metric):
