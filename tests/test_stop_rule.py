@@ -49,9 +49,11 @@ def test_mean_rule_is_the_default_and_stops_on_the_mean(tmp_path):
     assert int(cli.model.steps[0]) == 1 and bool(cli.model.stopped[0])
 
 
-def test_unknown_stop_rule_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="stop_rule"):
-        fit(tmp_path, "--model.stop_rule", "median", "--trainer.fast_dev_run", "true")
+@pytest.mark.parametrize("option, value", [("stop_rule", "median"), ("drop_below", "0"), ("drop_below", "1.5"),
+                                           ("full_every", "0"), ("converged_prompts", "-1")])
+def test_bad_stop_options_are_refused_with_their_key(tmp_path, option, value):
+    with pytest.raises(ValueError, match=f"model.{option}"):
+        fit(tmp_path, f"--model.{option}", value, "--trainer.fast_dev_run", "true")
 
 
 def test_twelve_language_preset_reaches_the_fit_and_the_cache(tmp_path, dev_data):
@@ -80,12 +82,13 @@ def _dropping_fit(tmp_path, dev_data, stop: float, *extra: str):
                     "--model.drop_converged", "true", "--trainer.max_steps", "30", *extra], run=False)
 
 
-def test_converged_languages_leave_the_step_and_the_group_stops_on_a_full_step(tmp_path, dev_data):
-    """``model.drop_converged``: a language below the stop loss runs no rows until the group's next
-    full step (every ``full_every`` steps, or when its latest losses would stop it); the group
-    stops only on a step where every language ran and each was below the stop loss."""
+@pytest.mark.parametrize("below", [1.0, 0.99])
+def test_converged_languages_leave_the_step_and_the_group_stops_on_a_full_step(tmp_path, dev_data, below):
+    """``model.drop_converged``: a language below ``stop_loss * drop_below`` runs no rows until the
+    group's next full step (every ``full_every`` steps, or when its latest losses would stop it);
+    the group stops only on a step where every language ran and each was below the stop loss."""
     stop, every = 6.6, 3
-    cli = _dropping_fit(tmp_path, dev_data, stop, "--model.full_every", str(every))
+    cli = _dropping_fit(tmp_path, dev_data, stop, "--model.full_every", str(every), "--model.drop_below", str(below))
     module, steps = cli.model, []
     losses = module.losses
 
@@ -102,7 +105,9 @@ def test_converged_languages_leave_the_step_and_the_group_stops_on_a_full_step(t
     assert full[0] and not all(full)                        # languages left some steps ...
     for before, ran, _ in steps[1:]:
         if len(ran) < 12:                                    # ... exactly those below the stop loss
-            assert sorted(ran) == (before >= stop).nonzero().squeeze(1).tolist()
+            assert sorted(ran) == (before >= stop * below).nonzero().squeeze(1).tolist()
+    if below < 1:   # a language between the two thresholds stayed in a partial step
+        assert any(len(ran) < 12 and ((before >= stop * below) & (before < stop))[ran].any() for before, ran, _ in steps)
     assert all(any(full[i:i + every + 1]) for i in range(len(full) - every))   # a full step at least every `every`
     assert bool(module.stopped[0]) and full[-1]              # stopped on a full step ...
     assert steps[-1][2].amax() < stop                        # ... with every language below the stop loss

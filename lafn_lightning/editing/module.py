@@ -79,6 +79,10 @@ class LafnEditModule(L.LightningModule):
             Not the paper's (off).
         full_every: with ``drop_converged``, a group's every ``full_every``-th step runs all its
             languages.
+        drop_below: with ``drop_converged``, a language leaves once its loss is below
+            ``stop_loss * drop_below`` (1: as soon as it is below the stop loss; smaller: only with a
+            margin, so it is less likely to drift back above the stop loss while it is out). It
+            rejoins on a full step where it is at or above the stop loss.
         converged_prompts: with ``drop_converged``, a converged language still runs its first this
             many prompts (the bare question first, with ``data.bare_prompt``), so the step keeps
             holding it; its loss on them decides whether it rejoins in full.
@@ -108,6 +112,7 @@ class LafnEditModule(L.LightningModule):
         part_tokens: int | None = None,
         drop_converged: bool = False,
         full_every: int = 5,
+        drop_below: float = 1.0,
         converged_prompts: int = 0,
         lr_schedule: str = "constant",
         lr_floor: float = 0.1,
@@ -124,6 +129,8 @@ class LafnEditModule(L.LightningModule):
             raise ValueError(f"model.part_tokens={part_tokens}: at least 1 (or null: from the device)")
         if converged_prompts < 0:
             raise ValueError(f"model.converged_prompts={converged_prompts}: 0 or more prompts per converged language")
+        if not 0 < drop_below <= 1:
+            raise ValueError(f"model.drop_below={drop_below}: a share of model.stop_loss, above 0 and at most 1")
         if full_every < 1:
             raise ValueError(f"model.full_every={full_every}: at least 1 (every step runs every language)")
         if lr_schedule not in LR_SCHEDULES:
@@ -422,7 +429,7 @@ class LafnEditModule(L.LightningModule):
         full = active & self.full_due if drop else active       # groups whose every language runs
         cells = None
         if drop:   # [groups, languages]: run a language unless it converged (its last measured loss)
-            cells = full[:, None] | ~(self.final_language_loss < hp.stop_loss)
+            cells = full[:, None] | ~(self.final_language_loss < hp.stop_loss * hp.get("drop_below", 1.0))
         out = self.losses(batch, active, cells)
         per_group = hp.lambda_target * out["objective"] + hp.lambda_kl * out["kl"]
         # Sum over groups (not mean): each group's gradient is what it would be alone. DDP averages
