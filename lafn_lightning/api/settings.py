@@ -219,7 +219,8 @@ class Settings:
                            num_prefixes=d["num_prefixes"], prefix_length=d["prefix_length"], seed=d["seed"],
                            paraphrases=d.get("paraphrases"), beta=loc.get("beta"), strategy=loc.get("strategy"),
                            max_steps=self.trainer.get("max_steps"), subject_site=d.get("subject_site", "fallback"),
-                           bare_prompt=bool(d.get("bare_prompt", False)))
+                           bare_prompt=bool(d.get("bare_prompt", False)),
+                           paraphrase_prompts=int(d.get("paraphrase_prompts", 0)))
 
     # ---- running ---------------------------------------------------------------------------------
     def cli(self, **kwargs) -> LafnCLI:

@@ -114,7 +114,8 @@ class CacheExport(L.Callback):
                            prefix_length=dm.hparams.prefix_length, seed=dm.hparams.seed,
                            paraphrases=dm.hparams.paraphrases, beta=getattr(locator, "beta", None),
                            strategy=getattr(locator, "strategy", None), max_steps=trainer.max_steps,
-                           subject_site=dm.hparams.subject_site, bare_prompt=dm.hparams.bare_prompt)
+                           subject_site=dm.hparams.subject_site, bare_prompt=dm.hparams.bare_prompt,
+                           paraphrase_prompts=dm.hparams.paraphrase_prompts)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module) -> None:
         if trainer.fast_dev_run or trainer.interrupted:

@@ -3,8 +3,8 @@
     dm = EditBatchDataModule(groups="0:4", languages=["en", "zh"], backbone="demo")
 
 Per group and language: M prefix-augmented target prompts (answer tokens and the subject's
-last token marked) and one KL anchor "{subject} is a"; built once in :meth:`setup`, yielded at
-every step.
+last token marked), optionally the question's paraphrases as further target prompts, and one KL
+anchor "{subject} is a"; built once in :meth:`setup`, yielded at every step.
 """
 from __future__ import annotations
 
@@ -58,6 +58,9 @@ class EditBatchDataModule(L.LightningDataModule):
         groups: which records form this edit batch: ``"start:stop[:step]"``, an index, a list of
             indices, or None (every record).
         paraphrases: optional JSONL of paraphrases (the locating corpus), see ``lafn paraphrase``.
+        paraphrase_prompts: also train on the first this many paraphrases of each question (from
+            ``paraphrases``), each a further target prompt without a prefix, so ΔV is fitted to other
+            wordings of the question than the one edited. 0 (the paper): paraphrases only locate.
         num_prefixes: M, random prefixes per language (paper: 4).
         bare_prompt: one of the M prompts per language is the question with no prefix (as
             ROME/MEMIT's ``"{}"`` context template), the other M - 1 are sampled. The paper
@@ -83,6 +86,7 @@ class EditBatchDataModule(L.LightningDataModule):
         languages: list[str] | None = None,
         groups: str | int | list[int] | None = "0:4",
         paraphrases: str | None = None,
+        paraphrase_prompts: int = 0,
         num_prefixes: int = 4,
         bare_prompt: bool = False,
         prefix_length: int = 5,
@@ -98,6 +102,11 @@ class EditBatchDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         if num_prefixes < 0 or prefix_length < 1:
             raise ValueError("data.num_prefixes must be >= 0 and data.prefix_length >= 1")
+        if paraphrase_prompts < 0:
+            raise ValueError(f"data.paraphrase_prompts={paraphrase_prompts}: 0 or more paraphrases per question")
+        if paraphrase_prompts and not paraphrases:
+            raise ValueError(f"data.paraphrase_prompts={paraphrase_prompts} trains on paraphrases: give them with "
+                             "data.paraphrases (a JSONL written by `lafn paraphrase`)")
         if subject_site not in SUBJECT_SITES:
             raise ValueError(f"data.subject_site={subject_site!r}: one of {', '.join(SUBJECT_SITES)}")
         self.dataset = dataset or default_dataset()
@@ -147,16 +156,19 @@ class EditBatchDataModule(L.LightningDataModule):
         for k in self.mine:
             group = self.groups[k]
             for li, (lang, edit) in enumerate(group.edits.items()):
-                span = site(group, edit)
-                for prefix in prefixes[lang]:
-                    enc = encode_edit_text(tokenizer, prefix, edit.prompt, edit.target, edit.subject, group.subjects,
-                                           span)
+                span = site(group, edit, edit.prompt)
+                texts = [(f"{lang}.prompt", prefix, edit.prompt, span) for prefix in prefixes[lang]]
+                texts += [(f"{lang}.paraphrases[{j}]", "", q, site(group, edit, q))
+                          for j, q in enumerate(edit.paraphrases[:self.hparams.paraphrase_prompts])]
+                for n, (field, prefix, question, at) in enumerate(texts):
+                    enc = encode_edit_text(tokenizer, prefix, question, edit.target, edit.subject, group.subjects, at)
                     if limit and len(enc.input_ids) > limit:   # refused before training, not cut silently
                         raise DataError(f"{Path(str(self.dataset)).name}: record {group.index} ({group.group_id}), field "
-                                        f"'{lang}.prompt': {len(enc.input_ids)} tokens with its prefix and answer, beyond "
+                                        f"'{field}': {len(enc.input_ids)} tokens with its prefix and answer, beyond "
                                         f"the backbone's context of {limit}")
                     rows.append((k, li, enc))
-                self.rule_counts[lang][enc.rule] += 1
+                    if n == 0:   # the edit question's rule
+                        self.rule_counts[lang][enc.rule] += 1
                 a = encode_edit_text(tokenizer, "", anchor_text(lang, edit.subject), None, edit.subject, group.subjects)
                 anchors.append((k, li, a))
         ids, att, shift = pad_rows([r[2].input_ids for r in rows], tokenizer.pad_token_id, left=True)
@@ -184,9 +196,10 @@ class EditBatchDataModule(L.LightningDataModule):
                          "token the router fires on (rule 'aligned')", lang, counts["aligned"], sum(counts.values()))
 
     def _site_rule(self, model, tokenizer):
-        """``site(group, edit) -> (start, end, rule)`` in the edit question, or None for the default rule."""
+        """``site(group, edit, question) -> (start, end, rule)`` in ``question`` (the edit question or one
+        of its paraphrases), or None for the default rule."""
         if self.hparams.subject_site == "fallback":
-            return lambda group, edit: None
+            return lambda group, edit, question: None
         from ..routing.build import anchor_keys, routed_subject_span, standard_store
 
         layer = self.hparams.router_layer
@@ -195,13 +208,13 @@ class EditBatchDataModule(L.LightningDataModule):
         store = standard_store(model, tokenizer, int(layer))
         anchors: dict[str, torch.Tensor] = {}   # per group, computed only for a question that needs them
 
-        def site(group, edit):
-            span = subject_span(edit.prompt, edit.subject, group.subjects)
+        def site(group, edit, question):
+            span = subject_span(question, edit.subject, group.subjects)
             if span[2] != "fallback":
                 return span
             if group.group_id not in anchors:
                 anchors[group.group_id] = anchor_keys(model, tokenizer, store, group)
-            return routed_subject_span(model, tokenizer, store, edit.prompt, edit.subject, group.subjects,
+            return routed_subject_span(model, tokenizer, store, question, edit.subject, group.subjects,
                                        anchors[group.group_id])
         return site
 

@@ -14,10 +14,10 @@ from ..backbone.loading import dtype_name
 
 def edit_record(model: Mapping[str, Any], *, languages, num_prefixes: int, prefix_length: int, seed: int,
                 paraphrases: str | None, beta: float | None, strategy: str | None, max_steps: int,
-                subject_site: str = "fallback", bare_prompt: bool = False) -> dict:
+                subject_site: str = "fallback", bare_prompt: bool = False, paraphrase_prompts: int = 0) -> dict:
     """The settings that made an edit: ``model`` is the edit module's hyper-parameters. A
-    ``subject_site`` or ``bare_prompt`` other than the default is recorded (records of default runs
-    stay as before)."""
+    ``subject_site``, ``bare_prompt`` or ``paraphrase_prompts`` other than the default is recorded
+    (records of default runs stay as before)."""
     return {
         "method": "lu-lafn",
         "backbone": str(model["backbone"]),
@@ -40,4 +40,5 @@ def edit_record(model: Mapping[str, Any], *, languages, num_prefixes: int, prefi
         "strategy": strategy,
         **({"subject_site": subject_site} if subject_site != "fallback" else {}),
         **({"bare_prompt": True} if bare_prompt else {}),
+        **({"paraphrase_prompts": int(paraphrase_prompts)} if paraphrase_prompts else {}),
     }

@@ -1,0 +1,73 @@
+"""``data.paraphrase_prompts``: the question's paraphrases as further training prompts."""
+import json
+
+import pytest
+
+from conftest import fit
+from lafn_lightning import EditCache
+from lafn_lightning.cache.store import CacheError
+from lafn_lightning.editing.prompts import encode_edit_text
+
+PARAPHRASES = {
+    ("mzsre:0", "en"): ["In which year did IAAF Combined Events Challenge begin?", "When did it start?",
+                        "IAAF Combined Events Challenge was founded in which year?"],
+    ("mzsre:0", "zh"): ["IAAF综合项目挑战赛是哪一年创立的？"],
+    ("mzsre:1", "en"): ["Ramalinaceae is part of which family?"],
+}
+
+
+def _paraphrase_file(tmp_path):
+    path = tmp_path / "paraphrases.jsonl"
+    path.write_text("\n".join(json.dumps({"group_id": g, "language": lang, "paraphrases": p})
+                              for (g, lang), p in PARAPHRASES.items()), encoding="utf-8")
+    return str(path)
+
+
+def _rows(cli):
+    """Per (group, language): (token ids, subject position) of its answer rows, padding removed."""
+    b, out = cli.datamodule.batch, {}
+    for r in range(len(b["group"])):
+        keep = b["attention_mask"][r].bool()
+        pad = int((~keep).sum())
+        out.setdefault((int(b["group"][r]), int(b["language"][r])), []).append(
+            (b["input_ids"][r][keep].tolist(), int(b["subject_pos"][r]) - pad))
+    return out
+
+
+def test_the_first_paraphrases_become_answer_rows_after_the_prefixed_prompts(tmp_path):
+    paras = _paraphrase_file(tmp_path)
+    cli = fit(tmp_path / "p", "--data.paraphrases", paras, "--data.paraphrase_prompts", "2",
+              "--data.num_prefixes", "2", "--trainer.fast_dev_run", "true")
+    plain = fit(tmp_path / "plain", "--data.paraphrases", paras, "--data.num_prefixes", "2",
+                "--trainer.fast_dev_run", "true")
+    dm, tok = cli.datamodule, cli.model.tokenizer
+    rows, plain_rows = _rows(cli), _rows(plain)
+    assert rows.keys() == plain_rows.keys()
+    for (k, li), got in rows.items():
+        group = dm.groups[k]
+        lang, edit = list(group.edits.items())[li]
+        expected = PARAPHRASES.get((group.group_id, lang), [])[:2]
+        assert len(plain_rows[k, li]) == 2                      # 0 (default): paraphrases only locate
+        assert got[:2] == plain_rows[k, li]                     # the prefixed prompts first, unchanged
+        assert len(got) == 2 + len(expected)
+        for (ids, subject_pos), question in zip(got[2:], expected):
+            enc = encode_edit_text(tok, "", question, edit.target, edit.subject, group.subjects)
+            assert ids == enc.input_ids and subject_pos == enc.subject_pos
+    # the subject rules are counted for the edit questions only
+    assert all(sum(dm.rule_counts[lang].values()) == len(dm.groups) for lang in dm.languages)
+
+
+def test_paraphrase_prompts_are_recorded_and_a_cache_refuses_the_other_setting(tmp_path):
+    paras = _paraphrase_file(tmp_path)
+    fit(tmp_path, "--data.groups", "0:1", "--data.paraphrases", paras, "--data.paraphrase_prompts", "1",
+        "--trainer.max_steps", "1")
+    assert EditCache.open(tmp_path / "cache").settings["paraphrase_prompts"] == 1
+    with pytest.raises(CacheError, match="paraphrase_prompts"):
+        fit(tmp_path, "--data.groups", "1:2", "--data.paraphrases", paras, "--trainer.max_steps", "1")
+
+
+@pytest.mark.parametrize("extra, message", [(["--data.paraphrase_prompts", "2"], "needs|give them with data.paraphrases"),
+                                            (["--data.paraphrase_prompts", "-1"], "data.paraphrase_prompts=-1")])
+def test_paraphrase_prompts_without_paraphrases_are_refused(tmp_path, extra, message):
+    with pytest.raises(ValueError, match=message):
+        fit(tmp_path, *extra, "--trainer.fast_dev_run", "true")
