@@ -71,3 +71,18 @@ def test_paraphrase_prompts_are_recorded_and_a_cache_refuses_the_other_setting(t
 def test_paraphrase_prompts_without_paraphrases_are_refused(tmp_path, extra, message):
     with pytest.raises(ValueError, match=message):
         fit(tmp_path, *extra, "--trainer.fast_dev_run", "true")
+
+
+def test_plan_counts_the_paraphrase_rows(tmp_path):
+    """``lafn plan`` sizes the rows a fit will run: the paraphrase prompts are among them."""
+    from lafn_lightning.api.plan import group_shape
+    from lafn_lightning.backbone.loading import load_backbone
+    from lafn_lightning.data.records import attach_paraphrases, read_mzsre
+    from lafn_lightning.data import default_dataset
+
+    _, tok = load_backbone("tiny-llama")
+    groups = attach_paraphrases(read_mzsre(default_dataset(), languages=["en", "zh"], select=":2"),
+                                _paraphrase_file(tmp_path))
+    base = group_shape(groups, tok, 2, 3)
+    assert group_shape(groups, tok, 2, 3, paraphrase_prompts=2).rows == base.rows + 2 + 1 + 1
+    assert group_shape(groups, tok, 2, 3, paraphrase_prompts=9).rows == base.rows + 3 + 1 + 1

@@ -54,9 +54,10 @@ def backbone_config(spec: str, tokenizer: str | None = None):
     return config, tok
 
 
-def group_shape(groups, tokenizer, num_prefixes: int, prefix_length: int):
+def group_shape(groups, tokenizer, num_prefixes: int, prefix_length: int, paraphrase_prompts: int = 0):
     """Token counts of one edit batch of ``groups`` (:class:`..editing.sizing.StepShape`), each
-    sampled prefix stood in for by ``prefix_length`` words of the language."""
+    sampled prefix stood in for by ``prefix_length`` words of the language, with the first
+    ``paraphrase_prompts`` paraphrases of each question as further rows."""
     from ..editing.prompts import PREFIX_SEEDS, anchor_text, encode_edit_text
     from ..editing.sizing import StepShape
 
@@ -66,6 +67,8 @@ def group_shape(groups, tokenizer, num_prefixes: int, prefix_length: int):
             prefix = " ".join([PREFIX_SEEDS.get(lang, "The")] * prefix_length)
             enc = encode_edit_text(tokenizer, prefix if num_prefixes else "", e.prompt, e.target, e.subject, g.subjects)
             rows += [enc] * max(num_prefixes, 1)
+            rows += [encode_edit_text(tokenizer, "", q, e.target, e.subject, g.subjects)
+                     for q in e.paraphrases[:paraphrase_prompts]]
             anchors.append(len(encode_edit_text(tokenizer, "", anchor_text(lang, e.subject), None, e.subject,
                                                 g.subjects).input_ids))
     width = max(len(r.input_ids) for r in rows)
@@ -152,7 +155,8 @@ def plan(settings: Settings, edit_batch_size: int = 16, steps_per_group: float |
             mine = batch[d::devices]
             if not mine:
                 continue
-            shape = group_shape(mine, tok, int(data.get("num_prefixes", 4)), int(data.get("prefix_length", 5)))
+            shape = group_shape(mine, tok, int(data.get("num_prefixes", 4)), int(data.get("prefix_length", 5)),
+                                int(data.get("paraphrase_prompts", 0)))
             max_rows = hp.get("max_rows", "auto")
             rows = auto_max_rows(arch, shape, first, budget * 1e9, part_tokens=part_tokens,
                                  **kwargs) if max_rows == "auto" else max_rows
