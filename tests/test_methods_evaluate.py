@@ -24,8 +24,8 @@ METHODS = {
                "value": FAST_VALUE}),
     "rome": ("lafn_lightning.methods.rome.RomeMethod",
              {"layer": 1, "prefixes": [[3, 2]], "mom2_n_samples": 40, "value": FAST_VALUE}),
-    "lora_ft": ("lafn_lightning.methods.lora_ft.LoraFTMethod", {"lr": 0.01, "max_steps": 15, "stop_loss": None}),
-    "remake": ("lafn_lightning.methods.remake.ReMaKEMethod", {"layer": 1, "threshold": -1.0, "distractors": 5}),
+    "lora_ft": ("lafn_lightning.methods.lora_ft.LoraFtMethod", {"lr": 0.01, "max_steps": 15, "stop_loss": None}),
+    "remake": ("lafn_lightning.methods.remake.RemakeMethod", {"layer": 1, "threshold": -1.0, "distractors": 5}),
 }
 
 
@@ -106,14 +106,58 @@ def test_a_bad_method_config_is_refused_before_compute(tmp_path, capsys):
     assert not (tmp_path / "r.json").exists() and not (tmp_path / "cache").exists()
 
 
-def test_shipped_method_configs_build_their_method():
+def test_shipped_method_configs_build_their_method_named_alike():
     from lafn_lightning.methods.config import from_config
 
-    names = sorted(p for p in (CONFIGS / "methods").glob("*.yaml") if "-fit-" not in p.name)
+    names = sorted((CONFIGS / "methods").glob("*.yaml"))
     assert len(names) >= 20
     for path in names:
+        name = path.name.split("-", 1)[0]                     # lora_ft-demo.yaml -> lora_ft -> LoraFtMethod
         method = from_config(yaml.safe_load(path.read_text())["method"])
-        assert callable(method.edited), path
+        assert callable(method.edited) and method.name == name, path
+        assert type(method).__name__ == "".join(p.capitalize() for p in name.split("_")) + "Method", path
+
+
+#: class names that method configs and progress files may give, and the class each names
+DEPRECATED = {"lafn_lightning.methods.rome.RomeHParams": "lafn_lightning.methods.rome.RomeMethod",
+              "lafn_lightning.methods.memit.MemitHParams": "lafn_lightning.methods.memit.MemitMethod",
+              "lafn_lightning.methods.pmet.PmetHParams": "lafn_lightning.methods.pmet.PmetMethod",
+              "lafn_lightning.methods.lora_ft.LoRAFT": "lafn_lightning.methods.lora_ft.LoraFtMethod",
+              "lafn_lightning.methods.lora_ft.LoraFTMethod": "lafn_lightning.methods.lora_ft.LoraFtMethod",
+              "lafn_lightning.methods.lora_ft.LoRAFineTune": "lafn_lightning.methods.lora_ft.LoraFtModule",
+              "lafn_lightning.methods.remake.ReMaKEMethod": "lafn_lightning.methods.remake.RemakeMethod"}
+
+
+def test_a_deprecated_class_name_loads_its_class_with_a_warning():
+    import importlib
+
+    for old, new in DEPRECATED.items():
+        module, _, name = old.rpartition(".")
+        with pytest.warns(FutureWarning, match=f"{name} is deprecated: use {new}"):
+            cls = getattr(importlib.import_module(module), name)
+        assert f"{cls.__module__}.{cls.__qualname__}" == new
+    with pytest.raises(AttributeError):
+        importlib.import_module("lafn_lightning.methods.rome").NoSuchMethod
+
+
+def test_an_evaluation_recorded_under_a_deprecated_class_name_resumes(tmp_path, zsre):
+    class_path, init_args = METHODS["remake"]
+    old = "lafn_lightning.methods.remake.ReMaKEMethod"
+    method_file = tmp_path / "remake.yaml"
+    method_file.write_text(yaml.safe_dump({"method": {"class_path": old, "init_args": init_args}}))
+    out = tmp_path / "r.json"
+    with pytest.warns(FutureWarning, match="ReMaKEMethod is deprecated"):
+        results = _evaluate(tmp_path, method_file, out)        # a method config naming the old class
+    assert results["meta"]["method"]["class"] == class_path
+    progress = out.with_name("r.progress.jsonl")              # as an evaluation recorded it under the old name
+    lines = progress.read_text().splitlines()
+    header = json.loads(lines[0])
+    header["header"]["method"]["class"] = old
+    progress.write_text("\n".join([json.dumps(header), *lines[1:]]) + "\n")
+    preds = _predictions(out)
+    method_file.write_text(yaml.safe_dump({"method": {"class_path": class_path, "init_args": init_args}}))
+    _evaluate(tmp_path, method_file, out)                      # resumes: nothing refused, nothing scored again
+    assert _predictions(out) == preds and progress.read_text().splitlines()[1:] == lines[1:]
 
 
 def test_monolingual_mode_edits_each_language_alone(tmp_path, zsre):

@@ -8,7 +8,7 @@ import torch
 from lafn_lightning.backbone.loading import load_backbone
 from lafn_lightning.data import EditGroup, LanguageEdit
 from lafn_lightning.evaluation.metrics import teacher_forced_predictions
-from lafn_lightning.methods.lora_ft import EditQuestionsData, LoRAFineTune, applied_lora
+from lafn_lightning.methods.lora_ft import EditQuestionsData, LoraFtModule, applied_lora
 
 GROUP = EditGroup("g0", 0, {"en": LanguageEdit("en", "Paris", "Where is the Eiffel tower?", "Rome"),
                             "zh": LanguageEdit("zh", "巴黎", "埃菲尔铁塔在哪里？", "罗马")})
@@ -33,14 +33,14 @@ def trained(tmp_path_factory):
     model, _ = load_backbone("tiny-llama")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     art = tmp_path_factory.mktemp("lora") / "g0"
-    module = LoRAFineTune(backbone="tiny-llama", dropout=0.0, lr=1e-2, rank=4, artifact_dir=str(art))
+    module = LoraFtModule(backbone="tiny-llama", dropout=0.0, lr=1e-2, rank=4, artifact_dir=str(art))
     _trainer(max_steps=30).fit(module, datamodule=EditQuestionsData(edit_groups=[GROUP], backbone="tiny-llama"))
     return module, art, before
 
 
 def test_fast_dev_run_trains_only_the_ffn_adapters_with_the_stated_rank():
     model, _ = load_backbone("tiny-llama")
-    module = LoRAFineTune(backbone="tiny-llama", rank=4, layers=[1, 2])
+    module = LoraFtModule(backbone="tiny-llama", rank=4, layers=[1, 2])
     seen = {}
 
     class Grab(L.Callback):
@@ -104,11 +104,11 @@ def test_config_selects_the_method_by_class_path_and_fast_dev_run_writes_an_arti
     from lafn_lightning.data import write_jsonl
 
     write_jsonl([GROUP], tmp_path / "edits.jsonl")
-    config = tmp_path / "lora_ft-fit-tiny.yaml"     # LoRAFineTune + EditQuestionsData as plain LightningCLI
+    config = tmp_path / "lora_ft-fit-tiny.yaml"     # LoraFtModule + EditQuestionsData as plain LightningCLI
     config.write_text("""seed_everything: 0
 trainer: {accelerator: cpu, devices: 1, max_steps: 70, logger: false, enable_checkpointing: false}
 model:
-  class_path: lafn_lightning.methods.lora_ft.LoRAFineTune
+  class_path: lafn_lightning.methods.lora_ft.LoraFtModule
   init_args: {backbone: tiny-llama, dtype: float32, rank: 8, alpha: 32.0, dropout: 0.1, lr: 0.001, stop_loss: 0.01}
 data:
   class_path: lafn_lightning.methods.lora_ft.EditQuestionsData

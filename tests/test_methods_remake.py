@@ -5,7 +5,7 @@ import torch
 from lafn_lightning.backbone.loading import load_backbone
 from lafn_lightning.data import EditGroup, LanguageEdit
 from lafn_lightning.evaluation.metrics import teacher_forced_predictions
-from lafn_lightning.methods.remake import KnowledgeBase, ReMaKE
+from lafn_lightning.methods.remake import KnowledgeBase, RemakeRetriever
 
 G0 = EditGroup("g0", 0, {"en": LanguageEdit("en", "Eiffel tower", "Where is the Eiffel tower?", "Rome"),
                          "zh": LanguageEdit("zh", "埃菲尔铁塔", "埃菲尔铁塔在哪里？", "罗马")})
@@ -37,7 +37,7 @@ def test_kb_round_trips_through_safetensors_and_refuses_another_backbone(kb, tmp
 
 def test_edit_question_retrieves_its_fact_per_language_and_prepends_it(kb):
     model, tok = load_backbone("tiny-llama")
-    remake = ReMaKE(model, tok, kb)
+    remake = RemakeRetriever(model, tok, kb)
     hits = remake.retrieve(["Where is the Eiffel tower?"])[0]
     en = [i for i, s in hits if kb.languages[i] == "en"]
     assert kb.questions[en[0]] == "Where is the Eiffel tower?" and abs(hits[0][1] - 1.0) < 1e-5
@@ -50,13 +50,13 @@ def test_edit_question_retrieves_its_fact_per_language_and_prepends_it(kb):
 
 def test_queries_below_threshold_get_no_context_and_the_backbone_prediction(kb):
     model, tok = load_backbone("tiny-llama")
-    strict = ReMaKE(model, tok, kb, threshold=1.01)     # nothing is relevant enough
+    strict = RemakeRetriever(model, tok, kb, threshold=1.01)     # nothing is relevant enough
     queries, answers = ["Where is the Eiffel tower?", "Who wrote Hamlet?"], ["Rome", "Goethe"]
     assert strict.prompts(queries) == queries
     assert strict.stats()["with_context"] == 0
     base = teacher_forced_predictions(model, tok, queries, answers)
     assert teacher_forced_predictions(model, tok, strict.prompts(queries), answers) == base
-    loose = ReMaKE(model, tok, kb, threshold=-1.01)     # everything is: the top-1 of each language
+    loose = RemakeRetriever(model, tok, kb, threshold=-1.01)     # everything is: the top-1 of each language
     assert all(p.count("\n") == 2 for p in loose.prompts(queries))
 
 

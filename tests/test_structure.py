@@ -11,7 +11,7 @@ import torch
 
 from conftest import fit
 from lafn_lightning.cache import CacheError, EditCache
-from lafn_lightning.cli import COMMANDS, NOT_OFFERED, PLAIN, SUMMARIES, _next_hint, main
+from lafn_lightning.cli import COMMANDS, NOT_OFFERED, PLAIN, READS, SUMMARIES, _next_hint, main
 from lafn_lightning.data import MZSRE_LANGUAGES, default_dataset, load_groups
 from lafn_lightning.editing.prompts import encode_edit_text
 from lafn_lightning.evaluation.metrics import encode_prompt_targets
@@ -126,18 +126,29 @@ def test_training_and_evaluation_select_the_same_answer_tokens(tokenizer_name):
         assert separator_only > 0  # the case the rule decides is really there (e.g. answers that are years)
 
 
-def test_every_command_has_the_shared_options_and_its_own(capsys):
+def _options_shown(command: str, capsys) -> set[str]:
+    """The options of ``lafn COMMAND --help``."""
+    import re
+
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    return set(re.findall(r"^ +(--[\w.]+)", capsys.readouterr().out, re.MULTILINE))
+
+
+#: the config sections and top-level keys: ``--SECTION`` (a section's config file, or the key's value)
+SECTIONS = ("seed_everything", "trainer", "model", "data", "locate", "export", "progress", "cache_dir")
+
+
+def test_every_command_shows_the_sections_it_reads_and_its_own(capsys):
     own = {"edit-dataset": "--edit_batch_size", "evaluate": "--output", "match-report": "--matchers",
            "plots": "--max_groups", "paraphrase": "--instruct_model", "plan": "--peak_tflops"}
+    assert set(own) == set(READS) and set(own) | {"cache", *PLAIN} == set(COMMANDS)
     for command, option in own.items():
-        with pytest.raises(SystemExit) as exit_:
-            main([command, "--help"])
-        assert exit_.value.code == 0
-        text = capsys.readouterr().out
-        for shared in ("--config", "--data.groups", "--model.layers", "--locate.beta", "--trainer.max_steps",
-                       "--cache_dir", "--print_config", option):
-            assert shared in text, (command, shared)
-    assert set(own) | {"cache", *PLAIN} == set(COMMANDS)
+        shown = _options_shown(command, capsys)
+        assert {option, "--print_config"} <= shown, command
+        for section in SECTIONS:
+            assert (f"--{section}" in shown) == (section in (READS[command] or SECTIONS)), (command, section)
 
 
 def test_help_lists_every_command_with_one_line(capsys):
@@ -163,19 +174,73 @@ def test_lightning_subcommands_are_refused_with_one_line(command, capsys):
 
 def test_commands_show_only_the_options_they_read(capsys):
     absent = {"fit": ["--optimizer", "--lr_scheduler"],
-              "plots": ["--out ", "--beta ", "--optimizer", "--lr_scheduler"],
-              "paraphrase": ["--generate", "--dtype ", "--seed ", "--optimizer"],
+              "plots": ["--out", "--beta", "--cache_dir", "--trainer.max_steps", "--seed_everything", "--optimizer"],
+              "paraphrase": ["--generate", "--dtype", "--seed", "--model.dtype", "--cache_dir", "--locate.beta"],
+              "match-report": ["--cache_dir", "--trainer.max_steps", "--locate.beta", "--progress.every_n_seconds"],
+              "plan": ["--cache_dir", "--locate.beta", "--export", "--seed_everything"],
               "evaluate": ["--optimizer", "--lr_scheduler"]}
     for command, options in absent.items():
-        with pytest.raises(SystemExit):
-            main([command, "--help"])
-        text = capsys.readouterr().out
-        assert "--data.groups" in text
-        for option in options:
-            assert option not in text, (command, option)
-    with pytest.raises(SystemExit):
-        main(["paraphrase", "--help"])
-    assert "--instruct_dtype" in capsys.readouterr().out
+        if command == "fit":
+            with pytest.raises(SystemExit):
+                main([command, "--help"])
+            text = capsys.readouterr().out
+            assert "--data.groups" in text and not any(option in text for option in options)
+            continue
+        shown = _options_shown(command, capsys)
+        assert "--data.groups" in shown
+        assert not shown & set(options), (command, shown & set(options))
+    assert "--instruct_dtype" in _options_shown("paraphrase", capsys)
+
+
+#: each renamed option: (command, old, new, value, where the command receives it)
+RENAMES = [("plots", "--out", "--output", "runs/p", lambda settings, own: own["output"]),
+           ("plots", "--beta", "--locate.beta", "0.25", lambda settings, own: str(settings.locate["beta"])),
+           ("paraphrase", "--dtype", "--instruct_dtype", "bfloat16", lambda settings, own: own["instruct_dtype"]),
+           ("paraphrase", "--seed", "--seed_everything", "7", lambda settings, own: str(settings["seed_everything"]))]
+REQUIRED = {"plots": ["--output", "runs/p"], "paraphrase": ["--instruct_model", "m", "--output", "p.jsonl"]}
+
+
+def _spy(monkeypatch, command: str) -> list:
+    """Replace the API function of ``command`` by one that records its arguments (same signature)."""
+    import functools
+    import importlib
+
+    module, name = COMMANDS[command].split(":")
+    module = importlib.import_module(module)
+    calls = []
+
+    @functools.wraps(getattr(module, name))
+    def spy(settings, **own):
+        calls.append((settings, own))
+
+    monkeypatch.setattr(module, name, spy)
+    return calls
+
+
+@pytest.mark.parametrize("command,old,new,value,received", RENAMES, ids=[f"{r[0]}{r[1]}" for r in RENAMES])
+def test_renamed_option_works_and_the_old_name_is_refused_with_one_line(command, old, new, value, received,
+                                                                         monkeypatch, capsys):
+    calls = _spy(monkeypatch, command)
+    main([command, "-c", "tiny", *REQUIRED[command], new, value])
+    assert len(calls) == 1 and received(*calls[0]) == value
+    capsys.readouterr()
+    for arg in ([old, value], [f"{old}={value}"]):
+        with pytest.raises(SystemExit) as exit_:
+            main([command, "-c", "tiny", *REQUIRED[command], *arg])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and len(calls) == 1          # refused before the command runs
+        assert err.startswith(f"lafn: error: {command} {old}: the option is {new}") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("command,option", [("plots", "--cache_dir"), ("plots", "--trainer.max_steps"),
+                                            ("paraphrase", "--model.dtype"), ("match-report", "--locate.beta")])
+def test_an_option_the_command_does_not_read_is_refused_with_one_line(command, option, monkeypatch, capsys):
+    calls = _spy(monkeypatch, command)
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "-c", "tiny", option, "1"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and not calls
+    assert err.startswith(f"lafn: error: {command} {option}: {command} does not read ") and err.count("\n") == 1
 
 
 def test_fit_next_hint_names_the_configs_and_options_used():

@@ -10,9 +10,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import importlib
 import json
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -147,7 +149,8 @@ def evaluate(settings: Settings, output: str, mode: str = "multilingual", edit_l
     model, tokenizer = load_backbone(hp.backbone, hp.dtype)
     caches = _open_caches(runs, editor)
     header = _progress_header(settings, own, hp, runs, caches, languages, fingerprint(model, list(hp.layers)), editor)
-    progress = ProgressLog(output.with_name(output.stem + ".progress.jsonl"), header, restart=own.restart)
+    progress = ProgressLog(output.with_name(output.stem + ".progress.jsonl"), header, restart=own.restart,
+                           canonical=_canonical_header)
     log_dir = _log_dir(settings, own, output)
     t0 = time.perf_counter()
     not_cached = _score_runs(model, tokenizer, own, hp, runs, caches, progress, editor, log_dir=log_dir,
@@ -400,6 +403,22 @@ def _method_record(editor) -> dict | None:
     return {"name": editor.name, "class": f"{type(editor).__module__}.{type(editor).__qualname__}",
             "hparams": json.loads(json.dumps(dataclasses.asdict(editor), default=str))
             if dataclasses.is_dataclass(editor) else {}}
+
+
+def _canonical_header(header: dict) -> dict:
+    """``header`` with its method's class path replaced by that of the class it names (a progress file
+    that names the method by a deprecated class name resumes)."""
+    method = header.get("method")
+    if not isinstance(method, dict) or not isinstance(method.get("class"), str):
+        return header
+    module, _, name = method["class"].rpartition(".")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return header
+    return {**header, "method": {**method, "class": f"{cls.__module__}.{cls.__qualname__}"}}
 
 
 def _assemble(own, runs: list[_Run], progress: ProgressLog, languages: list[str], header: dict,

@@ -7,9 +7,11 @@
     lafn cache list edit_cache
     lafn miss-report runs/enzh/results.json --metric generality --output runs/enzh/misses.md
 
-Every subcommand but ``cache`` and the commands over a results file (``PLAIN``) takes ``-c CONFIG`` (a path or a shipped name) and the same
-``--data.* --model.* --locate.* --trainer.* --cache_dir`` options; ``--help`` and
-``--print_config`` work on each. Bad input: one line on stderr, exit 2 (``LAFN_DEBUG=1``: traceback).
+Every subcommand but ``cache`` and the commands over a results file (``PLAIN``) takes ``-c CONFIG`` (a path or a shipped name)
+and the ``--data.* --model.* --locate.* --trainer.* --cache_dir`` options of the config sections it reads
+(``READS``); ``--help`` and ``--print_config`` work on each. One name per concept: an option means the same
+in every command, and the names of ``RENAMED`` are refused with the one to use. Bad input: one line on
+stderr, exit 2 (``LAFN_DEBUG=1``: traceback).
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import importlib
 import inspect
 import functools
 import os
+import re
 import shlex
 import signal
 import sys
@@ -57,6 +60,23 @@ PLAIN = ("miss-report",)
 NOT_OFFERED = ("validate", "test", "predict")
 #: parameters of an API function that the command line does not set
 NOT_ON_COMMAND_LINE = frozenset({"settings", "generate"})
+#: the config sections (and top-level keys) a command reads; None: all of them. A config file may hold
+#: the others (configs are shared by every command): they are read and ignored, but ``--help`` does not
+#: show them and the command line refuses them
+READS: dict[str, tuple[str, ...] | None] = {
+    "edit-dataset": None,
+    "evaluate": None,
+    "plan": ("model", "data", "trainer"),
+    "match-report": ("model", "data", "export"),
+    "plots": ("model", "data", "locate"),
+    "paraphrase": ("data", "seed_everything"),
+}
+#: option names refused with the name every command uses for the same thing: command -> {old: new}
+RENAMED = {
+    "plots": {"--out": "--output", "--beta": "--locate.beta"},
+    "paraphrase": {"--dtype": "--instruct_dtype (the instruct model's dtype; --model.dtype is the edited backbone's)",
+                   "--seed": "--seed_everything"},
+}
 #: errors that describe bad input or a place that cannot be read or written (OSError: a full disk,
 #: a read-only mount; its message names the file): one line, no traceback (LAFN_DEBUG=1 shows it)
 USER_ERRORS = (DataError, CacheError, UnsupportedBackbone, OSError, ValueError, LockTimeout)
@@ -69,15 +89,64 @@ def _function(name: str):
 
 def run_command(name: str, argv: list[str]):
     """Parse ``argv`` with the shared parser plus the command's own options, then call it."""
-    from ..api.settings import LafnCLI, Settings, resolve_config_args
+    from ..api.settings import Settings, resolve_config_args
 
     fn = _function(name)
     doc = inspect.getdoc(fn) or ""
-    cli = LafnCLI(resolve_config_args(argv), run=False, instantiate=False, command=_command_line_view(fn),
-                  check_cache=name in ("edit-dataset", "evaluate"), auto_configure_optimizers=False,
-                  parser_kwargs={"prog": f"lafn {name}", "description": doc.split("\n\n")[0]})
+    check_option_names(name, argv)
+    cli = _command_cli()(resolve_config_args(argv), run=False, instantiate=False, command=_command_line_view(fn),
+                         reads=READS.get(name), check_cache=name in ("edit-dataset", "evaluate"),
+                         auto_configure_optimizers=False,
+                         parser_kwargs={"prog": f"lafn {name}", "description": doc.split("\n\n")[0]})
     own = {p: cli.config[p] for p in inspect.signature(fn).parameters if p not in NOT_ON_COMMAND_LINE}
     return fn(Settings.from_namespace(cli), **own)
+
+
+def check_option_names(name: str, argv: list[str]) -> None:
+    """Refuse, before anything is parsed or computed, an option of ``RENAMED`` (naming the one to use)
+    and an option of a config section the command does not read (``READS``)."""
+    reads = READS.get(name)
+    for arg in argv:
+        if not arg.startswith("--"):
+            continue
+        option = arg.split("=", 1)[0]
+        new = RENAMED.get(name, {}).get(option)
+        if new:
+            raise ValueError(f"{name} {option}: the option is {new}")
+        section = option[2:].split(".", 1)[0]
+        if reads is not None and section in _SECTIONS and section not in reads:
+            raise ValueError(f"{name} {option}: {name} does not read {section} "
+                             f"(it reads {', '.join(reads)}; `lafn {name} --help`)")
+
+
+#: the config sections and top-level keys of every config command's parser
+_SECTIONS = ("seed_everything", "trainer", "model", "data", "locate", "export", "progress", "cache_dir")
+
+
+def _command_cli():
+    """:class:`LafnCLI` whose ``--help`` shows only the sections in ``reads`` (every action stays in the
+    parser, so that a shared config file holding the other sections still parses)."""
+    from ..api.settings import LafnCLI
+
+    class CommandCLI(LafnCLI):
+        def __init__(self, *args, reads: tuple[str, ...] | None = None, **kwargs) -> None:
+            self.reads = reads
+            super().__init__(*args, **kwargs)
+
+        def add_arguments_to_parser(self, parser) -> None:
+            super().add_arguments_to_parser(parser)
+            if self.reads is None:
+                return
+            hidden = {s for s in _SECTIONS if s not in self.reads}
+            for action in parser._actions:
+                link = " ".join(action.option_strings)    # a link: "model.backbone --> data.backbone"
+                names = {w.split(".")[0] for w in re.findall(r"[\w.]+", link)} if "-->" in link else set()
+                if action.dest.split(".", 1)[0] in hidden or names & hidden:
+                    action.help = argparse.SUPPRESS
+            parser._action_groups[:] = [g for g in parser._action_groups if not g._group_actions
+                                        or any(a.help is not argparse.SUPPRESS for a in g._group_actions)]
+
+    return CommandCLI
 
 
 def _arg_help(doc: str) -> dict[str, str]:

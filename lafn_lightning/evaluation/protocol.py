@@ -364,10 +364,11 @@ def read_progress(path: str | Path) -> tuple[dict, list[dict]]:
 class ProgressLog:
     """Append-only JSONL: a header line, then one ``{"run", "group_id", "cells"}`` per finished
     group, written and flushed (and fsynced) as soon as the group is done. A partial last line (a
-    crash while writing) is cut off on open. A header that differs from ``header`` is refused
-    unless ``restart``, which starts a new file."""
+    crash while writing) is cut off on open. A header that differs from ``header`` (both as
+    ``canonical`` writes them) is refused unless ``restart``, which starts a new file."""
 
-    def __init__(self, path: str | Path, header: Mapping[str, Any], *, restart: bool = False) -> None:
+    def __init__(self, path: str | Path, header: Mapping[str, Any], *, restart: bool = False,
+                 canonical: Callable[[dict], dict] | None = None) -> None:
         self.path = Path(path)
         self.header = json.loads(json.dumps(header))
         self.records: dict[tuple[str, str], dict] = {}
@@ -383,8 +384,12 @@ class ProgressLog:
         except (json.JSONDecodeError, KeyError, TypeError):
             raise ValueError(f"{self.path}: not an evaluation progress file (no header line); "
                              "delete it or use --restart true") from None
-        if header != self.header:
-            keys = sorted(k for k in set(header) | set(self.header) if header.get(k) != self.header.get(k))
+        if canonical is not None:
+            header, want = canonical(header), canonical(self.header)
+        else:
+            want = self.header
+        if header != want:
+            keys = sorted(k for k in set(header) | set(want) if header.get(k) != want.get(k))
             raise ValueError(f"{self.path} was written by a different evaluation (differs in: {', '.join(keys)}); "
                              "use --restart true to discard it, or choose another --output")
         for n, line in enumerate(lines[1:], 2):

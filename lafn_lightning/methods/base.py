@@ -14,13 +14,15 @@ An optional ``prepare(model, tokenizer, groups, workdir)`` runs once before the 
 from __future__ import annotations
 
 import re
+import sys
+import warnings
 from typing import Callable, ContextManager, Protocol, Sequence
 
 from torch import nn
 
 from ..data import EditGroup
 
-__all__ = ["EditMethod", "InContext", "artifact_stem"]
+__all__ = ["EditMethod", "InContext", "artifact_stem", "deprecated_names"]
 
 
 class EditMethod(Protocol):
@@ -28,6 +30,19 @@ class EditMethod(Protocol):
 
     def edited(self, model: nn.Module, tokenizer, groups: Sequence[EditGroup], workdir) -> ContextManager[nn.Module]:
         ...
+
+
+def deprecated_names(module: str, names: dict[str, str]) -> Callable[[str], object]:
+    """A module ``__getattr__`` that resolves each deprecated class name of ``names`` (a
+    ``class_path`` that a method config or an evaluation progress file may give) to the class it now
+    names, with a FutureWarning. Classes are named ``<Method>Method`` (their settings are their
+    fields; ``ValueHParams`` holds the value optimisation's)."""
+    def __getattr__(name: str):
+        if name in names:
+            warnings.warn(f"{module}.{name} is deprecated: use {module}.{names[name]}", FutureWarning, stacklevel=2)
+            return getattr(sys.modules[module], names[name])
+        raise AttributeError(f"module {module!r} has no attribute {name!r}")
+    return __getattr__
 
 
 def artifact_stem(groups: Sequence[EditGroup]) -> str:

@@ -1,12 +1,12 @@
 """LoRA-FT: fine-tune LoRA adapters (PEFT) on the edit questions of every language of an edit batch.
 
     data = EditQuestionsData(languages=["en", "zh"], groups="0:1", backbone="demo")
-    module = LoRAFineTune(backbone="demo", artifact_dir="edits/lora/g0")
+    module = LoraFtModule(backbone="demo", artifact_dir="edits/lora/g0")
     L.Trainer(max_steps=70, accelerator="cpu", logger=False).fit(module, datamodule=data)
     with applied_lora(model, "edits/lora/g0"):   # model = load_backbone("demo")[0]
         logits = model(ids).logits                 # edited; on exit the original modules are back
 
-As a method of ``lafn evaluate --method methods/lora_ft-demo`` (:class:`LoraFTMethod`, see
+As a method of ``lafn evaluate --method methods/lora_ft-demo`` (:class:`LoraFtMethod`, see
 :mod:`lafn_lightning.methods.base`): one fit per edit batch, artifact reused on resume.
 
 Artifact (a folder): PEFT's ``adapter_model.safetensors`` + ``adapter_config.json`` and
@@ -37,6 +37,7 @@ from ..data import default_dataset
 from ..backbone.ffn import adapter_for
 from ..editing.datamodule import RepeatBatch
 from ..evaluation.metrics import encode_prompt_targets
+from .base import deprecated_names
 
 ARTIFACT_RECORD = "edit.json"
 METHOD = "lora_ft"
@@ -108,7 +109,7 @@ def target_regex(model: nn.Module, layers: Sequence[int] | None = None, modules:
             rf"(.*\.)?({'|'.join(re.escape(n) for n in names)})$")
 
 
-class LoRAFineTune(L.LightningModule):
+class LoraFtModule(L.LightningModule):
     """LoRA on the FFN up/down projections (EasyEdit's LoRA: rank 8, alpha 32, dropout 0.1,
     lr 5e-3, Adam, loss on the answer tokens only). The only trainable parameters are the adapters;
     they are injected into the shared backbone at ``setup`` and removed at ``teardown`` (the
@@ -298,11 +299,11 @@ class AdapterModel(nn.Module):
 
 
 @dataclass
-class LoraFTMethod:
-    """LoRA-FT as a method of ``lafn evaluate --method`` (one fit of :class:`LoRAFineTune` per edit
+class LoraFtMethod:
+    """LoRA-FT as a method of ``lafn evaluate --method`` (one fit of :class:`LoraFtModule` per edit
     batch, on its edit questions in every language; see :mod:`lafn_lightning.methods.base`).
 
-    Args: as :class:`LoRAFineTune`, plus ``max_steps`` (EasyEdit's ``num_steps``: 70)."""
+    Args: as :class:`LoraFtModule`, plus ``max_steps`` (EasyEdit's ``num_steps``: 70)."""
 
     rank: int = 8
     alpha: float = 32.0
@@ -331,7 +332,7 @@ class LoraFTMethod:
         path = Path(workdir) / "artifacts" / artifact_stem(groups)
         if not self._reusable(path):
             args = {k: v for k, v in asdict(self).items() if k != "max_steps"}
-            module = LoRAFineTune(**args, artifact_dir=str(path))
+            module = LoraFtModule(**args, artifact_dir=str(path))
             module.given, module.artifact_extra = (model, tokenizer), {"max_steps": self.max_steps}
             data = EditQuestionsData(edit_groups=groups)
             data.batch = edit_batch(tokenizer, groups)
@@ -344,5 +345,6 @@ class LoraFTMethod:
             yield AdapterModel(model, peft_model)
 
 
-#: the name before the methods were named alike (configs that name it keep working)
-LoRAFT = LoraFTMethod
+#: deprecated class names that method configs and evaluation progress files may give
+__getattr__ = deprecated_names(__name__, {"LoRAFT": "LoraFtMethod", "LoraFTMethod": "LoraFtMethod",
+                                          "LoRAFineTune": "LoraFtModule"})   # a LightningCLI model class_path

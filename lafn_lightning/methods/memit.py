@@ -23,6 +23,7 @@ import torch
 from ..backbone.ffn import adapter_for
 from .compute_z import ValueHParams, keys_at, optimise_values, prefix_groups, read_sites
 from .lowrank import LowRankUpdate
+from .base import deprecated_names
 from .run import ArtifactEditing
 from .stats import key_second_moments
 
@@ -144,5 +145,5 @@ def memit_edit(model, tokenizer, requests: dict, hp: MemitMethod, *, stats_dir=N
     return update
 
 
-#: the name before the methods were named alike (configs that name it keep working)
-MemitHParams = MemitMethod
+#: deprecated class names that method configs and evaluation progress files may give
+__getattr__ = deprecated_names(__name__, {"MemitHParams": "MemitMethod"})

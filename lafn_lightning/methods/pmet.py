@@ -29,6 +29,7 @@ import torch
 
 from .compute_z import ValueHParams, optimise_values, prefix_groups, read_sites
 from .lowrank import LowRankUpdate
+from .base import deprecated_names
 from .run import ArtifactEditing
 from .memit import down_to_residual, mean_statistics, spread
 
@@ -122,5 +123,5 @@ def pmet_edit(model, tokenizer, requests: dict, hp: PmetMethod, *, stats_dir=Non
     return update
 
 
-#: the name before the methods were named alike (configs that name it keep working)
-PmetHParams = PmetMethod
+#: deprecated class names that method configs and evaluation progress files may give
+__getattr__ = deprecated_names(__name__, {"PmetHParams": "PmetMethod"})

@@ -2,10 +2,10 @@
 
     kb = KnowledgeBase.build(model, tok, groups, ["en", "zh"], distractors=2000)   # edits + zsRE facts
     kb.save("edits/remake_kb")                      # kb.safetensors + kb.json (with the fingerprint)
-    remake = ReMaKE(model, tok, KnowledgeBase.load("edits/remake_kb", model))
+    remake = RemakeRetriever(model, tok, KnowledgeBase.load("edits/remake_kb", model))
     prompts = remake.prompts(["Who is the father of X?"])   # context + query, scored as usual
 
-As a method of ``lafn evaluate --method methods/remake-demo``: :class:`ReMaKEMethod`.
+As a method of ``lafn evaluate --method methods/remake-demo``: :class:`RemakeMethod`.
 
 Retriever: the original's XLM-R relevance classifier cannot be downloaded here; this one embeds
 questions with the backbone itself (mean of a middle layer's hidden states, mean-centred, cosine),
@@ -29,6 +29,7 @@ from ..backbone.ffn import adapter_for
 from ..data.packaged import read_zsre_train as packaged_zsre_train
 from ..editing.prompts import join_prompt_target
 from ..files import atomic_write
+from .base import deprecated_names
 
 #: How a retrieved fact and the query are written: "plain" = "{question} {answer}\n{query}";
 #: "qa" = ReMaKE's "Question: {q} Answer: {a}\nQuestion: {query} Answer:".
@@ -216,7 +217,7 @@ def calibrate_on_groups(kb: KnowledgeBase, model: nn.Module, tokenizer, groups: 
     return threshold, info
 
 
-class ReMaKE:
+class RemakeRetriever:
     """Retrieval-augmented prompts: for each query, the top-1 fact of each edited language whose
     cosine similarity reaches ``threshold`` is written before it. ``groups`` (in :meth:`prompts`)
     restricts the retrievable edits to those groups (distractors always stay)."""
@@ -280,7 +281,7 @@ class ReMaKE:
 
 
 @dataclass
-class ReMaKEMethod:
+class RemakeMethod:
     """ReMaKE as a method of ``lafn evaluate --method`` (see :mod:`lafn_lightning.methods.base`):
     one knowledge base over the evaluated groups' edit questions in every language plus
     ``distractors`` zsRE training facts per language, built once in ``workdir/kb`` (reused when it
@@ -299,7 +300,7 @@ class ReMaKEMethod:
     def __post_init__(self) -> None:
         if self.template not in TEMPLATES:
             raise ValueError(f"method.init_args.template={self.template!r}: one of {', '.join(TEMPLATES)}")
-        self._remake: ReMaKE | None = None
+        self._remake: RemakeRetriever | None = None
 
     def prepare(self, model: nn.Module, tokenizer, groups: Sequence[EditGroup], workdir) -> None:
         path = Path(workdir) / "kb"
@@ -317,7 +318,7 @@ class ReMaKEMethod:
             meta = json.loads((path / "kb.json").read_text(encoding="utf-8"))
             meta["settings"] = self._settings()
             atomic_write(path / "kb.json", json.dumps(meta, ensure_ascii=False, indent=1) + "\n")
-        self._remake = ReMaKE(model, tokenizer, kb, threshold=self.threshold, template=self.template)
+        self._remake = RemakeRetriever(model, tokenizer, kb, threshold=self.threshold, template=self.template)
 
     def _settings(self) -> dict:
         return {"layer": self.layer, "threshold": self.threshold, "distractors": self.distractors,
@@ -331,3 +332,7 @@ class ReMaKEMethod:
             self.prepare(model, tokenizer, groups, workdir)
         ids = [g.group_id for g in groups]
         yield InContext(model, lambda prompts: self._remake.prompts(list(prompts), groups=ids))
+
+
+#: deprecated class names that method configs and evaluation progress files may give
+__getattr__ = deprecated_names(__name__, {"ReMaKEMethod": "RemakeMethod"})

@@ -26,6 +26,7 @@ import torch
 
 from .compute_z import ValueHParams, keys_at, optimise_values, prefix_groups, read_sites
 from .lowrank import LowRankUpdate
+from .base import deprecated_names
 from .run import ArtifactEditing
 from .stats import key_second_moments
 
@@ -100,5 +101,5 @@ def rome_edit(model, tokenizer, requests: dict, hp: RomeMethod, *, stats_dir=Non
     return update
 
 
-#: the name before the methods were named alike (configs that name it keep working)
-RomeHParams = RomeMethod
+#: deprecated class names that method configs and evaluation progress files may give
+__getattr__ = deprecated_names(__name__, {"RomeHParams": "RomeMethod"})
