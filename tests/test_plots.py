@@ -84,3 +84,69 @@ def test_plots_command_writes_figures_numbers_and_tensorboard(tmp_path):
 def test_plots_refuses_a_layer_out_of_range(tmp_path):
     with pytest.raises(ValueError, match="--layer: layer index"):
         plots(Settings.from_config(CONFIGS / "tiny.yaml", overrides={"data.groups": "0:1"}), output=str(tmp_path), layer=9)
+
+
+def _results_file(path, languages, seed=0):
+    """A results file as ``lafn evaluate --output`` writes it, with random scores (pre_edit has no
+    Locality, as in a real file)."""
+    gen = torch.Generator().manual_seed(seed)
+    metrics = ("reliability", "generality", "locality", "portability")
+
+    def table(setting):
+        out = {}
+        for m in metrics:
+            row = {lang: {"f1": round(float(torch.rand(1, generator=gen)) * 100, 4),
+                          "em": round(float(torch.rand(1, generator=gen)) * 100, 4)} for lang in languages}
+            row["avg"] = {"f1": sum(c["f1"] for c in row.values()) / len(languages), "em": 0.0}
+            if setting == "pre_edit" and m == "locality":
+                row = {lang: {"f1": None, "em": None} for lang in [*languages, "avg"]}
+            out[m] = row
+        return out
+
+    data = {s: table(s) for s in ("edit_one_test_one", "all_cached", "pre_edit")}
+    data["meta"] = {"mode": "multilingual", "backbone": {"name": "tiny"}, "matcher": "router", "method": None,
+                    "languages": languages, "runs": {"multilingual": {"groups_evaluated": 3}}}
+    path.write_text(json.dumps(data))
+    return data
+
+
+def test_plots_results_draws_the_files_scores_per_language(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    languages = ["en", "zh", "de", "th"]
+    data = _results_file(tmp_path / "results.json", languages)
+    drawn, save = [], matplotlib.figure.Figure.savefig
+
+    def keep(fig, path, *a, **k):
+        drawn.append(fig)
+        return save(fig, path, *a, **k)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", keep)
+    main(["plots", "--results", str(tmp_path / "results.json"), "--output", str(tmp_path / "fig")])
+    png = (tmp_path / "fig" / "scores_per_language.png").read_bytes()
+    assert png.startswith(PNG) and len(drawn) == 1
+    ax = drawn[0].axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == [*languages, "avg"]
+    bars = {c.get_label(): [p.get_height() for p in c.patches] for c in ax.containers}
+    assert list(bars) == ["Reliability", "Generality", "Locality", "Portability"]
+    for metric, heights in bars.items():                       # all_cached, F1: the default
+        assert heights == pytest.approx([data["all_cached"][metric.lower()][lang]["f1"] for lang in [*languages, "avg"]])
+
+
+def test_language_scores_picks_the_setting_and_leaves_unscored_cells_empty(tmp_path):
+    from lafn_lightning.evaluation.plots import language_scores, plot_language_scores
+
+    data = _results_file(tmp_path / "results.json", ["en", "cz"], seed=1)
+    one = language_scores(data, "edit_one_test_one", score="em")
+    assert one["setting"] == "edit_one_test_one" and one["languages"] == ["en", "cz", "avg"]
+    assert one["metrics"]["portability"] == [data["edit_one_test_one"]["portability"][lang]["em"] for lang in one["languages"]]
+    del data["all_cached"]                                      # a comparison method's file
+    assert language_scores(data)["setting"] == "edit_one_test_one"
+    pre = language_scores(data, "pre_edit")
+    assert all(v != v for v in pre["metrics"]["locality"])      # no samples: NaN, drawn as no bar
+    ax = plot_language_scores(pre).axes[0]
+    assert all(p.get_height() != p.get_height() for p in ax.containers[2].patches)
+    with pytest.raises(ValueError, match="no setting 'all_cached'"):
+        language_scores(data, "all_cached")
+    with pytest.raises(ValueError, match="no 'generation' view"):
+        language_scores(data, view="generation")

@@ -2,6 +2,7 @@
 
     match_report(Settings.from_config("demo", overrides={"data.groups": None}), output="coverage.json")
     plots(Settings.from_config("demo"), output="runs/plots")
+    plots(Settings.from_config("demo"), output="docs/figures", results="runs/x/results.json")
     miss_report("runs/r.json", metric="generality", output="runs/r.misses.md")
 """
 from __future__ import annotations
@@ -16,8 +17,9 @@ from ..backbone.loading import load_backbone
 from ..editing.datamodule import locating_corpus
 from ..evaluation.match_report import coverage_report, format_table
 from ..evaluation.miss_report import format_markdown, include_for_mode, miss_split
-from ..evaluation.protocol import SETTINGS, VIEWS, cell_sites, progress_file, read_progress
-from ..evaluation.plots import _pyplot, difference_matrix, factual_neuron_counts, plot_difference_heatmap, plot_layer_counts
+from ..evaluation.protocol import SETTING_TITLES, SETTINGS, VIEWS, cell_sites, progress_file, read_progress
+from ..evaluation.plots import (_pyplot, difference_matrix, factual_neuron_counts, language_scores, plot_difference_heatmap,
+                                plot_language_scores, plot_layer_counts)
 from ..files import atomic_write
 from ..text.matching import MATCHERS
 from .settings import Settings
@@ -85,18 +87,25 @@ def _label(group, width: int = 22) -> str:
 
 
 def plots(settings: Settings, output: str, layer: int | None = None, max_groups: int = 30,
-          log_dir: str | None = None) -> dict:
+          log_dir: str | None = None, results: str | None = None, setting: str | None = None) -> dict:
     """Figure 1 (factual neurons per layer, per language and their intersection) and Figure 4
-    (neuron-set difference between groups in one layer) for the groups ``data.groups`` selects.
+    (neuron-set difference between groups in one layer) for the groups ``data.groups`` selects;
+    with ``results``, the per-language score bars of an evaluation instead.
 
     Args:
         settings: the parsed config (``model.*`` the backbone, ``data.*`` the groups, ``locate.beta``
             the threshold).
-        output: output directory (two PNG files and neurons.json).
+        output: output directory (two PNG files and neurons.json; with --results, scores_per_language.png).
         layer: layer of the Figure-4 heatmap (default: the first edited layer).
         max_groups: groups in the heatmap (the first N).
         log_dir: also write the figures to TensorBoard here.
+        results: a results file of ``lafn evaluate --output``: draw its Reliability, Generality,
+            Locality and Portability F1 per language (teacher-forced) and load no backbone.
+        setting: with --results, all_cached, edit_one_test_one or pre_edit (default: all_cached where
+            the file has it, else edit_one_test_one).
     """
+    if results is not None:
+        return _score_plot(Path(results), Path(output), setting)
     opt = SimpleNamespace(out=output, layer=layer, max_groups=max_groups, log_dir=log_dir)
     hp = SimpleNamespace(**settings.model)
     model, tokenizer = load_backbone(hp.backbone, hp.dtype)
@@ -138,6 +147,25 @@ def plots(settings: Settings, output: str, layer: int | None = None, max_groups:
     print(f"[lafn] wrote {out / 'factual_neurons_per_layer.png'}, {out / f'neuron_difference_layer{layer}.png'}, "
           f"{out / 'neurons.json'}", file=sys.stderr)
     return summary
+
+
+def _score_plot(results: Path, out: Path, setting: str | None) -> dict:
+    """``lafn plots --results``: the per-language score bars of one results file."""
+    try:
+        data = json.loads(results.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{results} is not a results file (not valid JSON: {e})") from None
+    scores = language_scores(data, setting)
+    meta = data.get("meta", {})
+    groups = sum(r.get("groups_evaluated", 0) for r in meta.get("runs", {}).values())
+    what = meta.get("method", {}).get("name") if meta.get("method") else f"LU-LAFNs, matcher {meta.get('matcher')}"
+    title = (f"{what}, backbone {meta.get('backbone', {}).get('name')}, {meta.get('mode')}, {groups} group(s): "
+             f"F1 per language ({SETTING_TITLES.get(scores['setting'], scores['setting']).lower()}, teacher-forced)")
+    out.mkdir(parents=True, exist_ok=True)
+    plot_language_scores(scores, out / "scores_per_language.png", title=title)
+    _pyplot().close("all")
+    print(f"[lafn] wrote {out / 'scores_per_language.png'}", file=sys.stderr)
+    return scores
 
 
 def miss_report(results: str, metric: str = "generality", setting: str | None = None, view: str = "teacher_forced",

@@ -48,7 +48,7 @@ SUMMARIES = {
     "evaluate": "edit what the cache lacks, then score Reliability/Generality/Locality/Portability",
     "match-report": "how often each subject matcher finds a group's subject (and falsely fires)",
     "miss-report": "split each miss of a metric per language: not routed / other group / other token / no answer",
-    "plots": "paper Figures 1 and 4: factual neurons per layer and neuron-set differences",
+    "plots": "paper Figures 1 and 4 (factual neurons per layer, neuron-set differences); --results: scores per language",
     "paraphrase": "write the locating corpus: paraphrases of each edit question by an instruct model",
     "plan": "size a run before starting it: predicted peak memory, FLOPs, steps and hours",
     "cache": "list, show, delete, merge, verify, gc and stats of an edit cache",

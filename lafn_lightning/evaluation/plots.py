@@ -1,18 +1,22 @@
-"""Analysis figures of the located neurons (paper Figures 1 and 4).
+"""Analysis figures: the located neurons (paper Figures 1 and 4) and the scores of a results file.
 
     counts = factual_neuron_counts(model, adapter, tokenizer, corpora, beta=0.3)
     plot_layer_counts(counts, "factual_neurons_per_layer.png")
+    plot_language_scores(language_scores(json.loads(Path("runs/x/results.json").read_text())), "scores.png")
 
-``lafn plots`` (:mod:`lafn_lightning.api.analysis`) writes both figures and their numbers.
+``lafn plots`` (:mod:`lafn_lightning.api.analysis`) writes both neuron figures and their numbers, or
+with ``--results`` the per-language score bars of an evaluation.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
 from ..editing.locate import agnostic_neurons, count_activations, language_neurons
+from .protocol import SETTINGS
 
 __all__ = [
     "neuron_set_difference",
@@ -20,7 +24,13 @@ __all__ = [
     "factual_neuron_counts",
     "plot_layer_counts",
     "plot_difference_heatmap",
+    "METRICS",
+    "language_scores",
+    "plot_language_scores",
 ]
+
+#: the four metrics of a results file, in the paper's order
+METRICS = ("reliability", "generality", "locality", "portability")
 
 
 def neuron_set_difference(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -145,6 +155,64 @@ def plot_difference_heatmap(matrix: torch.Tensor, labels: Sequence[str], path: s
         ax.set_ylabel("group")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label=r"$1 - (|D_a \cap D_b|/|D_a| + |D_a \cap D_b|/|D_b|)\,/\,2$")
     ax.set_title(title or "Neuron-set difference between groups", fontsize=10)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path)
+    return fig
+
+
+def language_scores(results: Mapping[str, Any], setting: str | None = None, view: str = "teacher_forced",
+                    score: str = "f1") -> dict:
+    """The per-language scores of one setting of a results file (``lafn evaluate --output``):
+    ``{"setting", "view", "score", "languages": [..., "avg"], "metrics": {metric: [one value per
+    language]}}``, NaN where the file has no sample. ``setting`` defaults to all_cached where the
+    file has it, else edit_one_test_one; ``view`` is teacher_forced or generation; ``score`` f1 or em.
+
+        scores = language_scores(json.loads(Path("runs/x/results.json").read_text()), score="em")
+    """
+    block = results if view == "teacher_forced" else results.get(view)
+    if not isinstance(block, Mapping):
+        raise ValueError(f"the results file has no {view!r} view (evaluated with --generation false?)")
+    setting = setting or next((s for s in ("all_cached", "edit_one_test_one") if s in block), None)
+    if setting not in block:
+        raise ValueError(f"the results file has no setting {setting!r}; it has {[s for s in SETTINGS if s in block]}")
+    table = block[setting]
+    metrics = [m for m in METRICS if m in table]
+    languages = [lang for lang in (results.get("meta", {}).get("languages") or table[metrics[0]]) if lang != "avg"]
+    languages.append("avg")
+
+    def value(metric: str, lang: str) -> float:
+        v = table[metric].get(lang, {}).get(score)
+        return float("nan") if v is None else float(v)
+
+    return {"setting": setting, "view": view, "score": score, "languages": languages,
+            "metrics": {m: [value(m, lang) for lang in languages] for m in metrics}}
+
+
+def plot_language_scores(scores: Mapping[str, Any], path: str | Path | None = None, *, title: str = ""):
+    """Grouped bars: per language (and the average, last), one bar per metric, from
+    :func:`language_scores`. A score without samples (NaN) draws no bar. Saves a PNG when ``path``
+    is given; returns the figure."""
+    plt = _pyplot()
+    languages, metrics = scores["languages"], scores["metrics"]
+    fig, ax = plt.subplots(figsize=(10, 3.4), dpi=100)
+    width = 0.84 / max(len(metrics), 1)
+    colors = plt.get_cmap("tab10")
+    for k, (metric, values) in enumerate(metrics.items()):
+        xs = [i + (k - (len(metrics) - 1) / 2) * width for i in range(len(languages))]
+        ax.bar(xs, values, width, label=metric.capitalize(), color=colors(k))
+    ax.set_xticks(range(len(languages)))
+    ax.set_xticklabels(languages)
+    ax.set_xlim(-0.6, len(languages) - 0.4)
+    if languages and languages[-1] == "avg":
+        ax.axvline(len(languages) - 1.5, color="grey", lw=0.8, ls=":")
+    finite = [v for values in metrics.values() for v in values if not math.isnan(v)]
+    ax.set_ylim(0, max(100.0, *finite) if finite else 100.0)
+    ax.set_ylabel(f"{scores['score'].upper()} (x100)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
+    ax.legend(ncol=len(metrics), fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
+    ax.set_title(title or f"{scores['setting']}, {scores['view']}", fontsize=10, pad=22)
     fig.tight_layout()
     if path is not None:
         fig.savefig(path)
