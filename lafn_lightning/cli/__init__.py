@@ -8,7 +8,7 @@
     lafn miss-report runs/enzh/results.json --metric generality --output runs/enzh/misses.md
 
 Every subcommand but ``cache`` and the commands over a results file (``PLAIN``) takes ``-c CONFIG`` (a path or a shipped name) and the same
-``--data.* --model.* --locate.* --trainer.* --cache_dir`` options; ``--help`` and
+``--data.* --model.* --locate.* --routing.* --trainer.* --cache_dir`` options; ``--help`` and
 ``--print_config`` work on each. Bad input: one line on stderr, exit 2 (``LAFN_DEBUG=1``: traceback).
 """
 from __future__ import annotations
@@ -132,7 +132,7 @@ def _command_line_view(fn):
 def help_text() -> str:
     """``lafn --help``: the subcommands, one line each."""
     width = max(map(len, SUMMARIES))
-    lines = ["usage: lafn COMMAND [-c CONFIG] [--data.* --model.* --locate.* --trainer.* --cache_dir DIR] ...",
+    lines = ["usage: lafn COMMAND [-c CONFIG] [--data.* --model.* --locate.* --routing.* --trainer.* --cache_dir DIR] ...",
              "",
              "Multilingual knowledge editing by locating and updating language-agnostic factual neurons (LU-LAFNs).",
              "",
