@@ -31,8 +31,8 @@ at what is really free.
 With ``--matcher router`` every cache also gets a router key file: the real groups' keys are
 built from their prompts (``routing.build.add_group``), each synthetic group gets 3 random unit
 keys (the count of a distractor fact: anchor + 2 questions; random keys never fire, so the
-router's cost, not its accuracy, is measured); thresholds, lexical tiers and ``router_common_from`` from ``configs/<backbone>.yaml``
-(``export.router_*``). Routing happens inside the edited forward (a pre-hook at the router's
+router's cost, not its accuracy, is measured); thresholds, lexical tiers and ``common_from`` from
+the ``routing`` section of ``configs/<backbone>.yaml``. Routing happens inside the edited forward (a pre-hook at the router's
 layer), and "lookup" times ``find_sites``, which also runs the layers below the router.
 
 The overhead is a fixed cost per query (text recovery and lookup, ~20-30 µs; on a match also the
@@ -139,11 +139,11 @@ def router_thresholds(backbone: str) -> tuple[float, float | None, list, int]:
     import yaml
 
     name = "tiny" if backbone.startswith("tiny") else backbone
-    export = (yaml.safe_load(Path(resolve_config(name)).read_text()) or {}).get("export") or {}
-    if export.get("router_threshold") is None:
+    routing = (yaml.safe_load(Path(resolve_config(name)).read_text()) or {}).get("routing") or {}
+    if routing.get("threshold") is None:
         return 0.999, None, [], 0   # a backbone without calibrated thresholds (tiny): only near-copies fire
-    return (export["router_threshold"], export.get("router_lexical_threshold"), export.get("router_lexical_tiers") or [],
-            export.get("router_common_from") or 0)
+    return (routing["threshold"], routing.get("lexical_threshold"), routing.get("lexical_tiers") or [],
+            routing.get("common_from") or 0)
 
 
 def build_router_keys(model, tokenizer, dirs: dict[int, Path], real_groups, fp: dict, layer: int,

@@ -64,7 +64,7 @@ def child(argv: list[str]) -> None:
     cli = LafnCLI(resolve_config_args([*argv, "--cache_dir", out, "--trainer.logger", "false",
                                        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
                                        "--trainer.default_root_dir", out, "--model.stop_loss", "0",
-                                       "--export.router_keys", "false"]), run=False)
+                                       "--routing.keys", "false"]), run=False)
     clock = Clock()
     cli.trainer.callbacks.append(clock)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)

@@ -509,15 +509,15 @@ def test_a_one_end_tier_fires_only_at_a_near_identical_cosine(lookup):
 
 
 def test_lexical_tier_shapes_are_checked_before_any_compute(tmp_path):
-    from lafn_lightning.callbacks.cache_export import CacheExport
+    from lafn_lightning.routing.settings import RoutingSettings
     store = KeyStore(layer=4)
     store.add("g", unit(0)[None])
     for bad in ([(0.5, 0.98, 3)], [(0.5,)], [(0.5, 0.9, 1, 2)]):
         with pytest.raises(ValueError, match="lexical tier"):
             Router(store, {"g": ["x"]}, threshold=1.0001, lexical_threshold=0.8, lexical_tiers=bad)
-        with pytest.raises(ValueError, match="export.router_lexical_tiers"):
-            CacheExport(str(tmp_path), router_lexical_tiers=[list(t) for t in bad])
-    assert CacheExport(str(tmp_path), router_lexical_tiers=[[0.7, 0.6], [0.5, 0.98, 1]]).router_lexical_tiers
+        with pytest.raises(ValueError, match=r"^routing\.lexical_tiers=.*lexical tier"):
+            RoutingSettings(lexical_tiers=[list(t) for t in bad])
+    assert RoutingSettings(lexical_tiers=[[0.7, 0.6], [0.5, 0.98, 1]]).lexical_tiers
 
 
 def test_edges_of_subjects_with_and_without_word_spaces():
@@ -635,19 +635,21 @@ def test_a_common_subject_fires_only_where_its_state_agrees(lookup):
 
 
 def test_background_fact_counts_survive_the_key_file_a_merge_and_a_refit(tmp_path):
-    from lafn_lightning.callbacks.cache_export import CacheExport
+    from lafn_lightning.routing.settings import RoutingSettings
     a = KeyStore(layer=4, common_from=3)
     a.add("g", unit(0)[None])
     a.add("h", unit(1)[None])
     a.set_common({"g": 7, "h": 0, "gone": 2})         # only stored groups get a count
     a = KeyStore.load(a.save(tmp_path / "k.safetensors"))
     assert a.common_from == 3 and a.all_common() == {"g": 7, "h": 0}
-    b = KeyStore(layer=4)
+    b = KeyStore(layer=4, common_from=3)
     b.add("h", unit(2)[None])                         # a refit without a count replaces it
     assert KeyStore.merge([a, b]).all_common() == {"g": 7}
     assert KeyStore.merge([b, a]).all_common() == {"g": 7, "h": 0} and KeyStore.merge([a, b]).common_from == 3
     a.prune(["h"])
     assert a.all_common() == {"h": 0}
+    with pytest.raises(ValueError, match="routing.common_from=3, not routing.common_from=0"):
+        KeyStore.merge([a, KeyStore(layer=4)])        # counts for some groups only: refused
     for bad in (-1, 2.5, True, "3"):
-        with pytest.raises(ValueError, match="export.router_common_from"):
-            CacheExport(str(tmp_path), router_common_from=bad)
+        with pytest.raises(ValueError, match=r"^routing\.common_from="):
+            RoutingSettings(common_from=bad)

@@ -14,8 +14,8 @@ from lafn_lightning.routing.build import background_fact_questions, group_aliase
 from lafn_lightning.routing.lexical import background_facts
 from lafn_lightning.routing.keys import KEYS_FILE, KeyStore
 
-THRESHOLDS = ("--export.router_threshold", "0.95", "--export.router_lexical_threshold", "0.5",
-              "--export.router_lexical_tiers", "[[0.7, 0.4]]", "--export.router_common_from", "1")
+THRESHOLDS = ("--routing.threshold", "0.95", "--routing.lexical_threshold", "0.5",
+              "--routing.lexical_tiers", "[[0.7, 0.4]]", "--routing.common_from", "1")
 
 
 def _fit(tmp_path, name, groups):
@@ -67,7 +67,7 @@ def test_cache_merge_merges_keys_and_delete_prunes_them(caches, tmp_path):
 def test_match_report_compares_the_router_with_the_string_matchers(tmp_path, capsys):
     out = tmp_path / "coverage.json"
     main(["match-report", "-c", str(CONFIGS / "tiny.yaml"), "--data.groups", "0:6", "--data.languages", "[en, ru, th]",
-          "--matchers", "[exact, router]", *THRESHOLDS, "--export.router_common_from", "0", "--output", str(out)])
+          "--matchers", "[exact, router]", *THRESHOLDS, "--routing.common_from", "0", "--output", str(out)])
     report = json.loads(out.read_text())
     assert set(report) == {"exact", "router"}
     for lang in ("en", "ru", "th"):   # stage 1 is the exact matcher (no common-subject rule): the router finds at least as much
@@ -76,7 +76,7 @@ def test_match_report_compares_the_router_with_the_string_matchers(tmp_path, cap
 
     with pytest.raises(SystemExit) as exc:
         main(["match-report", "-c", str(CONFIGS / "tiny.yaml"), "--matchers", "[router]"])
-    assert exc.value.code == 2 and "export.router_threshold is not set" in capsys.readouterr().err
+    assert exc.value.code == 2 and "routing.threshold is not set" in capsys.readouterr().err
 
 
 def test_routed_subject_site_puts_the_delta_where_the_router_fires(tmp_path):
@@ -119,8 +119,8 @@ def test_routed_subject_site_puts_the_delta_where_the_router_fires(tmp_path):
 
 
 def test_a_cache_without_keys_says_how_to_get_them(tmp_path):
-    cli = fit(tmp_path, "--data.groups", "0:1", "--trainer.max_steps", "1", "--export.router_keys", "false")
+    cli = fit(tmp_path, "--data.groups", "0:1", "--trainer.max_steps", "1", "--routing.keys", "false")
     cache = tmp_path / "cache"
     assert (cache / "manifest.json").exists() and not (cache / KEYS_FILE).exists()
-    with pytest.raises(FileNotFoundError, match="no router key file .*export.router_keys"):
+    with pytest.raises(FileNotFoundError, match="no router key file .*routing.keys"):
         EditedModel(cli.model.backbone, cli.model.tokenizer, cache, matcher="router")

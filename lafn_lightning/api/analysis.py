@@ -34,7 +34,7 @@ def match_report(settings: Settings, matchers: list[str] = list(MATCHERS), outpu
 
     Args:
         settings: the parsed config; ``data.*`` selects the groups, ``model.*`` the backbone and
-            first edited layer and ``export.router_*`` the thresholds of the router.
+            first edited layer and ``routing.*`` the settings of the router.
         matchers: matchers to compare, among exact, normalized, fuzzy, router (the hidden-state
             router, :mod:`lafn_lightning.routing`: loads the backbone and builds every group's keys).
         output: write the JSON report (``{matcher: {language: {"found", "false_match"}}}``) here.
@@ -58,25 +58,24 @@ def match_report(settings: Settings, matchers: list[str] = list(MATCHERS), outpu
 
 
 def _router_matcher(settings: Settings, groups):
-    """A :class:`RouterMatcher` holding the keys of every group (thresholds from ``export.router_*``)."""
+    """A :class:`RouterMatcher` holding the keys of every group (settings from ``routing.*``)."""
     from ..backbone.fingerprint import fingerprint
     from ..inference.edited_model import RouterMatcher
     from ..routing.build import store_for_groups
     from ..routing.router import Router
 
-    export = settings.config.get("export") or {}
-    threshold, lexical = export.get("router_threshold"), export.get("router_lexical_threshold")
-    if threshold is None:
-        raise ValueError("matchers router: export.router_threshold is not set for this backbone "
-                         "(calibrate it as docs/router.md describes, or pass --export.router_threshold)")
+    routing = settings.routing
+    if routing.threshold is None:
+        raise ValueError("matchers router: routing.threshold is not set for this backbone "
+                         "(calibrate it as docs/router.md describes, or pass --routing.threshold)")
     hp = SimpleNamespace(**settings.model)
     model, tokenizer = load_backbone(hp.backbone, hp.dtype)
-    layer = min(int(x) for x in hp.layers)
-    store = store_for_groups(model, tokenizer, groups, layer=layer, fingerprint=fingerprint(model, list(hp.layers)),
-                             common_from=export.get("router_common_from"))
+    store = store_for_groups(model, tokenizer, groups, layer=routing.layer,
+                             fingerprint=fingerprint(model, list(hp.layers)), routing=routing)
     subjects = {g.group_id: list(g.subjects) for g in groups}
-    router = Router(store, subjects, threshold=threshold, lexical_threshold=lexical,
-                    lexical_tiers=export.get("router_lexical_tiers") or ())
+    routing = store.routing
+    router = Router(store, subjects, threshold=routing.threshold, lexical_threshold=routing.lexical_threshold,
+                    lexical_tiers=routing.lexical_tiers)
     return RouterMatcher(router, model, tokenizer)
 
 

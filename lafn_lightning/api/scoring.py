@@ -28,6 +28,8 @@ from ..evaluation.protocol import (MODES, PROGRESS_VERSION, SETTINGS, ProgressLo
                                    _matrix_markdown, _section, aggregate, score_group, _MODE_ALIASES)
 from ..files import atomic_write, check_writable
 from ..inference.edited_model import EditedModel
+from ..routing.keys import KEYS_FILE, KeyStore
+from ..routing.settings import ACCEPTANCE_SETTINGS, READ_HINT
 from ..text.matching import MATCHERS
 from .edit import edit_dataset
 from .progress import RunProgress, report_skipped, tensorboard_dir
@@ -113,7 +115,9 @@ def evaluate(settings: Settings, output: str, mode: str = "multilingual", edit_l
         generation: also score free greedy generation.
         margin: generation: tokens decoded beyond the answer's length (0: exactly its length, so EM is meaningful).
         matcher: subject matcher of the edited model: exact (the paper's), normalized, fuzzy, or router
-            (hidden-state routing; needs the cache's router key file, see lafn_lightning.routing).
+            (hidden-state routing with the settings recorded in the cache's router key file; what
+            the routing section sets of threshold, lexical_threshold, lexical_tiers replaces them
+            for this evaluation; docs/router.md).
         batch_size: probes per forward.
         log_dir: TensorBoard directory (default: the config's logger directory + /evaluate).
         restart: discard the progress file of an earlier run.
@@ -132,7 +136,7 @@ def evaluate(settings: Settings, output: str, mode: str = "multilingual", edit_l
     own = SimpleNamespace(mode=mode, edit_languages=edit_languages, edit_batch_size=edit_batch_size,
                           generation=generation, margin=margin, matcher=matcher, batch_size=batch_size,
                           log_dir=log_dir, restart=restart, no_edit=no_edit, cache_dir=str(settings.cache_dir),
-                          output=output)
+                          output=output, routing=settings.routing)
     started = time.perf_counter()
     cache_dir = Path(own.cache_dir) / editor.name if editor is not None else Path(own.cache_dir)
     output = Path(own.output)
@@ -145,6 +149,8 @@ def evaluate(settings: Settings, output: str, mode: str = "multilingual", edit_l
     runs = _plan_runs(own, groups, languages, cache_dir)
     _refuse_caches_of_other_languages(own, runs, languages, editor)
     edit_seconds = _edit_missing(settings, own, runs, editor)
+    if own.matcher == "router" and editor is None:
+        _report_routing(own.routing, runs)
 
     model, tokenizer = load_backbone(hp.backbone, hp.dtype)
     caches = _open_caches(runs, editor)
@@ -251,6 +257,22 @@ def _edit_missing(settings: Settings, own, runs: list[_Run], editor) -> float:
     return time.perf_counter() - t0
 
 
+def _report_routing(routing, runs: list[_Run]) -> None:
+    """Before the backbone loads: refuse ``routing`` whose key settings differ from a run's router
+    keys (one line), and say once per cache which recorded acceptance settings it replaces for
+    this evaluation."""
+    for run in runs:
+        path = run.cache_dir / KEYS_FILE
+        if not path.is_file():
+            continue   # the routed model says what is missing
+        stored = KeyStore.read_routing(path)
+        used = routing.over(stored, where=f"router keys {path}", hint=READ_HINT)
+        changed = [f"routing.{k}={getattr(used, k)!r} (recorded: {getattr(stored, k)!r})"
+                   for k in ACCEPTANCE_SETTINGS if getattr(used, k) != getattr(stored, k)]
+        if changed:
+            print(f"[lafn] {run.cache_dir}: routing with {', '.join(changed)} for this evaluation", file=sys.stderr)
+
+
 def _open_caches(runs: list[_Run], editor) -> dict[str, EditCache | None]:
     """Run name -> its edit cache (None: none on disk, or a comparison method is scored). Every
     selected group the cache holds is read once here, so a missing, corrupt or non-finite ΔV is
@@ -328,7 +350,8 @@ def _score_runs(model, tokenizer, own, hp, runs: list[_Run], caches: Mapping[str
             not_cached[run.name] = [g.group_id for g in run.groups if g.group_id not in cached_ids]
             if not todo:
                 continue
-            all_cached = EditedModel(model, tokenizer, cache, matcher=own.matcher, site=hp.site) if cache else None
+            routed = {"routing": own.routing} if own.matcher == "router" else {}
+            all_cached = EditedModel(model, tokenizer, cache, matcher=own.matcher, site=hp.site, **routed) if cache else None
             for group in todo:
                 if group.group_id not in cached_ids:
                     tick()
@@ -339,7 +362,7 @@ def _score_runs(model, tokenizer, own, hp, runs: list[_Run], caches: Mapping[str
                             editor.edited(model, tokenizer, [edit_of.get(group.group_id, group)], run.cache_dir))}
                     else:
                         edited = {"edit_one_test_one": EditedModel(model, tokenizer, cache, matcher=own.matcher,
-                                                                   site=hp.site, groups=[group.group_id]),
+                                                                   site=hp.site, groups=[group.group_id], **routed),
                                   "all_cached": all_cached}
                     cells = score_group(model, tokenizer, group, edited, languages=run.test_languages,
                                         generation=own.generation, margin=own.margin, batch_size=own.batch_size)

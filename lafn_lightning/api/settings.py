@@ -3,7 +3,7 @@
     settings = Settings.from_config("demo", overrides={"data.groups": "0:8"})
     trainer, module, datamodule = settings.instantiate()       # what ``lafn fit`` would run
 
-Every ``lafn`` command except ``cache`` parses ``-c CONFIG --data.* --model.* --locate.*
+Every ``lafn`` command except ``cache`` parses ``-c CONFIG --data.* --model.* --locate.* --routing.*
 --trainer.* --cache_dir`` with :class:`LafnCLI` (LightningCLI), plus its own options.
 """
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import sys
 import warnings
 from importlib import resources
 from pathlib import Path
@@ -22,6 +23,7 @@ from lafn_lightning.callbacks import CacheExport, LogProgress, NeuronLocator
 
 from ..editing.datamodule import EditBatchDataModule
 from ..editing.module import LafnEditModule
+from ..routing.settings import RENAMED, RoutingSettings, router_layer
 
 __all__ = ["LafnCLI", "Settings", "config_dir", "resolve_config"]
 
@@ -60,13 +62,50 @@ def resolve_config_args(args: Sequence[str]) -> list[str]:
     return out
 
 
+def refuse_renamed(args: Sequence[str] | Mapping[str, Any] | None) -> None:
+    """Refuse, with one line naming the new key, an option the ``routing`` section replaced
+    (:data:`~lafn_lightning.routing.settings.RENAMED`), given on the command line, in a config
+    file (``-c``) or in a config mapping.
+
+        refuse_renamed(["fit", "--export.router_threshold", "0.9"])   # ValueError: ... routing.threshold
+    """
+    import yaml
+
+    def check(config: Any, prefix: str = "") -> None:
+        if not isinstance(config, Mapping):
+            return
+        for key, value in config.items():
+            name = f"{prefix}{key}"
+            if name in RENAMED:
+                raise ValueError(f"{name} is now {RENAMED[name]} (a top-level routing: section of the config)")
+            if isinstance(value, Mapping) and name in ("export", "fit"):
+                check(value, "" if name == "fit" else f"{name}.")
+
+    if args is None or isinstance(args, Mapping):
+        check(args or {})
+        return
+    it = iter(args)
+    for a in it:
+        if a in ("-c", "--config") or a.startswith("--config="):
+            path = a.split("=", 1)[1] if "=" in a else next(it, "")
+            if Path(path).is_file():
+                try:
+                    check(yaml.safe_load(Path(path).read_text(encoding="utf-8")))
+                except yaml.YAMLError:
+                    pass   # the parser's own error follows
+        elif a.startswith("--export.router_"):
+            check({a[2:].split("=", 1)[0]: None})
+
+
 def preflight(settings: "Settings", *, check_cache: bool = True) -> None:
-    """Refuse bad settings before any compute: the data (read and checked) and, for a command that
-    edits (``check_cache``), the step budget and the target cache (a directory, readable manifest,
-    same edit settings)."""
+    """Refuse bad settings before any compute: the data (read and checked), the routing section
+    and, for a command that edits (``check_cache``), the step budget and the target cache (a
+    directory, readable manifest, same edit settings, router keys built with the same key
+    settings)."""
     layers = settings.model.get("layers")
     if layers is not None and not len(layers):
         raise ValueError("model.layers: empty list; give the decoder layers to edit, e.g. [1, 2]")
+    routing = settings.routing
     groups = settings.load_groups()
     if check_cache:  # a command that edits into the cache
         max_steps = settings.trainer.get("max_steps", -1)
@@ -75,7 +114,8 @@ def preflight(settings: "Settings", *, check_cache: bool = True) -> None:
                              "(a fit that trains nothing exports nothing)")
         from ..cache import check_target
 
-        check_target(settings.cache_dir, None, settings.record(groups[0].languages))
+        check_target(settings.cache_dir, None, settings.record(groups[0].languages),
+                     routing=routing if routing.keys else None)
 
 
 def check_checkpoint(ckpt_path: str | None) -> None:
@@ -95,8 +135,9 @@ def check_checkpoint(ckpt_path: str | None) -> None:
 
 class LafnCLI(LightningCLI):
     """LightningCLI over :class:`LafnEditModule` and :class:`EditBatchDataModule`, with the
-    ``locate``, ``export`` and ``progress`` callbacks and ``--cache_dir``; with ``command``, that
-    function's own arguments are added at the top level; ``instantiate=False`` only parses."""
+    ``locate``, ``export`` and ``progress`` callbacks, the ``routing`` section and
+    ``--cache_dir``; with ``command``, that function's own arguments are added at the top level;
+    ``instantiate=False`` only parses."""
 
     def __init__(self, args=None, *, run: bool = True, command: Callable | None = None, instantiate: bool = True,
                  check_cache: bool = True, **kwargs) -> None:
@@ -110,13 +151,20 @@ class LafnCLI(LightningCLI):
         parser.add_lightning_class_args(NeuronLocator, "locate")
         parser.add_lightning_class_args(CacheExport, "export")
         parser.add_lightning_class_args(LogProgress, "progress")
+        parser.add_class_arguments(RoutingSettings, "routing")
         parser.add_argument("--cache_dir", type=str, default="edit_cache", help="the edit cache directory")
         parser.link_arguments("cache_dir", "export.cache_dir")
         parser.link_arguments("model.backbone", "data.backbone")
         parser.link_arguments("model.dtype", "data.dtype")
-        parser.link_arguments("model.layers", "data.router_layer", compute_fn=lambda layers: min(layers, default=None))
+        parser.link_arguments("model.layers", "routing.layer", compute_fn=router_layer)
+        parser.link_arguments("model.layers", "data.router_layer", compute_fn=router_layer)
+        parser.link_arguments("routing", "export.routing", apply_on="instantiate")
         if self.command is not None:
             parser.add_function_arguments(self.command, skip={"settings"})
+
+    def parse_arguments(self, parser, args) -> None:
+        refuse_renamed(sys.argv[1:] if args is None else args)   # before the parser's own error
+        super().parse_arguments(parser, args)
 
     def _parse_ckpt_path(self) -> None:
         sub = self.config.get("subcommand")
@@ -135,10 +183,10 @@ class LafnCLI(LightningCLI):
 
 class Settings:
     """A parsed config: the ``trainer``, ``model``, ``data``, ``locate``, ``export``,
-    ``progress`` sections and ``cache_dir`` (plain dicts, as ``--print_config`` shows them)."""
+    ``progress``, ``routing`` sections and ``cache_dir`` (plain dicts, as ``--print_config`` shows them)."""
 
-    SECTIONS = ("seed_everything", "trainer", "model", "data", "locate", "export", "progress", "cache_dir",
-                "optimizer", "lr_scheduler")
+    SECTIONS = ("seed_everything", "trainer", "model", "data", "locate", "export", "progress", "routing",
+                "cache_dir", "optimizer", "lr_scheduler")
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         self.config = {k: copy.deepcopy(v) for k, v in config.items() if k in self.SECTIONS}
@@ -195,6 +243,12 @@ class Settings:
     @property
     def trainer(self) -> dict:
         return self.config["trainer"]
+
+    @property
+    def routing(self) -> RoutingSettings:
+        """The ``routing`` section (checked: one-line errors), its layer the first of ``model.layers``."""
+        given = {k: v for k, v in (self.config.get("routing") or {}).items() if k != "layer"}
+        return RoutingSettings(**given, layer=router_layer(self.model.get("layers")))
 
     def load_groups(self):
         """The edit groups the ``data`` section selects (no backbone needed); records that cannot be

@@ -251,13 +251,15 @@ def shard_bytes(n_groups: int, n_layers: int, d_ff: int, value_bytes: int = 2) -
 
 
 def check_target(cache_dir: str | os.PathLike, fingerprint: dict | None, settings: dict | None = None, *,
-                 need_bytes: int = MIN_FREE_BYTES) -> None:
+                 need_bytes: int = MIN_FREE_BYTES, routing=None) -> None:
     """Raise a one-line error now (before any compute) if ``cache_dir`` could not take edits made
     on this backbone with these settings: not a directory, links inside, unreadable or corrupt
-    manifest, another backbone (``fingerprint=None``: not checked), other settings, a read-only
+    manifest, another backbone (``fingerprint=None``: not checked), other settings, router keys
+    built with other key settings than ``routing`` (a
+    :class:`~lafn_lightning.routing.settings.RoutingSettings`; None: not checked), a read-only
     place or less than ``need_bytes`` free. A directory that does not exist yet is fine.
 
-        check_target("edit_cache", fp, record, need_bytes=shard_bytes(16, 4, 2048))
+        check_target("edit_cache", fp, record, need_bytes=shard_bytes(16, 4, 2048), routing=routing)
     """
     cache_dir = Path(cache_dir)
     if cache_dir.exists() and not cache_dir.is_dir():
@@ -275,6 +277,10 @@ def check_target(cache_dir: str | os.PathLike, fingerprint: dict | None, setting
                 check_settings(stored if manifest.get("settings") is not None
                                else {k: v for k, v in stored.items() if k in settings},
                                _jsonable(settings, "settings"), f"edit cache {cache_dir}")
+        if routing is not None:
+            from .commit import check_routing   # the router-key file's code lives there
+
+            check_routing(cache_dir, routing)
 
 
 def manifest_settings(manifest: dict) -> dict | None:

@@ -1,6 +1,8 @@
 """Export the learned ΔV of the edit batch into the edit cache after the fit."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -8,7 +10,7 @@ from lafn_lightning.backbone.fingerprint import fingerprint
 from lafn_lightning.cache import CacheEntry, CacheError, check_target, write_shard
 from lafn_lightning.cache.store import ValueOverflow, shard_bytes
 from lafn_lightning.editing.record import edit_record
-from lafn_lightning.routing.router import _tiers
+from lafn_lightning.routing.settings import RoutingSettings, router_layer
 
 
 class CacheExport(L.Callback):
@@ -24,41 +26,27 @@ class CacheExport(L.Callback):
     Args:
         cache_dir: the edit cache directory (several fits add to one cache).
         value_dtype: storage dtype of the located neurons' values: ``float16`` or ``bfloat16``.
-        router_keys: also add the groups' router keys to ``cache_dir/router_keys.safetensors``
-            (hidden states at the first edited layer; what ``matcher="router"`` routes on).
-        router_threshold, router_lexical_threshold: the router's calibrated acceptance cosines,
-            stored with the keys (per backbone and layer; docs/router.md). None: keep the key
-            file's (``matcher="router"`` then needs them passed explicitly).
-        router_lexical_tiers: further ``[min_share, min_cosine]`` pairs (or ``[min_share,
-            min_cosine, 1]``: one end of the subject spelled suffices) of the router's lexical
-            rule (``Router(lexical_tiers=)``), stored with the keys; None: keep the key file's.
-        router_common_from: a subject that the questions of at least this many background facts
-            (the packaged zsRE training lines) spell is *common*: it fires only where its state
-            agrees (``Router(common_from=)``, docs/router.md); the counts are
-            stored with the keys (about 7 s per fit). 0: off; None: keep the key file's.
+        routing: the router settings (the config's ``routing`` section, linked by ``lafn``):
+            with ``routing.keys``, the groups' router keys are added to
+            ``cache_dir/router_keys.safetensors`` with these settings recorded beside them
+            (:class:`~lafn_lightning.routing.settings.RoutingSettings`; layer None: the first
+            edited layer). None: the defaults.
     """
 
-    def __init__(self, cache_dir: str = "edit_cache", value_dtype: str = "float16", router_keys: bool = True,
-                 router_threshold: float | None = None, router_lexical_threshold: float | None = None,
-                 router_lexical_tiers: list[list[float]] | None = None,
-                 router_common_from: int | None = None) -> None:
+    def __init__(self, cache_dir: str = "edit_cache", value_dtype: str = "float16",
+                 routing: RoutingSettings | None = None) -> None:
         if value_dtype not in ("float16", "bfloat16"):
             raise ValueError(f"export.value_dtype={value_dtype!r}: float16 or bfloat16")
         self.cache_dir, self.value_dtype = cache_dir, value_dtype
-        self.router_keys, self.router_threshold = router_keys, router_threshold
-        self.router_lexical_threshold = router_lexical_threshold
-        if router_lexical_tiers is not None:   # the Router's own check, before any compute
-            try:
-                _tiers(router_lexical_tiers, 0.0, 0.0)
-            except (ValueError, TypeError) as e:
-                raise ValueError(f"export.router_lexical_tiers={router_lexical_tiers!r}: {e}") from None
-        self.router_lexical_tiers = router_lexical_tiers
-        if router_common_from is not None and (isinstance(router_common_from, bool)
-                                               or not isinstance(router_common_from, int) or router_common_from < 0):
-            raise ValueError(f"export.router_common_from={router_common_from!r}: a count of background facts >= 0 "
-                             "(0: off)")
-        self.router_common_from = router_common_from
+        self.routing = routing if routing is not None else RoutingSettings()
         self.last_written = None
+
+    def _routing(self, pl_module) -> RoutingSettings | None:
+        """The routing settings of this fit's keys (layer resolved), or None without keys."""
+        if not self.routing.keys:
+            return None
+        layer = self.routing.layer if self.routing.layer is not None else router_layer(pl_module.layers)
+        return replace(self.routing, layer=layer)
 
     def entries(self, trainer: L.Trainer, pl_module) -> list[CacheEntry]:
         dm = trainer.datamodule
@@ -89,7 +77,8 @@ class CacheExport(L.Callback):
             fp = fingerprint(pl_module.backbone, pl_module.layers)
             need = shard_bytes(len(trainer.datamodule.mine), len(pl_module.layers), int(fp.get("d_ff") or 0),
                                4 if self.value_dtype == "float32" else 2)
-            check_target(self.cache_dir, fp, self.record(trainer, pl_module), need_bytes=need)
+            check_target(self.cache_dir, fp, self.record(trainer, pl_module), need_bytes=need,
+                         routing=self._routing(pl_module))
 
     def _router_keys(self, trainer: L.Trainer, pl_module, exported: set[str], fp: dict):
         """What ``write_shard(router_keys=)`` calls under the cache lock: the cache's keys with
@@ -98,11 +87,11 @@ class CacheExport(L.Callback):
 
         groups = [g for g in trainer.datamodule.groups if g.group_id in exported]
 
+        routing = self._routing(pl_module)
+
         def extend(store):
-            return extend_cache_keys(pl_module.backbone, pl_module.tokenizer, store, groups,
-                                     layer=min(pl_module.layers), fingerprint=fp, where=self.cache_dir,
-                                     threshold=self.router_threshold, lexical_threshold=self.router_lexical_threshold,
-                                     lexical_tiers=self.router_lexical_tiers, common_from=self.router_common_from)
+            return extend_cache_keys(pl_module.backbone, pl_module.tokenizer, store, groups, layer=routing.layer,
+                                     fingerprint=fp, where=self.cache_dir, routing=routing)
         return extend
 
     @staticmethod
@@ -129,7 +118,7 @@ class CacheExport(L.Callback):
             return
         fp = fingerprint(pl_module.backbone, pl_module.layers)
         settings = self.record(trainer, pl_module)
-        keys = self._router_keys(trainer, pl_module, {e.group_id for e in entries}, fp) if self.router_keys else None
+        keys = self._router_keys(trainer, pl_module, {e.group_id for e in entries}, fp) if self.routing.keys else None
         try:
             self.last_written = write_shard(self.cache_dir, entries, fp, value_dtype=getattr(torch, self.value_dtype),
                                             settings=settings, router_keys=keys)

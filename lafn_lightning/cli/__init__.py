@@ -8,7 +8,7 @@
     lafn miss-report runs/enzh/results.json --metric generality --output runs/enzh/misses.md
 
 Every subcommand but ``cache`` and the commands over a results file (``PLAIN``) takes ``-c CONFIG`` (a path or a shipped name)
-and the ``--data.* --model.* --locate.* --trainer.* --cache_dir`` options of the config sections it reads
+and the ``--data.* --model.* --locate.* --routing.* --trainer.* --cache_dir`` options of the config sections it reads
 (``READS``); ``--help`` and ``--print_config`` work on each. One name per concept: an option means the same
 in every command, and the names of ``RENAMED`` are refused with the one to use. Bad input: one line on
 stderr, exit 2 (``LAFN_DEBUG=1``: traceback).
@@ -67,7 +67,7 @@ READS: dict[str, tuple[str, ...] | None] = {
     "edit-dataset": None,
     "evaluate": None,
     "plan": ("model", "data", "trainer"),
-    "match-report": ("model", "data", "export"),
+    "match-report": ("model", "data", "routing"),
     "plots": ("model", "data", "locate"),
     "paraphrase": ("data", "seed_everything"),
 }
@@ -120,7 +120,7 @@ def check_option_names(name: str, argv: list[str]) -> None:
 
 
 #: the config sections and top-level keys of every config command's parser
-_SECTIONS = ("seed_everything", "trainer", "model", "data", "locate", "export", "progress", "cache_dir")
+_SECTIONS = ("seed_everything", "trainer", "model", "data", "locate", "routing", "export", "progress", "cache_dir")
 
 
 def _command_cli():
@@ -201,7 +201,7 @@ def _command_line_view(fn):
 def help_text() -> str:
     """``lafn --help``: the subcommands, one line each."""
     width = max(map(len, SUMMARIES))
-    lines = ["usage: lafn COMMAND [-c CONFIG] [--data.* --model.* --locate.* --trainer.* --cache_dir DIR] ...",
+    lines = ["usage: lafn COMMAND [-c CONFIG] [--data.* --model.* --locate.* --routing.* --trainer.* --cache_dir DIR] ...",
              "",
              "Multilingual knowledge editing by locating and updating language-agnostic factual neurons (LU-LAFNs).",
              "",

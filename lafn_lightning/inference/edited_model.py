@@ -23,6 +23,7 @@ from ..cache import EditCache
 from ..editing.injection import delta_hooks
 from ..routing.keys import KEYS_FILE, KeyStore
 from ..routing.router import Router
+from ..routing.settings import READ_HINT, RoutingSettings
 from ..routing.states import ids_states, normalize
 from ..text.matching import SubjectMatcher
 from ..text.spans import last_token_of_span, token_spans
@@ -185,33 +186,42 @@ class EditedModel(nn.Module):
 
 class RoutedEditedModel(EditedModel):
     """Args as :class:`EditedModel` plus ``keys`` (a :class:`KeyStore` or a key file; default
-    ``<cache>/router_keys.safetensors``), ``threshold`` / ``lexical_threshold`` / ``lexical_tiers``
-    (default: the key file's), ``stage1`` (the stage-1 matcher, or None) and ``index`` (``auto``/``flat``/``hnsw``)."""
+    ``<cache>/router_keys.safetensors``), ``routing`` (a :class:`RoutingSettings`: what it sets
+    of ``threshold`` / ``lexical_threshold`` / ``lexical_tiers`` replaces the keys' recorded
+    settings, its ``layer`` / ``common_from`` must equal theirs; None: the keys' settings, as the
+    cache was built), ``stage1`` (the stage-1 matcher, or None) and ``index``
+    (``auto``/``flat``/``hnsw``).
+
+    >>> RoutedEditedModel(model, tok, "edit_cache", routing=RoutingSettings(threshold=0.95)).routing.threshold
+    0.95
+    """
 
     def __init__(self, model, tokenizer, cache, *, keys: KeyStore | str | Path | None = None,
-                 threshold: float | None = None, lexical_threshold: float | None = None,
-                 lexical_tiers: list[list[float]] | None = None, stage1: str | None = "exact",
+                 routing: RoutingSettings | None = None, stage1: str | None = "exact",
                  index: str = "auto", **kwargs) -> None:
         kwargs.pop("matcher", None)
         super().__init__(model, tokenizer, cache, matcher="exact", **kwargs)
+        where = "the given router keys"
         if not isinstance(keys, KeyStore):
             path = Path(keys or Path(self.cache.path) / KEYS_FILE)
             if not path.is_file():
                 raise FileNotFoundError(f"matcher router: no router key file {path}; `lafn fit` writes it "
-                                        "(export.router_keys true); for a cache written without it, build it "
+                                        "(routing.keys true); for a cache written without it, build it "
                                         "with lafn_lightning.routing.build.update_cache_keys")
-            keys = KeyStore.load(path)
+            keys, where = KeyStore.load(path), f"router keys {path}"
+        #: the settings this model routes with: the keys' record, with what ``routing`` sets over it
+        self.routing = (routing or RoutingSettings()).over(keys.routing, where=where, hint=READ_HINT)
+        if self.routing.threshold is None:
+            raise ValueError(f"matcher router: {where} record no routing.threshold and none was given "
+                             "(calibrate it as docs/router.md describes)")
         groups = kwargs.get("groups")
         wanted = [g for g in (self.cache.group_ids if groups is None else groups) if g in self.cache]
         keys.prune(wanted)
-        threshold = threshold if threshold is not None else keys.threshold
-        if threshold is None:
-            raise ValueError("no router threshold: pass threshold= or calibrate the key file")
         subjects = {g: list(dict.fromkeys(self.cache.subjects(g).values())) for g in wanted}
-        lexical_threshold = lexical_threshold if lexical_threshold is not None else keys.lexical_threshold
-        lexical_tiers = lexical_tiers if lexical_tiers is not None else keys.lexical_tiers
-        self.router = Router(keys, subjects, threshold=threshold, lexical_threshold=lexical_threshold,
-                             lexical_tiers=lexical_tiers, stage1=stage1, index=index)
+        self.router = Router(keys, subjects, threshold=self.routing.threshold,
+                             lexical_threshold=self.routing.lexical_threshold,
+                             lexical_tiers=self.routing.lexical_tiers or (), common_from=self.routing.common_from,
+                             stage1=stage1, index=index)
 
     def _kept(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> list[tuple[list[int], list[int]]]:
         rows = input_ids.tolist()

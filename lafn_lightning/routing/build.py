@@ -16,6 +16,7 @@ accepts like a subject, so the key can fire where the prompt is asked again.
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 from functools import lru_cache
 from collections.abc import Mapping, Sequence
 
@@ -28,6 +29,7 @@ from ..text.subjects import anchor_text, subject_span
 from .keys import KeyStore
 from .lexical import background_facts, fold, lexical_support
 from .router import Router, calibrate_threshold, site_tokens
+from .settings import RoutingSettings
 from .states import encode_with_offsets, ids_states
 
 __all__ = ["new_store", "aligned_token", "word_end", "group_keys", "group_aliases", "mention_alias", "add_group",
@@ -237,24 +239,20 @@ def standard_store(model, tokenizer, layer: int, fingerprint: dict | None = None
 
 
 def store_for_groups(model, tokenizer, groups, *, layer: int, fingerprint: dict | None = None,
-                     store: KeyStore | None = None, threshold: float | None = None,
-                     lexical_threshold: float | None = None,
-                     lexical_tiers: Sequence[Sequence[float]] | None = None,
-                     common_from: int | None = None) -> KeyStore:
-    """``store`` (or a new one, centred by :func:`background_questions`) with the keys of
-    ``groups`` added; thresholds, lexical tiers and ``common_from`` set where given; where the
-    store's ``common_from`` is set, the groups' background-fact counts too
-    (:func:`set_background_facts`)."""
+                     store: KeyStore | None = None, routing: RoutingSettings | None = None,
+                     where: str = "router keys") -> KeyStore:
+    """``store`` (or a new one at ``layer``, centred by :func:`background_questions`) with the keys
+    of ``groups`` added and the given ``routing`` settings applied
+    (:meth:`RoutingSettings.over`: key settings that differ from the store's are refused, naming
+    ``where``); where the store's ``common_from`` is set, the groups' background-fact counts too
+    (:func:`set_background_facts`).
+
+        store = store_for_groups(model, tok, groups, layer=5, routing=RoutingSettings(threshold=1.0001))
+    """
+    built = store.routing if store is not None else RoutingSettings(layer=layer)   # a new store takes any
     if store is None:
         store = standard_store(model, tokenizer, layer, fingerprint)
-    if threshold is not None:
-        store.threshold = float(threshold)
-    if lexical_threshold is not None:
-        store.lexical_threshold = float(lexical_threshold)
-    if lexical_tiers is not None:
-        store.lexical_tiers = [list(map(float, t)) for t in lexical_tiers]
-    if common_from is not None:
-        store.common_from = int(common_from)
+    store.routing = (routing or RoutingSettings()).over(built, where=where, hint="use another cache_dir")
     groups = list(groups)
     for g in groups:
         add_group(model, tokenizer, store, g)
@@ -264,13 +262,12 @@ def store_for_groups(model, tokenizer, groups, *, layer: int, fingerprint: dict 
 
 
 def update_cache_keys(model, tokenizer, cache_dir, groups, *, layer: int, fingerprint: dict,
-                      threshold: float | None = None, lexical_threshold: float | None = None,
-                      lexical_tiers: Sequence[Sequence[float]] | None = None,
-                      common_from: int | None = None) -> KeyStore:
+                      routing: RoutingSettings | None = None) -> KeyStore:
     """Add ``groups``' keys to ``<cache_dir>/router_keys.safetensors`` (created on first use),
     atomically. Call under the cache lock (concurrent writers add their own groups in turn).
 
-        update_cache_keys(model, tok, "edit_cache", groups, layer=5, fingerprint=fp, threshold=1.0001)
+        update_cache_keys(model, tok, "edit_cache", groups, layer=5, fingerprint=fp,
+                          routing=RoutingSettings(threshold=1.0001))
     """
     from pathlib import Path
 
@@ -279,21 +276,20 @@ def update_cache_keys(model, tokenizer, cache_dir, groups, *, layer: int, finger
     path = Path(cache_dir) / KEYS_FILE
     store = KeyStore.load(path, fingerprint=fingerprint) if path.exists() else None
     store = extend_cache_keys(model, tokenizer, store, groups, layer=layer, fingerprint=fingerprint, where=path,
-                              threshold=threshold, lexical_threshold=lexical_threshold,
-                              lexical_tiers=lexical_tiers, common_from=common_from)
+                              routing=routing)
     store.save(path)
     return store
 
 
 def extend_cache_keys(model, tokenizer, store: KeyStore | None, groups, *, layer: int, fingerprint: dict, where,
-                      **settings) -> KeyStore:
-    """A cache's router keys ``store`` (None: a new one) with ``groups``' keys added, refused if
-    they route at another layer; ``settings``: as :func:`store_for_groups`. What
+                      routing: RoutingSettings | None = None) -> KeyStore:
+    """A cache's router keys ``store`` (None: a new one) with ``groups``' keys added at ``layer``,
+    refused if the store was built with other key settings (:meth:`RoutingSettings.over`; the
+    layer, ``common_from``); ``routing``: as :func:`store_for_groups`. What
     :func:`update_cache_keys` saves, and what ``write_shard(router_keys=)`` commits with a shard.
 
         store = extend_cache_keys(model, tok, store, groups, layer=5, fingerprint=fp, where="edit_cache")
     """
-    if store is not None and store.layer != layer:
-        raise ValueError(f"{where}: router keys of layer {store.layer}, but this fit routes at layer {layer} "
-                         "(the first edited layer); use another cache_dir")
-    return store_for_groups(model, tokenizer, groups, layer=layer, fingerprint=fingerprint, store=store, **settings)
+    routing = replace(routing or RoutingSettings(), layer=layer)
+    return store_for_groups(model, tokenizer, groups, layer=layer, fingerprint=fingerprint, store=store,
+                            routing=routing, where=f"router keys {where}")

@@ -4,10 +4,12 @@
     store.add("mzsre:0", keys)            # [n, d] float, any n
     store.save(cache_dir / "router_keys.safetensors")
     store = KeyStore.load(path, fingerprint=fp)   # FingerprintMismatch if another backbone
+    store.routing                         # the RoutingSettings the keys were built with
     merged = KeyStore.merge([a, b])       # later stores win on duplicate group ids
 
 One safetensors file (fp16 key tensors, the fp32 centring vector; metadata: format, layer,
-dimension, thresholds, lexical tiers, ``common_from``, group ids, each group's aliases and
+dimension, the routing record (:class:`~lafn_lightning.routing.settings.RoutingSettings`:
+thresholds, lexical tiers, ``common_from``, layer; versioned), group ids, each group's aliases and
 background-fact count, and the backbone fingerprint as JSON), written atomically.
 ``remove``/``prune`` forget groups (e.g. those deleted from the edit cache).
 """
@@ -24,6 +26,7 @@ from safetensors.torch import save as st_save
 
 from ..backbone.fingerprint import FingerprintMismatch, fingerprints_differ
 from ..files import atomic_write
+from .settings import RECORD_KEY, RoutingSettings
 
 __all__ = ["KEYS_FILE", "KeyStore"]
 
@@ -59,6 +62,21 @@ class KeyStore:
         self._radii: dict[str, torch.Tensor] = {}
         self._aliases: dict[str, list[str]] = {}
         self._common: dict[str, int] = {}   # group -> background facts spelling it (set_common)
+
+    @property
+    def routing(self) -> RoutingSettings:
+        """The routing settings of these keys (saved with them as one record; docs/router.md)."""
+        return RoutingSettings(threshold=self.threshold, lexical_threshold=self.lexical_threshold,
+                               lexical_tiers=[list(t) for t in self.lexical_tiers], common_from=self.common_from,
+                               layer=self.layer)
+
+    @routing.setter
+    def routing(self, settings: RoutingSettings) -> None:
+        if settings.layer is not None and settings.layer != self.layer:
+            raise ValueError(f"router keys of layer {self.layer} cannot take routing.layer={settings.layer}")
+        self.threshold, self.lexical_threshold = settings.threshold, settings.lexical_threshold
+        self.lexical_tiers = [list(map(float, t)) for t in (settings.lexical_tiers or [])]
+        self.common_from = int(settings.common_from or 0)
 
     def project(self, states: torch.Tensor) -> torch.Tensor:
         """Unit states (``router_states``) -> the space keys live in: centred, re-normalised."""
@@ -169,10 +187,7 @@ class KeyStore:
         """Write atomically (temporary file + ``os.replace``); returns the path."""
         path = Path(path)
         meta = {"format": _FORMAT, "layer": str(self.layer), "dim": str(self.dim or 0),
-                "threshold": json.dumps(self.threshold),
-                "lexical_threshold": json.dumps(self.lexical_threshold),
-                "lexical_tiers": json.dumps(self.lexical_tiers),
-                "common_from": json.dumps(self.common_from),
+                RECORD_KEY: self.routing.record(),
                 "common": json.dumps([self._common.get(g) for g in self._keys]),
                 "aliases": json.dumps([self._aliases.get(g, []) for g in self._keys], ensure_ascii=False),
                 "fingerprint": json.dumps(self.fingerprint, sort_keys=True),
@@ -184,14 +199,29 @@ class KeyStore:
         atomic_write(path, st_save(tensors, metadata=meta))
         return path
 
+    @staticmethod
+    def _metadata(f, path) -> tuple[dict, RoutingSettings]:
+        meta = f.metadata() or {}
+        if meta.get("format") != _FORMAT:
+            raise ValueError(f"{path}: not a router key file (format {meta.get('format')!r})")
+        try:
+            return meta, RoutingSettings.from_metadata(meta)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"router key file {path}: {e}") from None
+
+    @classmethod
+    def read_routing(cls, path: str | os.PathLike) -> RoutingSettings:
+        """The routing settings of a key file, from its metadata alone (no key is read)."""
+        with safe_open(str(path), framework="pt") as f:
+            return cls._metadata(f, path)[1]
+
     @classmethod
     def load(cls, path: str | os.PathLike, fingerprint: dict | None = None) -> "KeyStore":
         """Read a key file; with ``fingerprint``, raise :class:`FingerprintMismatch` if it differs;
-        a non-finite key, radius or centring vector is a ValueError naming the group."""
+        a non-finite key, radius or centring vector is a ValueError naming the group. A file
+        without the routing record has the settings of its separate entries (or their defaults)."""
         with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != _FORMAT:
-                raise ValueError(f"{path}: not a router key file (format {meta.get('format')!r})")
+            meta, routing = cls._metadata(f, path)
             fp = json.loads(meta["fingerprint"])
             if fingerprint is not None:
                 diff = fingerprints_differ(fp, fingerprint)
@@ -199,11 +229,8 @@ class KeyStore:
                     raise FingerprintMismatch(f"router keys {path} were built on another backbone: "
                                               f"{', '.join(diff)}", diff)
             center = f.get_tensor("center") if "center" in f.keys() else None
-            store = cls(int(meta["layer"]), fp, int(meta["dim"]) or None, center=center,
-                        threshold=json.loads(meta.get("threshold", "null")),
-                        lexical_threshold=json.loads(meta.get("lexical_threshold", "null")),
-                        lexical_tiers=json.loads(meta.get("lexical_tiers", "[]")),
-                        common_from=json.loads(meta.get("common_from", "0")))
+            store = cls(int(meta["layer"]), fp, int(meta["dim"]) or None, center=center)
+            store.routing = routing
             names = set(f.keys())
             ids = json.loads(meta["groups"])
             aliases = json.loads(meta.get("aliases", "null")) or [[]] * len(ids)
@@ -230,18 +257,20 @@ class KeyStore:
 
     @classmethod
     def merge(cls, stores: Iterable["KeyStore"]) -> "KeyStore":
-        """One store with every group of ``stores`` (same layer and fingerprint required; later
-        stores win on duplicate group ids)."""
+        """One store with every group of ``stores`` (same fingerprint and key settings, layer and
+        ``common_from``, required; the first store's acceptance settings; later stores win on
+        duplicate group ids)."""
         stores = list(stores)
         if not stores:
             raise ValueError("merge: no stores given")
         first = stores[0]
-        out = cls(first.layer, first.fingerprint, first.dim, center=first.center, threshold=first.threshold,
-                  lexical_threshold=first.lexical_threshold, lexical_tiers=first.lexical_tiers,
-                  common_from=first.common_from)
+        out = cls(first.layer, first.fingerprint, first.dim, center=first.center)
+        out.routing = first.routing
         for s in stores:
-            if s.layer != first.layer or (s.dim and first.dim and s.dim != first.dim):
-                raise ValueError(f"merge: layer/dim differ ({s.layer}/{s.dim} vs {first.layer}/{first.dim})")
+            RoutingSettings(layer=s.layer, common_from=s.common_from).over(
+                first.routing, where="merge: router keys", hint="only keys built alike merge")
+            if s.dim and first.dim and s.dim != first.dim:
+                raise ValueError(f"merge: key dimensions differ ({s.dim} vs {first.dim})")
             if (s.center is None) != (first.center is None) or (  # fp noise across devices is fine
                     s.center is not None and not torch.allclose(s.center, first.center, atol=1e-3)):
                 raise ValueError("merge: the stores were built with different centring vectors")

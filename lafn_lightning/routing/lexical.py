@@ -16,7 +16,7 @@ for "Call the Doctor") then scores 0, an inflected mention ("Ненада Ста
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from functools import lru_cache
 
 import numpy as np
@@ -24,7 +24,7 @@ import numpy as np
 from ..text.folding import ngram_fold as fold
 from ..text.scripts import mostly_unspaced
 
-__all__ = ["fold", "lexical_support", "end_supports", "edges_spelled", "SubjectGramIndex", "background_facts",
+__all__ = ["fold", "parse_tiers", "lexical_support", "end_supports", "edges_spelled", "SubjectGramIndex", "background_facts",
            "COMMON_SHARE"]
 
 #: the share of a subject (both ends) that a background question must spell to count for
@@ -402,3 +402,29 @@ def background_facts(forms: Mapping[str, Iterable[str]], questions: Iterable[tup
             if own.get(g) != fact:
                 facts[g].add(fact)
     return {g: len(v) for g, v in facts.items()}
+
+
+def parse_tiers(extra: Iterable[Sequence[float]], lexical_min: float, lexical_threshold: float | None
+                ) -> tuple[tuple[float, float, int], ...]:
+    """The lexical rule's tiers (``Router(lexical_tiers=)``) as ``(min_share, min_cosine, ends)``
+    triples (``ends`` 2: both ends of the subject spelled, 1: one suffices; given pairs get 2), the
+    first from ``lexical_min`` / ``lexical_threshold``; ValueError for a share below
+    ``lexical_min`` (the lexical index finds only groups reaching that), ends other than 1 or 2,
+    or tiers without a base lexical threshold.
+
+    >>> parse_tiers([[0.7, 0.6]], 0.5, 0.87)
+    ((0.5, 0.87, 2), (0.7, 0.6, 2))
+    """
+    out = []
+    for t in extra:
+        if len(t) not in (2, 3) or (len(t) == 3 and t[2] not in (1, 2)):
+            raise ValueError(f"a lexical tier is [min_share, min_cosine] or [min_share, min_cosine, ends 1|2], got {list(t)}")
+        out.append((float(t[0]), float(t[1]), int(t[2]) if len(t) == 3 else 2))
+    if lexical_threshold is None:
+        if out:
+            raise ValueError("lexical_tiers need lexical_threshold (the first tier)")
+        return ()
+    for share, _, _ in out:
+        if not lexical_min <= share <= 1:
+            raise ValueError(f"lexical tier share {share} must lie in [lexical_min={lexical_min}, 1]")
+    return ((lexical_min, float(lexical_threshold), 2), *sorted(out))

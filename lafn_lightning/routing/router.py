@@ -27,7 +27,7 @@ import torch
 from ..text.matching import SubjectMatcher
 from ..text.spans import last_token_of_span
 from .keys import KeyStore
-from .lexical import SubjectGramIndex, end_supports, lexical_support
+from .lexical import SubjectGramIndex, end_supports, lexical_support, parse_tiers
 
 __all__ = ["Route", "VectorIndex", "Router", "state_site", "calibrate_threshold"]
 
@@ -233,7 +233,7 @@ class Router:
         self.threshold = float(threshold)
         self.lexical_threshold = None if lexical_threshold is None else float(lexical_threshold)
         self.lexical_min = float(lexical_min)
-        self.lexical_tiers = _tiers(lexical_tiers, self.lexical_min, self.lexical_threshold)
+        self.lexical_tiers = parse_tiers(lexical_tiers, self.lexical_min, self.lexical_threshold)
         self.edges = bool(edges)
         self._one_end = self.edges and any(ends == 1 for _, _, ends in self.lexical_tiers)
         self.common_from = int(store.common_from if common_from is None else common_from)
@@ -497,28 +497,6 @@ class Router:
                     routes.append(Route(gid, pos, score, "state", rule))
                 break
         return routes
-
-
-def _tiers(extra: Iterable[Sequence[float]], lexical_min: float, lexical_threshold: float | None
-           ) -> tuple[tuple[float, float, int], ...]:
-    """``(min_share, min_cosine, ends)`` triples of the lexical rule (``ends`` 2: both ends of the
-    subject spelled, 1: one suffices; given pairs get 2), the first from ``lexical_min`` /
-    ``lexical_threshold``; ValueError for a share below ``lexical_min`` (the lexical index finds
-    only groups reaching that), ends other than 1 or 2, or tiers without a base lexical
-    threshold."""
-    out = []
-    for t in extra:
-        if len(t) not in (2, 3) or (len(t) == 3 and t[2] not in (1, 2)):
-            raise ValueError(f"a lexical tier is [min_share, min_cosine] or [min_share, min_cosine, ends 1|2], got {list(t)}")
-        out.append((float(t[0]), float(t[1]), int(t[2]) if len(t) == 3 else 2))
-    if lexical_threshold is None:
-        if out:
-            raise ValueError("lexical_tiers need lexical_threshold (the first tier)")
-        return ()
-    for share, _, _ in out:
-        if not lexical_min <= share <= 1:
-            raise ValueError(f"lexical tier share {share} must lie in [lexical_min={lexical_min}, 1]")
-    return ((lexical_min, float(lexical_threshold), 2), *sorted(out))
 
 
 def site_tokens(spans: Sequence[tuple[int, int]]) -> list[int]:
