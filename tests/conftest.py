@@ -1,6 +1,7 @@
 import os
 from pathlib import Path
 
+import lightning  # noqa: F401  (imported before any test captures output: its log handlers keep the session's streams)
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]

@@ -163,18 +163,3 @@ def _merged_router_keys(dest: Path, sources: list[tuple[Path, dict[str, str]]], 
     merged.prune(owner)
     return merged
 
-
-def check_routing(cache_dir: Path, routing) -> None:
-    """Refuse ``routing`` whose key settings differ from those of the cache's router keys."""
-    from ..routing.keys import KeyStore
-
-    path = _keys_path(cache_dir)
-    if path.is_symlink():
-        raise CacheError(f"router key file {path} is a symbolic link; refusing to follow it")
-    if not path.exists():
-        return
-    try:
-        stored = KeyStore.read_routing(path)
-    except Exception as e:  # noqa: BLE001 - safetensors/JSON errors: the file is damaged
-        raise CacheError(f"router key file {path} is unreadable: {e}") from None
-    routing.over(stored, where=f"the router keys of edit cache {cache_dir}", hint="use another cache_dir")

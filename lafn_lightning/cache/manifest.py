@@ -278,9 +278,23 @@ def check_target(cache_dir: str | os.PathLike, fingerprint: dict | None, setting
                                else {k: v for k, v in stored.items() if k in settings},
                                _jsonable(settings, "settings"), f"edit cache {cache_dir}")
         if routing is not None:
-            from .commit import check_routing   # the router-key file's code lives there
+            _check_routing(cache_dir, routing)
 
-            check_routing(cache_dir, routing)
+
+def _check_routing(cache_dir: Path, routing) -> None:
+    """Refuse ``routing`` whose key settings differ from those of the cache's router keys."""
+    from ..routing.keys import KEYS_FILE, KeyStore
+
+    path = cache_dir / KEYS_FILE
+    if path.is_symlink():
+        raise CacheError(f"router key file {path} is a symbolic link; refusing to follow it")
+    if not path.exists():
+        return
+    try:
+        stored = KeyStore.read_routing(path)
+    except Exception as e:  # noqa: BLE001 - safetensors/JSON errors: the file is damaged
+        raise CacheError(f"router key file {path} is unreadable: {e}") from None
+    routing.over(stored, where=f"the router keys of edit cache {cache_dir}", hint="use another cache_dir")
 
 
 def manifest_settings(manifest: dict) -> dict | None:
