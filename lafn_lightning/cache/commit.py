@@ -12,7 +12,7 @@ from typing import Iterable, Iterator
 
 from ..backbone.fingerprint import FingerprintMismatch
 from ..files import fsync_dir
-from .manifest import MANIFEST_NAME, CacheError, _regular, _write_manifest
+from .manifest import MANIFEST_NAME, CacheError, _key_file, _regular, _write_manifest
 
 
 @contextlib.contextmanager
@@ -59,10 +59,8 @@ def _load_keys(cache_dir: Path, fingerprint: dict | None = None):
     has no key file; an unreadable, non-finite or other-backbone file is a :class:`CacheError`."""
     from ..routing.keys import KeyStore
 
-    path = _keys_path(cache_dir)
-    if path.is_symlink():
-        raise CacheError(f"router key file {path} is a symbolic link; refusing to follow it")
-    if not path.exists():
+    path = _key_file(cache_dir)
+    if path is None:
         return None
     try:
         return KeyStore.load(path, fingerprint=fingerprint)

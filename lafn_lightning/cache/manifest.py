@@ -281,14 +281,22 @@ def check_target(cache_dir: str | os.PathLike, fingerprint: dict | None, setting
             _check_routing(cache_dir, routing)
 
 
-def _check_routing(cache_dir: Path, routing) -> None:
-    """Refuse ``routing`` whose key settings differ from those of the cache's router keys."""
-    from ..routing.keys import KEYS_FILE, KeyStore
+def _key_file(cache_dir: str | os.PathLike) -> Path | None:
+    """The cache's router key file, or None when it has none; a symbolic link is refused."""
+    from ..routing.keys import KEYS_FILE
 
-    path = cache_dir / KEYS_FILE
+    path = Path(cache_dir) / KEYS_FILE
     if path.is_symlink():
         raise CacheError(f"router key file {path} is a symbolic link; refusing to follow it")
-    if not path.exists():
+    return path if path.exists() else None
+
+
+def _check_routing(cache_dir: Path, routing) -> None:
+    """Refuse ``routing`` whose key settings differ from those of the cache's router keys."""
+    from ..routing.keys import KeyStore
+
+    path = _key_file(cache_dir)
+    if path is None:
         return
     try:
         stored = KeyStore.read_routing(path)
