@@ -119,7 +119,7 @@ def plan(settings: Settings, edit_batch_size: int = 16, steps_per_group: float |
         output: also write the plan as JSON here.
     """
     from ..backbone.loading import resolve_dtype
-    from ..editing.sizing import (DEFAULT_MFU, GPU_HEADROOM, Architecture, auto_max_rows, default_part_tokens,
+    from ..editing.sizing import (DEFAULT_MFU, GPU_HEADROOM, Architecture, auto_max_rows, default_part_tokens, delta_v_copies,
                                   device_budget_gb, matmul_peak, meta_model, step_flops, step_memory, step_seconds)
 
     if edit_batch_size < 1 or (mfu is not None and not 0 < mfu <= 1):
@@ -141,7 +141,8 @@ def plan(settings: Settings, edit_batch_size: int = 16, steps_per_group: float |
         budget = float(hp.get("memory_budget_gb") or device_budget_gb(torch.device(here)))
     part_tokens = hp.get("part_tokens") or default_part_tokens(device)
     kwargs = dict(device=device, cache_lower_layers=bool(hp.get("cache_lower_layers", True)) and first > 0,
-                  prefix_cache=bool(hp.get("prefix_cache", True)), edited_layers=len(layers))
+                  prefix_cache=bool(hp.get("prefix_cache", True)), edited_layers=len(layers),
+                  delta_v_copies=delta_v_copies(hp.get("optimizer", "adam"), hp.get("lbfgs_history", 10)))
 
     # the edit batches as edit-dataset makes them, each sharded over the devices
     batches = [groups[i:i + edit_batch_size] for i in range(0, len(groups), edit_batch_size)]

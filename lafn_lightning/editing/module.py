@@ -48,7 +48,8 @@ class LafnEditModule(L.LightningModule):
             ``stop_loss``; ``every_language``: only when each language's mean target loss is.
         language_weighting: ``uniform`` (paper): L_target is the plain mean over languages and
             prefixes; ``loss``: each language is weighted by its share of the group's current
-            (detached) target loss, so lagging languages get more of the update.
+            (detached; with ``optimizer: lbfgs`` differentiated, so the gradient is the objective's)
+            target loss, so lagging languages get more of the update.
         length_buckets: run the answer rows in this many forwards of rows of similar length
             (sorted by length, equal counts) instead of one padded to the longest row; same loss.
         prefix_cache: run the answer rows only from the first subject position of each forward
@@ -86,9 +87,22 @@ class LafnEditModule(L.LightningModule):
         converged_prompts: with ``drop_converged``, a converged language still runs its first this
             many prompts (the bare question first, with ``data.bare_prompt``), so the step keeps
             holding it; its loss on them decides whether it rejoins in full.
-        lr_schedule: ``constant`` (paper) or ``cosine``: the learning rate falls from ``lr`` to
-            ``lr * lr_floor`` along a half cosine over ``trainer.max_steps``.
-        lr_floor: the last learning rate of ``cosine`` as a share of ``lr``.
+        lr_schedule: ``constant`` (paper); ``cosine``: the learning rate falls from ``lr`` to
+            ``lr * lr_floor`` along a half cosine over ``trainer.max_steps``; ``adaptive``: each group
+            has its own step size (a share of Adam's step at ``lr``, 1 at the start), multiplied by
+            ``lr_up`` after a step that lowered the group's loss and by ``lr_down`` after one that
+            raised it, within ``[lr_floor, lr_max]``.
+        lr_floor: the last learning rate of ``cosine``, the smallest of ``adaptive``, as a share of ``lr``.
+        optimizer: ``adam`` (paper) or ``lbfgs``: L-BFGS with its own curvature history per group,
+            one evaluation per step (:mod:`.quasi_newton`): its first step moves the largest element
+            of a group's ΔV by ``lr``, no step moves an element by more than ``lr * lr_max``, a
+            group whose loss rose goes back half-way to its last better point, and after three such
+            steps in a row it restarts from that point along its negative gradient. With
+            ``language_weighting: loss`` the weights are differentiated (the gradient is that of the
+            objective whose values it compares). Takes the ``constant`` schedule and no ``drop_converged``.
+        lbfgs_history: ``lbfgs``: curvature pairs kept per group.
+        lr_up, lr_down, lr_max: ``adaptive``: the step size's growth after a step that lowered the
+            group's loss, its cut after one that raised it, and its largest share of ``lr``.
     """
 
     def __init__(
@@ -116,6 +130,11 @@ class LafnEditModule(L.LightningModule):
         converged_prompts: int = 0,
         lr_schedule: str = "constant",
         lr_floor: float = 0.1,
+        lr_up: float = 1.2,
+        lr_down: float = 0.5,
+        lr_max: float = 8.0,
+        optimizer: str = "adam",
+        lbfgs_history: int = 10,
     ) -> None:
         super().__init__()
         if site not in SITES:
@@ -137,6 +156,19 @@ class LafnEditModule(L.LightningModule):
             raise ValueError(f"model.lr_schedule={lr_schedule!r}: one of {LR_SCHEDULES}")
         if not 0 <= lr_floor <= 1:
             raise ValueError(f"model.lr_floor={lr_floor}: a share of model.lr between 0 and 1")
+        if lr_up < 1:
+            raise ValueError(f"model.lr_up={lr_up}: at least 1 (the growth of a group's step after it lowered its loss)")
+        if not 0 < lr_down <= 1:
+            raise ValueError(f"model.lr_down={lr_down}: above 0 and at most 1 (the cut after a step that raised the loss)")
+        if lr_max < 1:
+            raise ValueError(f"model.lr_max={lr_max}: at least 1 (the largest share of model.lr)")
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"model.optimizer={optimizer!r}: one of {OPTIMIZERS}")
+        if optimizer == "lbfgs" and (lr_schedule != "constant" or drop_converged):
+            raise ValueError("model.optimizer=lbfgs sets its own step length: it takes model.lr_schedule=constant "
+                             "and no model.drop_converged (whose partial steps give losses it cannot compare)")
+        if lbfgs_history < 1:
+            raise ValueError(f"model.lbfgs_history={lbfgs_history}: at least 1 curvature pair per group")
         if stop_rule not in STOP_RULES:
             raise ValueError(f"model.stop_rule={stop_rule!r}: one of {STOP_RULES}")
         if language_weighting not in WEIGHTINGS:
@@ -172,6 +204,8 @@ class LafnEditModule(L.LightningModule):
         self.register_buffer("final_target_loss", torch.full((n_groups,), float("nan")))
         self.register_buffer("frozen", torch.zeros(shape), persistent=True)
         self.register_buffer("full_due", torch.ones(n_groups, dtype=torch.bool), persistent=False)   # drop_converged
+        self.register_buffer("step_size", torch.ones(n_groups), persistent=False)              # lr_schedule adaptive
+        self.register_buffer("last_loss", torch.full((n_groups,), float("inf")), persistent=False)
 
     def setup(self, stage: str) -> None:
         dm = self.trainer.datamodule
@@ -228,7 +262,8 @@ class LafnEditModule(L.LightningModule):
         the memory budget (:func:`.sizing.auto_max_rows`); printed with the prediction."""
         from lightning.pytorch.utilities import rank_zero_info
 
-        from .sizing import Architecture, auto_max_rows, batch_shape, default_part_tokens, device_budget_gb, step_memory
+        from .sizing import (Architecture, auto_max_rows, batch_shape, default_part_tokens, delta_v_copies,
+                             device_budget_gb, step_memory)
 
         hp = self.hparams
         shape = batch_shape(batch)
@@ -237,7 +272,8 @@ class LafnEditModule(L.LightningModule):
             budget /= max(1, self.trainer.num_devices)
         first = min(self.layers)
         kwargs = dict(device=self.device.type, cache_lower_layers=self.lower is not None,
-                      prefix_cache=bool(self._prefix_kv), edited_layers=len(self.layers))
+                      prefix_cache=bool(self._prefix_kv), edited_layers=len(self.layers),
+                      delta_v_copies=delta_v_copies(hp.get("optimizer", "adam"), hp.get("lbfgs_history", 10)))
         arch = Architecture.of(self.backbone)
         part_tokens = hp.get("part_tokens") or default_part_tokens(self.device.type)
         rows = auto_max_rows(arch, shape, first, budget * 1e9, part_tokens=part_tokens, **kwargs)
@@ -247,8 +283,14 @@ class LafnEditModule(L.LightningModule):
         return rows
 
     def configure_optimizers(self):
+        hp = self.hparams
+        if hp.get("optimizer", "adam") == "lbfgs":
+            from .quasi_newton import GroupLBFGS
+
+            return GroupLBFGS([self.delta_v], lr=hp.lr, max_move=hp.lr * hp.get("lr_max", 8.0),
+                              history=hp.get("lbfgs_history", 10), group_loss=lambda: self.step_loss)
         optimizer = torch.optim.Adam([self.delta_v], lr=self.hparams.lr)
-        if self.hparams.get("lr_schedule", "constant") == "constant":
+        if self.hparams.get("lr_schedule", "constant") in ("constant", "adaptive"):   # adaptive: optimizer_step
             return optimizer
         import math
 
@@ -413,7 +455,10 @@ class LafnEditModule(L.LightningModule):
         language_target = torch.where(present.view(n_groups, n_langs), cell, torch.full_like(cell, float("nan")))
         objective = target
         if self.hparams.get("language_weighting", "uniform") == "loss":
-            weights = language_target.detach().nan_to_num(0.0)
+            # Adam follows the weighted losses at fixed (detached) weights; L-BFGS compares the objective's
+            # values from step to step, so it descends the objective itself, weights included
+            weights = language_target if self.hparams.get("optimizer", "adam") == "lbfgs" else language_target.detach()
+            weights = weights.nan_to_num(0.0)
             weights = weights / weights.sum(1, keepdim=True).clamp(min=1e-12)   # sums to 1 per group
             objective = (weights * language_target.nan_to_num(0.0)).sum(1)
         return {"target": target, "kl": kl_g, "row_logprob": row_logprob, "rows": rows,
@@ -436,6 +481,9 @@ class LafnEditModule(L.LightningModule):
         # gradients over processes, and only a group's owner contributes: scale back by world size.
         loss = per_group[active].sum() * self.trainer.world_size
         with torch.no_grad():
+            if hp.get("lr_schedule", "constant") == "adaptive":
+                self._adapt_step_size(per_group.detach(), full)
+            self.step_loss = per_group.detach()   # this step's loss per group (optimizer lbfgs reads it)
             self.steps[active] += 1
             lang_loss = out["language_target"].detach()
             ran = ~torch.isnan(lang_loss) & active[:, None]
@@ -461,6 +509,7 @@ class LafnEditModule(L.LightningModule):
             "train/dv_norm": self.effective_delta().detach().norm(dim=-1).mean(),
             "train/active_groups": float(self.stopped.numel() - int(self.stopped.sum())),
             "train/rows": float(len(out["rows"])),
+            "train/step_size": self.step_size[active].mean() if n_active else self.step_size.new_zeros(()),
         }, prog_bar=False, on_step=True, batch_size=1)
         self.log("loss", loss.detach() / max(n_active, 1), prog_bar=True, on_step=True, logger=False, batch_size=1)
         langs = batch["language"][out["rows"]]
@@ -482,10 +531,25 @@ class LafnEditModule(L.LightningModule):
         worst = torch.where(torch.isnan(language_target), torch.full_like(language_target, -float("inf")), language_target)
         return worst.amax(1) < self.hparams.stop_loss
 
+    def _adapt_step_size(self, loss: torch.Tensor, measured: torch.Tensor) -> None:
+        """``lr_schedule: adaptive``: grow the step size of each ``measured`` group whose ``loss``
+        fell since its last measurement, cut it where it rose (no other group's loss counts)."""
+        hp = self.hparams
+        scale = torch.where(loss < self.last_loss, torch.full_like(loss, hp.get("lr_up", 1.2)),
+                            torch.full_like(loss, hp.get("lr_down", 0.5)))
+        scale[torch.isinf(self.last_loss)] = 1.0   # a group's first measurement: nothing to compare with
+        new = (self.step_size * scale).clamp(hp.get("lr_floor", 0.1), hp.get("lr_max", 8.0))
+        self.step_size = torch.where(measured, new, self.step_size)
+        self.last_loss = torch.where(measured, loss, self.last_loss)
+
     def optimizer_step(self, *args, **kwargs):
-        super().optimizer_step(*args, **kwargs)
-        with torch.no_grad():  # Adam momentum must not move a stopped group
-            self.delta_v[self.stopped] = self.frozen[self.stopped]
+        adaptive = self.hparams.get("lr_schedule", "constant") == "adaptive"
+        before = self.delta_v.detach().clone() if adaptive else None
+        super().optimizer_step(*args, **kwargs)   # runs training_step (the closure), then Adam at model.lr
+        with torch.no_grad():
+            if before is not None:   # each group's Adam step, scaled by its own step size
+                self.delta_v.copy_(torch.lerp(before, self.delta_v, self.step_size[:, None, None]))
+            self.delta_v[self.stopped] = self.frozen[self.stopped]  # Adam momentum must not move a stopped group
 
     def final_delta(self) -> torch.Tensor:
         """ΔV as exported: the frozen value for stopped groups, the last value otherwise; zero off the mask."""
@@ -499,7 +563,9 @@ STOP_RULES = ("mean", "every_language")
 #: Language weightings of L_target (``uniform`` is the paper's).
 WEIGHTINGS = ("uniform", "loss")
 #: Learning-rate schedules (``constant`` is the paper's).
-LR_SCHEDULES = ("constant", "cosine")
+LR_SCHEDULES = ("constant", "cosine", "adaptive")
+#: Optimizers of ΔV (``adam`` is the paper's).
+OPTIMIZERS = ("adam", "lbfgs")
 
 
 def _prompt_rank(batch: dict) -> torch.Tensor:

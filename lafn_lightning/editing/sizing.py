@@ -173,10 +173,17 @@ def _activations(arch: Architecture, rows: int, q: int, kv: int, layers: int) ->
     return rows * layers * (arch.saved_per_token * q + arch.saved_per_token2 * q * kv)
 
 
+def delta_v_copies(optimizer: str = "adam", lbfgs_history: int = 10) -> float:
+    """ΔV-sized fp32 tensors a fit keeps: ΔV, its gradient and the frozen copy, plus Adam's m and v,
+    or L-BFGS's (s, y) pairs and its four per-group points and gradients."""
+    return 3.0 + (2.0 * lbfgs_history + 4.0 if optimizer == "lbfgs" else 2.0)
+
+
 def step_memory(arch: Architecture, shape: StepShape, first_layer: int, *, max_rows: int | None = None,
                 device: str = "cpu", cache_lower_layers: bool = True, prefix_cache: bool = True,
-                edited_layers: int = 4) -> MemoryEstimate:
-    """Predicted peak memory of one step (see the module docstring for what is counted)."""
+                edited_layers: int = 4, delta_v_copies: float = 5.0) -> MemoryEstimate:
+    """Predicted peak memory of one step (see the module docstring for what is counted);
+    ``delta_v_copies``: ΔV-sized fp32 tensors the fit keeps (:func:`delta_v_copies`)."""
     b = arch.dtype_bytes
     upper = arch.n_layers - (first_layer if cache_lower_layers else 0)
     kv_width = shape.width if prefix_cache else shape.run_width
@@ -184,7 +191,7 @@ def step_memory(arch: Architecture, shape: StepShape, first_layer: int, *, max_r
     parts = {
         "base": PROCESS_BASE_BYTES.get(device, 0.0),
         "weights": float(arch.weight_bytes),
-        "delta_v": 5.0 * shape.groups * edited_layers * arch.d_ff * 4,        # ΔV, grad, Adam m and v, frozen copy
+        "delta_v": delta_v_copies * shape.groups * edited_layers * arch.d_ff * 4,
         "kl_reference": 4.0 * shape.kl_rows * arch.vocab,
     }
     if cache_lower_layers and first_layer > 0:
