@@ -9,6 +9,18 @@ import torch
 from conftest import fit
 
 
+def _fit_recording(tmp_path, name: str, record: L.Callback, *options: str) -> None:
+    """A tiny fit (nothing stops: stop loss 0) with ``record`` among its callbacks."""
+    from lafn_lightning.api.settings import LafnCLI
+    from conftest import CONFIGS
+
+    cli = LafnCLI(["-c", str(CONFIGS / "tiny.yaml"), "--cache_dir", str(tmp_path / name), "--trainer.logger", "false",
+                   "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+                   "--trainer.default_root_dir", str(tmp_path), "--model.stop_loss", "0", *options], run=False)
+    cli.trainer.callbacks.append(record)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+
+
 class _Rates(L.Callback):
     def __init__(self):
         self.rates = []
@@ -18,18 +30,11 @@ class _Rates(L.Callback):
 
 
 def test_cosine_falls_from_lr_to_the_floor_over_max_steps(tmp_path):
-    from lafn_lightning.api.settings import LafnCLI
-    from conftest import CONFIGS
-
     runs = {}
     for schedule in ("constant", "cosine"):
         record = _Rates()
-        cli = LafnCLI(["-c", str(CONFIGS / "tiny.yaml"), "--cache_dir", str(tmp_path / schedule), "--trainer.logger", "false",
-                       "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-                       "--trainer.default_root_dir", str(tmp_path), "--trainer.max_steps", "6", "--model.stop_loss", "0",
-                       "--model.lr", "0.4", "--model.lr_schedule", schedule, "--model.lr_floor", "0.25"], run=False)
-        cli.trainer.callbacks.append(record)
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        _fit_recording(tmp_path, schedule, record, "--trainer.max_steps", "6", "--model.lr", "0.4",
+                       "--model.lr_schedule", schedule, "--model.lr_floor", "0.25")
         runs[schedule] = record.rates
     assert runs["constant"] == [0.4] * 6
     expected = [0.4 * (0.25 + 0.75 * 0.5 * (1 + math.cos(math.pi * k / 6))) for k in range(6)]
@@ -60,19 +65,11 @@ def test_adaptive_scales_each_groups_adam_step_by_its_own_step_size(tmp_path):
     """Step 1 is Adam's (size 1); at step 2 every group's gradient and Adam state equal the constant
     run's, so its ΔV moves by its step size times the constant run's move: lr_up where its own loss
     fell since step 1, lr_down where it rose."""
-    from lafn_lightning.api.settings import LafnCLI
-    from conftest import CONFIGS
-
     runs = {}
     for schedule in ("constant", "adaptive"):
         record = _Steps()
-        cli = LafnCLI(["-c", str(CONFIGS / "tiny.yaml"), "--cache_dir", str(tmp_path / schedule), "--trainer.logger", "false",
-                       "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-                       "--trainer.default_root_dir", str(tmp_path), "--trainer.max_steps", "2", "--model.stop_loss", "0",
-                       "--model.lr", "2.0", "--model.lr_schedule", schedule, "--model.lr_up", "1.5",
-                       "--model.lr_down", "0.25"], run=False)
-        cli.trainer.callbacks.append(record)
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        _fit_recording(tmp_path, schedule, record, "--trainer.max_steps", "2", "--model.lr", "2.0",
+                       "--model.lr_schedule", schedule, "--model.lr_up", "1.5", "--model.lr_down", "0.25")
         runs[schedule] = record
     const, adapt = runs["constant"], runs["adaptive"]
     assert len(adapt.delta) == 2 and torch.equal(adapt.size[0], torch.ones_like(adapt.size[0]))
