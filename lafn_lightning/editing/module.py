@@ -509,8 +509,9 @@ class LafnEditModule(L.LightningModule):
             "train/dv_norm": self.effective_delta().detach().norm(dim=-1).mean(),
             "train/active_groups": float(self.stopped.numel() - int(self.stopped.sum())),
             "train/rows": float(len(out["rows"])),
-            "train/step_size": self.step_size[active].mean() if n_active else self.step_size.new_zeros(()),
         }, prog_bar=False, on_step=True, batch_size=1)
+        if hp.get("lr_schedule", "constant") == "adaptive" and n_active:
+            self.log("train/step_size", self.step_size[active].mean(), on_step=True, batch_size=1)
         self.log("loss", loss.detach() / max(n_active, 1), prog_bar=True, on_step=True, logger=False, batch_size=1)
         langs = batch["language"][out["rows"]]
         names = self.trainer.datamodule.languages
