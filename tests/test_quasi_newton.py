@@ -16,6 +16,11 @@ def _quadratics(n_groups: int, dim: int = 12, seed: int = 0):
     return problems
 
 
+def _losses(x: torch.Tensor, problems) -> torch.Tensor:
+    """Each group's quadratic at its row of ``x``."""
+    return torch.stack([0.5 * (x[i] - c) @ a @ (x[i] - c) for i, (a, c) in enumerate(problems)])
+
+
 def _run(problems, steps: int, points: list | None = None, **kwargs):
     """Minimise every group's quadratic with one GroupLBFGS; per step the loss of each group and the max
     move; the final point (``points``, if given, gets each evaluated point)."""
@@ -26,7 +31,7 @@ def _run(problems, steps: int, points: list | None = None, **kwargs):
 
     def closure():
         opt.zero_grad()
-        per = torch.stack([0.5 * (x[i] - c) @ a @ (x[i] - c) for i, (a, c) in enumerate(problems)])
+        per = _losses(x, problems)
         losses.copy_(per.detach())
         per.sum().backward()
         return per.sum()
@@ -64,7 +69,7 @@ def test_reaches_the_minimum_of_an_ill_conditioned_quadratic_where_adam_does_not
     adam = torch.optim.Adam([y], lr=0.5)
     for _ in range(60):
         adam.zero_grad()
-        per = torch.stack([0.5 * (y[i] - c) @ a @ (y[i] - c) for i, (a, c) in enumerate(problems)])
+        per = _losses(y, problems)
         per.sum().backward()
         adam.step()
     assert (per.detach() > 1e3 * trace[-1]).all()
@@ -102,7 +107,7 @@ def test_the_module_builds_it_and_refuses_what_it_cannot_take(tmp_path):
     state = opt.state[dv]
     assert len(state["S"]) == len(state["Y"]) == 3          # the history is capped, ...
     kept = sum(t.numel() for v in state.values() for t in (v if isinstance(v, list) else [v]) if t.numel() == dv.numel())
-    assert kept == (delta_v_copies("lbfgs", 3) - 3) * dv.numel()   # ... and the memory plan counts what it keeps
+    assert kept == (delta_v_copies({"optimizer": "lbfgs", "lbfgs_history": 3}) - 3) * dv.numel()   # ... and the memory plan counts what it keeps
     for extra in (("--model.lr_schedule", "cosine"), ("--model.drop_converged", "true"), ("--model.lbfgs_history", "0")):
         with pytest.raises(ValueError, match="model.(optimizer|lbfgs_history)="):
             fit(tmp_path / "refused", "--model.optimizer", "lbfgs", *extra, "--trainer.fast_dev_run", "true")

@@ -142,7 +142,7 @@ def plan(settings: Settings, edit_batch_size: int = 16, steps_per_group: float |
     part_tokens = hp.get("part_tokens") or default_part_tokens(device)
     kwargs = dict(device=device, cache_lower_layers=bool(hp.get("cache_lower_layers", True)) and first > 0,
                   prefix_cache=bool(hp.get("prefix_cache", True)), edited_layers=len(layers),
-                  delta_v_copies=delta_v_copies(hp.get("optimizer", "adam"), hp.get("lbfgs_history", 10)))
+                  delta_v_copies=delta_v_copies(hp))
 
     # the edit batches as edit-dataset makes them, each sharded over the devices
     batches = [groups[i:i + edit_batch_size] for i in range(0, len(groups), edit_batch_size)]

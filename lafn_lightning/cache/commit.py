@@ -12,7 +12,7 @@ from typing import Iterable, Iterator
 
 from ..backbone.fingerprint import FingerprintMismatch
 from ..files import fsync_dir
-from .manifest import MANIFEST_NAME, CacheError, _key_file, _regular, _write_manifest
+from .manifest import MANIFEST_NAME, CacheError, _key_file, _keys_path, _regular, _write_manifest
 
 
 @contextlib.contextmanager
@@ -46,12 +46,6 @@ def _unlink(paths: Iterable[Path]) -> None:
                 dirs.add(p.parent)
     for d in dirs:
         fsync_dir(d)
-
-
-def _keys_path(cache_dir: Path) -> Path:
-    from ..routing.keys import KEYS_FILE
-
-    return Path(cache_dir) / KEYS_FILE
 
 
 def _load_keys(cache_dir: Path, fingerprint: dict | None = None):

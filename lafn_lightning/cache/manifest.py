@@ -281,11 +281,16 @@ def check_target(cache_dir: str | os.PathLike, fingerprint: dict | None, setting
             _check_routing(cache_dir, routing)
 
 
-def _key_file(cache_dir: str | os.PathLike) -> Path | None:
-    """The cache's router key file, or None when it has none; a symbolic link is refused."""
+def _keys_path(cache_dir: str | os.PathLike) -> Path:
+    """Where the cache's router key file lives (whether or not it exists)."""
     from ..routing.keys import KEYS_FILE
 
-    path = Path(cache_dir) / KEYS_FILE
+    return Path(cache_dir) / KEYS_FILE
+
+
+def _key_file(cache_dir: str | os.PathLike) -> Path | None:
+    """The cache's router key file, or None when it has none; a symbolic link is refused."""
+    path = _keys_path(cache_dir)
     if path.is_symlink():
         raise CacheError(f"router key file {path} is a symbolic link; refusing to follow it")
     return path if path.exists() else None

@@ -273,7 +273,7 @@ class LafnEditModule(L.LightningModule):
         first = min(self.layers)
         kwargs = dict(device=self.device.type, cache_lower_layers=self.lower is not None,
                       prefix_cache=bool(self._prefix_kv), edited_layers=len(self.layers),
-                      delta_v_copies=delta_v_copies(hp.get("optimizer", "adam"), hp.get("lbfgs_history", 10)))
+                      delta_v_copies=delta_v_copies(hp))
         arch = Architecture.of(self.backbone)
         part_tokens = hp.get("part_tokens") or default_part_tokens(self.device.type)
         rows = auto_max_rows(arch, shape, first, budget * 1e9, part_tokens=part_tokens, **kwargs)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -173,10 +174,16 @@ def _activations(arch: Architecture, rows: int, q: int, kv: int, layers: int) ->
     return rows * layers * (arch.saved_per_token * q + arch.saved_per_token2 * q * kv)
 
 
-def delta_v_copies(optimizer: str = "adam", lbfgs_history: int = 10) -> float:
-    """ΔV-sized fp32 tensors a fit keeps: ΔV, its gradient and the frozen copy, plus Adam's m and v,
-    or L-BFGS's (s, y) pairs and its four per-group points and gradients."""
-    return 3.0 + (2.0 * lbfgs_history + 4.0 if optimizer == "lbfgs" else 2.0)
+def delta_v_copies(model: Mapping[str, Any]) -> float:
+    """ΔV-sized fp32 tensors a fit with these ``model`` settings keeps: ΔV, its gradient and the
+    frozen copy, plus Adam's m and v, or L-BFGS's (s, y) pairs and its four per-group points and gradients.
+
+    >>> delta_v_copies({"optimizer": "lbfgs", "lbfgs_history": 3})
+    13.0
+    """
+    if model.get("optimizer", "adam") == "lbfgs":
+        return 3.0 + 2.0 * model.get("lbfgs_history", 10) + 4.0
+    return 5.0
 
 
 def step_memory(arch: Architecture, shape: StepShape, first_layer: int, *, max_rows: int | None = None,

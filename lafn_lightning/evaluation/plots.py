@@ -16,6 +16,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from ..editing.locate import agnostic_neurons, count_activations, language_neurons
+from .metrics import METRICS
 from .protocol import SETTINGS
 
 __all__ = [
@@ -28,9 +29,6 @@ __all__ = [
     "language_scores",
     "plot_language_scores",
 ]
-
-#: the four metrics of a results file, in the paper's order
-METRICS = ("reliability", "generality", "locality", "portability")
 
 
 def neuron_set_difference(a: torch.Tensor, b: torch.Tensor) -> float:
