@@ -108,6 +108,12 @@ def test_the_module_builds_it_and_refuses_what_it_cannot_take(tmp_path):
     assert len(state["S"]) == len(state["Y"]) == 3          # the history is capped, ...
     kept = sum(t.numel() for v in state.values() for t in (v if isinstance(v, list) else [v]) if t.numel() == dv.numel())
     assert kept == (delta_v_copies({"optimizer": "lbfgs", "lbfgs_history": 3}) - 3) * dv.numel()   # ... and the memory plan counts what it keeps
+    from lafn_lightning.cache import CacheError, EditCache
+
+    settings = EditCache.open(tmp_path / "cache").settings
+    assert (settings["optimizer"], settings["lbfgs_history"]) == ("lbfgs", 3)   # the cache records how its ΔV were trained
+    with pytest.raises(CacheError, match=r"other settings \(optimizer: cache has 'lbfgs', given None; lbfgs_history"):
+        fit(tmp_path, "--trainer.max_steps", "6", "--model.stop_loss", "0")    # Adam's edits are not added to it
     for extra in (("--model.lr_schedule", "cosine"), ("--model.drop_converged", "true"), ("--model.lbfgs_history", "0")):
         with pytest.raises(ValueError, match="model.(optimizer|lbfgs_history)="):
             fit(tmp_path / "refused", "--model.optimizer", "lbfgs", *extra, "--trainer.fast_dev_run", "true")

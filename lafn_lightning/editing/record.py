@@ -16,8 +16,9 @@ def edit_record(model: Mapping[str, Any], *, languages, num_prefixes: int, prefi
                 paraphrases: str | None, beta: float | None, strategy: str | None, max_steps: int,
                 subject_site: str = "fallback", bare_prompt: bool = False, paraphrase_prompts: int = 0) -> dict:
     """The settings that made an edit: ``model`` is the edit module's hyper-parameters. A
-    ``subject_site``, ``bare_prompt`` or ``paraphrase_prompts`` other than the default is recorded
-    (records of default runs stay as before)."""
+    ``subject_site``, ``bare_prompt``, ``paraphrase_prompts``, ``optimizer``, ``lr_schedule`` or
+    ``drop_converged`` other than the default is recorded with the options it reads (records of
+    default runs stay as before)."""
     return {
         "method": "lu-lafn",
         "backbone": str(model["backbone"]),
@@ -41,4 +42,25 @@ def edit_record(model: Mapping[str, Any], *, languages, num_prefixes: int, prefi
         **({"subject_site": subject_site} if subject_site != "fallback" else {}),
         **({"bare_prompt": True} if bare_prompt else {}),
         **({"paraphrase_prompts": int(paraphrase_prompts)} if paraphrase_prompts else {}),
+        **_step_options(model),
     }
+
+
+def _step_options(model: Mapping[str, Any]) -> dict:
+    """The optimizer, step-size schedule and row dropping, where they differ from the paper's
+    (Adam, constant, every row every step), with the options each of them reads."""
+    out: dict = {}
+    if model.get("optimizer", "adam") != "adam":
+        out.update(optimizer=model["optimizer"], lbfgs_history=int(model.get("lbfgs_history", 10)),
+                   lr_max=float(model.get("lr_max", 8.0)))
+    schedule = model.get("lr_schedule", "constant")
+    if schedule != "constant":
+        out.update(lr_schedule=schedule, lr_floor=float(model.get("lr_floor", 0.1)))
+        if schedule == "adaptive":
+            out.update(lr_up=float(model.get("lr_up", 1.2)), lr_down=float(model.get("lr_down", 0.5)),
+                       lr_max=float(model.get("lr_max", 8.0)))
+    if model.get("drop_converged", False):
+        out.update(drop_converged=True, drop_below=float(model.get("drop_below", 1.0)),
+                   full_every=int(model.get("full_every", 5)),
+                   converged_prompts=int(model.get("converged_prompts", 0)))
+    return out
