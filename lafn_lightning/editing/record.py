@@ -51,16 +51,13 @@ def _step_options(model: Mapping[str, Any]) -> dict:
     (Adam, constant, every row every step), with the options each of them reads."""
     out: dict = {}
     if model.get("optimizer", "adam") != "adam":
-        out.update(optimizer=model["optimizer"], lbfgs_history=int(model.get("lbfgs_history", 10)),
-                   lr_max=float(model.get("lr_max", 8.0)))
+        out.update(optimizer=model["optimizer"], lbfgs_history=int(model["lbfgs_history"]), lr_max=float(model["lr_max"]))
     schedule = model.get("lr_schedule", "constant")
     if schedule != "constant":
-        out.update(lr_schedule=schedule, lr_floor=float(model.get("lr_floor", 0.1)))
+        out.update(lr_schedule=schedule, lr_floor=float(model["lr_floor"]))
         if schedule == "adaptive":
-            out.update(lr_up=float(model.get("lr_up", 1.2)), lr_down=float(model.get("lr_down", 0.5)),
-                       lr_max=float(model.get("lr_max", 8.0)))
+            out.update(lr_up=float(model["lr_up"]), lr_down=float(model["lr_down"]), lr_max=float(model["lr_max"]))
     if model.get("drop_converged", False):
-        out.update(drop_converged=True, drop_below=float(model.get("drop_below", 1.0)),
-                   full_every=int(model.get("full_every", 5)),
-                   converged_prompts=int(model.get("converged_prompts", 0)))
+        out.update(drop_converged=True, drop_below=float(model["drop_below"]), full_every=int(model["full_every"]),
+                   converged_prompts=int(model["converged_prompts"]))
     return out
