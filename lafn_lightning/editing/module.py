@@ -37,6 +37,9 @@ class LafnEditModule(L.LightningModule):
         lr: Adam learning rate (paper 0.5).
         lambda_target, lambda_kl: loss weights (paper 1 and 0.0625).
         stop_loss: a group stops once its L_target is below this (mean token NLL; 0.05 ~ p(token) 0.95).
+        first_token_weight: the answer's first token counts this many times in its row's mean token
+            NLL (1: the paper's plain mean), in the loss and so in the stop rule. The first token is
+            predicted from the question alone; the later ones also see the answer's start.
         site: where ΔV is added: ``value`` (input of the down-projection) or ``activation``.
         cache_lower_layers: compute the hidden states below the first edited layer once (they do
             not depend on ΔV) and run only the upper layers at every step. Same loss as the full
@@ -114,6 +117,7 @@ class LafnEditModule(L.LightningModule):
         lambda_target: float = 1.0,
         lambda_kl: float = 0.0625,
         stop_loss: float = 0.05,
+        first_token_weight: float = 1.0,
         site: str = "value",
         cache_lower_layers: bool = True,
         chunked_loss: bool = True,
@@ -146,6 +150,8 @@ class LafnEditModule(L.LightningModule):
             raise ValueError(f"model.memory_budget_gb={memory_budget_gb}: a positive number of GB (or null: from the device)")
         if part_tokens is not None and part_tokens < 1:
             raise ValueError(f"model.part_tokens={part_tokens}: at least 1 (or null: from the device)")
+        if first_token_weight < 1:
+            raise ValueError(f"model.first_token_weight={first_token_weight}: at least 1 (1: every answer token counts once)")
         if converged_prompts < 0:
             raise ValueError(f"model.converged_prompts={converged_prompts}: 0 or more prompts per converged language")
         if not 0 < drop_below <= 1:
@@ -433,9 +439,13 @@ class LafnEditModule(L.LightningModule):
             row_parts.append(part[row_of])
         tok_nll, row_of = torch.cat(tok_parts), torch.cat(row_parts)
         zeros = torch.zeros(len(rows), device=tok_nll.device)
-        n_tok = zeros.index_add(0, row_of, torch.ones_like(tok_nll)).clamp(min=1)
+        # a row's tokens are consecutive and in order: its first answer token opens its run
+        first = torch.ones_like(row_of, dtype=torch.bool)
+        first[1:] = row_of[1:] != row_of[:-1]
+        weight = torch.where(first, float(self.hparams.get("first_token_weight", 1.0)), 1.0).to(tok_nll)
+        n_tok = zeros.index_add(0, row_of, weight).clamp(min=1)
         row_logprob = -zeros.index_add(0, row_of, tok_nll)    # log P(answer | prompt)
-        row_nll = -row_logprob / n_tok                        # mean token NLL of the answer
+        row_nll = zeros.index_add(0, row_of, weight * tok_nll) / n_tok   # (weighted) mean token NLL of the answer
 
         a_rows = active[batch["kl_group"]].nonzero().squeeze(1)
         a_logits = self._forward(batch["kl_input_ids"][a_rows], batch["kl_attention_mask"][a_rows],

@@ -16,8 +16,8 @@ def edit_record(model: Mapping[str, Any], *, languages, num_prefixes: int, prefi
                 paraphrases: str | None, beta: float | None, strategy: str | None, max_steps: int,
                 subject_site: str = "fallback", bare_prompt: bool = False, paraphrase_prompts: int = 0) -> dict:
     """The settings that made an edit: ``model`` is the edit module's hyper-parameters. A
-    ``subject_site``, ``bare_prompt``, ``paraphrase_prompts``, ``optimizer``, ``lr_schedule`` or
-    ``drop_converged`` other than the default is recorded with the options it reads (records of
+    ``subject_site``, ``bare_prompt``, ``paraphrase_prompts``, ``first_token_weight``, ``optimizer``,
+    ``lr_schedule`` or ``drop_converged`` other than the default is recorded with the options it reads (records of
     default runs stay as before)."""
     return {
         "method": "lu-lafn",
@@ -47,9 +47,11 @@ def edit_record(model: Mapping[str, Any], *, languages, num_prefixes: int, prefi
 
 
 def _step_options(model: Mapping[str, Any]) -> dict:
-    """The optimizer, step-size schedule and row dropping, where they differ from the paper's
-    (Adam, constant, every row every step), with the options each of them reads."""
+    """The answer's first-token weight, the optimizer, step-size schedule and row dropping, where
+    they differ from the paper's (1, Adam, constant, every row every step), with the options each reads."""
     out: dict = {}
+    if float(model.get("first_token_weight", 1.0)) != 1.0:
+        out.update(first_token_weight=float(model["first_token_weight"]))
     if model.get("optimizer", "adam") != "adam":
         out.update(optimizer=model["optimizer"], lbfgs_history=int(model["lbfgs_history"]), lr_max=float(model["lr_max"]))
     schedule = model.get("lr_schedule", "constant")
