@@ -142,6 +142,11 @@ def test_evaluate_records_sites_in_the_progress_file(evaluated):
             assert sites is not None, c
             if c[1] != "pre_edit" and c[2] in ("reliability", "generality") and end is not None:
                 assert [end, gid] in sites, c                 # the own edit fired at the subject's last token
+            assert ("first_token" in c[7]) == (c[2] != "locality"), c
+            if c[5] == 1.0 and c[2] != "locality":            # an exact hit starts with the right token
+                assert c[7]["first_token"] is True, c
+    firsts = {c[7]["first_token"] for group_cells in cells.values() for c in group_cells if c[2] != "locality"}
+    assert firsts == {True, False}                            # pre-edit predictions start wrong
     assert cell_sites(_cell(cells["moon"], "teacher_forced", "all_cached", "generality")) == ([], None)
 
 
@@ -179,8 +184,8 @@ def test_miss_report_refuses_missing_or_old_progress_files(tmp_path, capsys):
 # ----------------------------------------------------------------------- the split, on hand-made cells
 
 
-def _c(lang, f1, em, sites, end, metric="generality", setting="all_cached", pred="p"):
-    extra = {"sites": sites, "subject_end": end}
+def _c(lang, f1, em, sites, end, metric="generality", setting="all_cached", pred="p", first=True):
+    extra = {"sites": sites, "subject_end": end, "first_token": first}
     return ["teacher_forced", setting, metric, lang, f1, em, pred, extra]
 
 
@@ -202,9 +207,9 @@ def test_miss_split_counts_shares_and_examples():
         {"run": "multilingual", "group_id": "g", "cells": [
             _c("en", 1.0, 1.0, [[4, "g"]], 4),                    # a hit: not a miss
             _c("en", 0.5, 0.0, [], None, pred="a|b"),             # not routed
-            _c("de", 0.5, 0.0, [[3, "h"]], 3),                    # another group only
+            _c("de", 0.5, 0.0, [[3, "h"]], 3, first=False),       # another group only, first token wrong
             _c("de", 1.0, 0.0, [[1, "g"]], 3),                    # F1 hit, EM miss, other token
-            _c("de", 0.0, 0.0, [[3, "g"]], 3),                    # routed, no answer
+            _c("de", 0.0, 0.0, [[3, "g"]], 3, first=False),       # routed, no answer, first token wrong
             _c("de", 0.0, 0.0, [[3, "g"]], 3, setting="edit_one_test_one"),   # another setting
             _c("de", 0.0, 0.0, [[3, "g"]], 3, metric="reliability"),          # another metric
             ["teacher_forced", "all_cached", "generality", "de", 0.0, 0.0, "old"],   # no sites recorded
@@ -218,13 +223,15 @@ def test_miss_split_counts_shares_and_examples():
     assert f1["de"]["counts"] == {"not_routed": 0, "other_group": 1, "other_token": 0, "routed_no_answer": 1}
     assert f1["de"]["shares"]["other_group"] == 0.5
     assert em["de"]["counts"] == {"not_routed": 0, "other_group": 1, "other_token": 1, "routed_no_answer": 1}
-    assert f1["avg"]["misses"] == 3 and f1["avg"]["counts"]["not_routed"] == 1
+    assert f1["de"]["first_token"] == 2 and f1["en"]["first_token"] == 0 and em["de"]["first_token"] == 2
+    assert f1["avg"]["misses"] == 3 and f1["avg"]["counts"]["not_routed"] == 1 and f1["avg"]["first_token"] == 2
     assert f1["avg"]["shares"]["not_routed"] == pytest.approx(0.5)             # (1.0 + 0.0) / 2 languages
     assert split["unrecorded"] == {"f1": 1, "em": 1}
     assert sorted(e["category"] for e in split["examples"]) == ["not_routed", "other_group", "routed_no_answer"]
     assert miss_split(records[:1], setting="edit_one_test_one")["f1"]["de"]["counts"]["routed_no_answer"] == 1
     md = format_markdown(split)
-    assert "| en | 2 | 1 | 1 (100%) | 0 (0%) | 0 (0%) | 0 (0%) |" in md and "a\\|b" in md
+    assert "| en | 2 | 1 | 1 (100%) | 0 (0%) | 0 (0%) | 0 (0%) | 0 |" in md and "a\\|b" in md
+    assert "| de | 4 | 2 | 0 (0%) | 1 (50%) | 0 (0%) | 1 (50%) | 2 |" in md
     # cross-lingual: a run's own language is left out, as in the results tables
     from lafn_lightning.evaluation.miss_report import include_for_mode
 

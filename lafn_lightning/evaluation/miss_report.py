@@ -15,6 +15,9 @@ group's own subject ends in the question (:func:`lafn_lightning.evaluation.proto
 - ``routed_no_answer``: the own edit fired at the subject's last token (or that token is unknown:
   the exact subject form is not in the question) and the answer is still wrong.
 
+Across the categories, ``first_token`` counts the misses whose first predicted answer token is
+already wrong (progress files written before cells recorded it count none there).
+
 Cells written before sites were recorded, and those of a model that cannot tell its sites (a
 comparison method), are counted as ``unrecorded`` and left out of the split.
 """
@@ -84,7 +87,8 @@ def miss_split(
     Returns:
         ``{"metric", "setting", "view", "languages", "f1": table, "em": table, "unrecorded",
         "examples"}``. A table maps each language and ``avg`` to ``{"questions", "misses",
-        "counts": {category: n}, "shares": {category: fraction of the misses}}``; ``avg`` sums the
+        "counts": {category: n}, "shares": {category: fraction of the misses}, "first_token": n}``
+        (``first_token``: the misses whose first answer token is wrong); ``avg`` sums the
         questions, misses and counts over the languages and macro-averages the shares over the
         languages with a miss. ``unrecorded``: ``{"f1", "em"}`` misses whose cell has no sites.
         ``examples``: ``{"group_id", "run", "language", "category", "prediction", "f1", "em",
@@ -106,9 +110,10 @@ def miss_split(
             if lang not in order:
                 order.append(lang)
             sites, end = cell_sites(cell)
+            first_wrong = isinstance(cell[-1], Mapping) and cell[-1].get("first_token") is False
             category = classify(rec["group_id"], sites, end) if sites is not None else None
             for score, value in (("f1", f1), ("em", em)):
-                row = counts[score].setdefault(lang, {"questions": 0, "misses": 0,
+                row = counts[score].setdefault(lang, {"questions": 0, "misses": 0, "first_token": 0,
                                                       "counts": dict.fromkeys(CATEGORIES, 0)})
                 row["questions"] += 1
                 if value >= 1.0:
@@ -118,6 +123,7 @@ def miss_split(
                     continue
                 row["misses"] += 1
                 row["counts"][category] += 1
+                row["first_token"] += first_wrong
             if f1 < 1.0 and category is not None and sum(e["category"] == category for e in shown) < examples:
                 shown.append({"group_id": rec["group_id"], "run": rec["run"], "language": lang, "category": category,
                               "prediction": cell[6], "f1": f1, "em": em, "sites": sites, "subject_end": end})
@@ -134,6 +140,7 @@ def miss_split(
         table["avg"] = {
             "questions": sum(r["questions"] for r in rows),
             "misses": sum(r["misses"] for r in rows),
+            "first_token": sum(r["first_token"] for r in rows),
             "counts": {c: sum(r["counts"][c] for r in rows) for c in CATEGORIES},
             "shares": {c: sum(r["shares"][c] for r in missed) / len(missed) if missed else None for c in CATEGORIES},
         }
@@ -152,16 +159,19 @@ def format_markdown(split: Mapping[str, Any]) -> str:
     title = f"{split['metric'].capitalize()} misses ({split['setting']}, {VIEW_TITLES.get(split['view'], split['view'])})"
     lines = [f"## {title}", "",
              "Per language: questions, misses, and each category's count (share of the misses). "
-             "Avg: counts summed, shares macro-averaged over the languages with a miss.", ""]
+             "Avg: counts summed, shares macro-averaged over the languages with a miss. "
+             "First token wrong: the misses (any category) whose first answer token is already wrong.", ""]
     for score, label in (("f1", "F1 < 100 (not an exact hit)"), ("em", "EM < 100")):
         lines += [f"### Misses by {label}", "",
-                  "| Language | Questions | Misses | " + " | ".join(CATEGORY_TITLES[c] for c in CATEGORIES) + " |",
-                  "|" + "|".join([" --- "] + [" ---: "] * (2 + len(CATEGORIES))) + "|"]
+                  "| Language | Questions | Misses | " + " | ".join(CATEGORY_TITLES[c] for c in CATEGORIES)
+                  + " | first token wrong |",
+                  "|" + "|".join([" --- "] + [" ---: "] * (3 + len(CATEGORIES))) + "|"]
         for lang, row in split[score].items():
             cells = [f"{row['counts'][c]} ({row['shares'][c] * 100:.0f}%)" if row["shares"][c] is not None
                      else f"{row['counts'][c]}" for c in CATEGORIES]
             name = "Avg" if lang == "avg" else lang
-            lines.append(f"| {name} | {row['questions']} | {row['misses']} | " + " | ".join(cells) + " |")
+            lines.append(f"| {name} | {row['questions']} | {row['misses']} | " + " | ".join(cells)
+                         + f" | {row['first_token']} |")
         if split["unrecorded"][score]:
             lines.append(f"\n{split['unrecorded'][score]} miss(es) have no recorded sites (progress lines written "
                          "before sites were recorded, or a comparison method) and are not split.")

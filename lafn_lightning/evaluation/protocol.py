@@ -195,13 +195,14 @@ def score_group(
             other cached subject.
 
     Returns:
-        cells ``[view, setting, metric, language, f1, em, prediction, {"sites", "subject_end"}]``
+        cells ``[view, setting, metric, language, f1, em, prediction, {"sites", "subject_end", "first_token"}]``
         with f1/em in [0, 1] and the decoded prediction. ``sites``: the ``[token position, group
         id]`` pairs where the setting's model injected ΔV in the probe's row (the whole row in the
         teacher-forced view, the prompt in generation; ``[]`` for ``pre_edit``; None for a model
         without ``find_sites``). ``subject_end``: the token position where the group's own subject
         (its edit's subject in the probe's language) ends in the question, if that exact form
-        occurs there (:func:`subject_end`), else None. Locality is scored against the backbone's
+        occurs there (:func:`subject_end`), else None. ``first_token`` (not in locality cells):
+        whether the prediction's first answer token is the answer's. Locality is scored against the backbone's
         prediction, computed on the same batch; its ``pre_edit`` cell is not produced.
         Read a cell's sites with :func:`cell_sites` (cells written before sites were recorded
         have 7 elements).
@@ -220,8 +221,10 @@ def score_group(
             f1, em = _score(tokenizer, pred, ref if loc else gold, loc)
             text = tokenizer.decode(pred, skip_special_tokens=True)
             sites = None if sig is None else [[int(p), g] for p, g in sig[i]]
-            cells.append([view, setting, probe.metric, probe.language, f1, em, text,
-                          {"sites": sites, "subject_end": ends[i]}])
+            extra = {"sites": sites, "subject_end": ends[i]}
+            if not loc:
+                extra["first_token"] = list(pred[:1]) == list(gold[:1])
+            cells.append([view, setting, probe.metric, probe.language, f1, em, text, extra])
 
     def _prompts(target) -> list[str]:  # a method that edits the context (methods.base.InContext)
         rewrite = getattr(target, "rewrite_prompts", None)
