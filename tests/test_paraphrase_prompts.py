@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from conftest import fit
+from conftest import CONFIGS, fit
 from lafn_lightning import EditCache
 from lafn_lightning.cache.store import CacheError
 from lafn_lightning.editing.prompts import encode_edit_text
@@ -86,3 +86,22 @@ def test_plan_counts_the_paraphrase_rows(tmp_path):
     base = group_shape(groups, tok, 2, 3)
     assert group_shape(groups, tok, 2, 3, paraphrase_prompts=2).rows == base.rows + 2 + 1 + 1
     assert group_shape(groups, tok, 2, 3, paraphrase_prompts=9).rows == base.rows + 3 + 1 + 1
+
+
+def test_the_paraphrase_preset_trains_on_the_question_and_its_first_paraphrase(tmp_path):
+    """``-c presets/paraphrase_prompts``: per language the bare question, then its first paraphrase
+    (none where the file has none), with L-BFGS; recorded in the cache; refused without a file."""
+    preset = str(CONFIGS / "presets" / "paraphrase_prompts.yaml")
+    cli = fit(tmp_path, "-c", preset, "--data.paraphrases", _paraphrase_file(tmp_path), "--trainer.max_steps", "1")
+    dm, tok = cli.datamodule, cli.model.tokenizer
+    for (k, li), got in _rows(cli).items():
+        group = dm.groups[k]
+        lang, edit = list(group.edits.items())[li]
+        questions = [edit.prompt, *PARAPHRASES.get((group.group_id, lang), [])[:1]]
+        assert got == [(e.input_ids, e.subject_pos) for e in
+                       (encode_edit_text(tok, "", q, edit.target, edit.subject, group.subjects) for q in questions)]
+    settings = EditCache.open(tmp_path / "cache").settings
+    assert (settings["optimizer"], settings["bare_prompt"], settings["num_prefixes"], settings["paraphrase_prompts"]) \
+        == ("lbfgs", True, 1, 1)
+    with pytest.raises(ValueError, match="data.paraphrases"):
+        fit(tmp_path / "none", "-c", preset, "--trainer.fast_dev_run", "true")

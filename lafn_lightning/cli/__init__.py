@@ -210,7 +210,8 @@ def help_text() -> str:
     lines += ["",
               "`lafn COMMAND --help` shows a command's options; `--print_config` the resolved config.",
               "Shipped configs by name: -c demo, -c tiny, -c llama3.1-8b, -c qwen2-7b, -c bloomz-7b1-mt,",
-              "-c presets/twelve_languages, -c presets/fp32, -c presets/multi_device. Docs: README.md, docs/."]
+              "-c presets/twelve_languages, -c presets/paraphrase_prompts, -c presets/fp32, -c presets/multi_device.",
+              "Docs: README.md, docs/."]
     return "\n".join(lines)
 
 
