@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from .protocol import VIEW_TITLES, cell_sites
+from .protocol import VIEW_TITLES, cell_extra, cell_sites
 
 __all__ = ["CATEGORIES", "classify", "miss_split", "format_markdown", "include_for_mode"]
 
@@ -110,7 +110,7 @@ def miss_split(
             if lang not in order:
                 order.append(lang)
             sites, end = cell_sites(cell)
-            first_wrong = isinstance(cell[-1], Mapping) and cell[-1].get("first_token") is False
+            first_wrong = cell_extra(cell).get("first_token") is False
             category = classify(rec["group_id"], sites, end) if sites is not None else None
             for score, value in (("f1", f1), ("em", em)):
                 row = counts[score].setdefault(lang, {"questions": 0, "misses": 0, "first_token": 0,

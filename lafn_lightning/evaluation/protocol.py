@@ -164,8 +164,13 @@ def cell_sites(cell: Sequence) -> tuple[list | None, int | None]:
     (None when not recorded: a cell written before sites were recorded, or a model without
     ``find_sites``) and the token where the group's own subject ends in the question (None: the
     exact form does not occur, or not recorded)."""
-    extra = cell[7] if len(cell) > 7 and isinstance(cell[7], Mapping) else {}
+    extra = cell_extra(cell)
     return extra.get("sites"), extra.get("subject_end")
+
+
+def cell_extra(cell: Sequence) -> Mapping:
+    """A cell's eighth element (``{"sites", "subject_end", "first_token"}``), ``{}`` where it has none."""
+    return cell[7] if len(cell) > 7 and isinstance(cell[7], Mapping) else {}
 
 
 def score_group(
