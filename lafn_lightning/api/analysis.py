@@ -1,9 +1,10 @@
-"""``lafn match-report``, ``lafn plots`` and ``lafn miss-report``: analysis commands.
+"""``lafn match-report``, ``lafn plots``, ``lafn miss-report`` and ``lafn compare``: analysis commands.
 
     match_report(Settings.from_config("demo", overrides={"data.groups": None}), output="coverage.json")
     plots(Settings.from_config("demo"), output="runs/plots")
     plots(Settings.from_config("demo"), output="docs/figures", results="runs/x/results.json")
     miss_report("runs/r.json", metric="generality", output="runs/r.misses.md")
+    compare("runs/preset/results.json", "runs/lever/results.json", metric="generality")
 """
 from __future__ import annotations
 
@@ -15,16 +16,18 @@ from types import SimpleNamespace
 from ..backbone.ffn import adapter_for
 from ..backbone.loading import load_backbone
 from ..editing.datamodule import locating_corpus
+from ..evaluation import compare as _compare
 from ..evaluation.match_report import coverage_report, format_table
 from ..evaluation.miss_report import format_markdown, include_for_mode, miss_split
-from ..evaluation.protocol import SETTING_TITLES, SETTINGS, VIEWS, cell_sites, progress_file, read_progress
+from ..evaluation.protocol import (SETTING_TITLES, SETTINGS, VIEWS, cell_sites, default_setting, progress_file,
+                                   read_progress)
 from ..evaluation.plots import (_pyplot, difference_matrix, factual_neuron_counts, language_scores, plot_difference_heatmap,
                                 plot_language_scores, plot_layer_counts)
 from ..files import atomic_write
 from ..text.matching import MATCHERS
 from .settings import Settings
 
-__all__ = ["match_report", "plots", "miss_report"]
+__all__ = ["match_report", "plots", "miss_report", "compare"]
 
 
 def match_report(settings: Settings, matchers: list[str] = list(MATCHERS), output: str | None = None) -> dict:
@@ -186,18 +189,9 @@ def miss_report(results: str, metric: str = "generality", setting: str | None = 
         output: also write the markdown here and the split as JSON beside it (suffix .json; an
             OUTPUT ending in .json: the JSON only).
     """
-    from ..evaluation.metrics import METRICS
-
-    if metric not in METRICS:
-        raise ValueError(f"metric={metric!r}: one of {', '.join(METRICS)}")
-    if setting is not None and setting not in SETTINGS:
-        raise ValueError(f"setting={setting!r}: one of {', '.join(SETTINGS)}")
-    if view not in VIEWS:
-        raise ValueError(f"view={view!r}: one of {', '.join(VIEWS)}")
+    _check_cells(metric, setting, view)
     path = progress_file(results)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no progress file of {results} (lafn evaluate --output {results} writes it)")
-    header, records = read_progress(path)
+    header, records = _read_results(results)
     recorded = any(cell_sites(c)[0] is not None for r in records for c in r["cells"] if c[1] != "pre_edit")
     if not recorded:
         if header.get("method"):
@@ -213,11 +207,84 @@ def miss_report(results: str, metric: str = "generality", setting: str | None = 
         print(f"[lafn] {split['unrecorded']['f1']} miss(es) in {path} have no recorded sites (older lines): "
               "rerun lafn evaluate with --restart true to split them all", file=sys.stderr)
     if output:
-        out = Path(output)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        data = out.with_suffix(".json")
-        atomic_write(data, json.dumps(split, indent=1, ensure_ascii=False) + "\n")
-        if data != out:
-            atomic_write(out, markdown)
-        print(f"wrote {', '.join(dict.fromkeys(map(str, (out, data))))}", file=sys.stderr)
+        _write_report(output, split, markdown)
     return split
+
+
+def _check_cells(metric: str, setting: str | None, view: str) -> None:
+    """Refuse a metric, setting or view that no evaluation cell has."""
+    from ..evaluation.metrics import METRICS
+
+    if metric not in METRICS:
+        raise ValueError(f"metric={metric!r}: one of {', '.join(METRICS)}")
+    if setting is not None and setting not in SETTINGS:
+        raise ValueError(f"setting={setting!r}: one of {', '.join(SETTINGS)}")
+    if view not in VIEWS:
+        raise ValueError(f"view={view!r}: one of {', '.join(VIEWS)}")
+
+
+def _read_results(results: str) -> tuple[dict, list[dict]]:
+    """``(header, records)`` of the progress file of the results file ``results`` of ``lafn evaluate``."""
+    path = progress_file(results)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no progress file of {results} (lafn evaluate --output {results} writes it)")
+    return read_progress(path)
+
+
+def compare(base: str, other: str, metric: str = "generality", setting: str | None = None,
+            view: str = "teacher_forced", resamples: int = 10000, seed: int = 0, output: str | None = None) -> dict:
+    """Compare two evaluations of the same groups (e.g. a setting against the preset): per language
+    the metric's F1 and EM of both, their difference, and a 95 % paired bootstrap interval of the
+    averaged difference over the groups both scored.
+
+    Reads the progress files of both results files (``lafn evaluate --output RESULTS`` writes
+    RESULTS with suffix .progress.jsonl; a running evaluation's file can be read) and prints a
+    markdown table. Only the groups scored in both count (the others are listed); the interval
+    resamples whole groups: :mod:`lafn_lightning.evaluation.compare`.
+
+    Args:
+        base: the results JSON file of the reference evaluation.
+        other: the results JSON file of the evaluation compared with it (differences are other - base).
+        metric: reliability, generality, locality or portability.
+        setting: all_cached or edit_one_test_one (default: all_cached where base has it, else edit_one_test_one).
+        view: teacher_forced or generation.
+        resamples: bootstrap resamples of the shared groups (0: no interval).
+        seed: seed of the resampling.
+        output: also write the markdown here and the comparison as JSON beside it (suffix .json;
+            an OUTPUT ending in .json: the JSON only).
+    """
+    _check_cells(metric, setting, view)
+    if resamples < 0:
+        raise ValueError(f"resamples={resamples}: 0 (no interval) or more")
+    (h_base, r_base), (h_other, r_other) = _read_results(base), _read_results(other)
+    modes = (h_base.get("mode"), h_other.get("mode"))
+    if modes[0] != modes[1]:
+        raise ValueError(f"{base} is a {modes[0]} evaluation and {other} a {modes[1]} one: compare evaluations of one mode")
+    languages = [x for x in h_base.get("languages") or [] if x in (h_other.get("languages") or [])] or None
+    result = _compare.compare_runs(r_base, r_other, metric=metric, setting=setting or default_setting(r_base, view, metric),
+                                   view=view, languages=languages, include=include_for_mode(modes[0]),
+                                   resamples=resamples, seed=seed)
+    names = (_run_name(base), _run_name(other))
+    markdown = _compare.format_markdown(result, names=names if names[0] != names[1] else ("base", "other"))
+    print(markdown)
+    if output:
+        _write_report(output, result, markdown)
+    return result
+
+
+def _run_name(results: str) -> str:
+    """A short name of a results file for a table's columns: its folder's name (runs/x/results.json -> x)."""
+    path = Path(results)
+    return (path.parent.name or path.stem) if path.stem == "results" else path.stem
+
+
+def _write_report(output: str, data: dict, markdown: str) -> None:
+    """Write a report's markdown to ``output`` and its data as JSON beside it (suffix .json; an
+    ``output`` ending in .json gets the JSON only)."""
+    out = Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    path = out.with_suffix(".json")
+    atomic_write(path, json.dumps(data, indent=1, ensure_ascii=False) + "\n")
+    if path != out:
+        atomic_write(out, markdown)
+    print(f"wrote {', '.join(dict.fromkeys(map(str, (out, path))))}", file=sys.stderr)

@@ -6,6 +6,7 @@
     lafn evaluate -c demo --data.groups 0:50 --output runs/enzh/results.json
     lafn cache list edit_cache
     lafn miss-report runs/enzh/results.json --metric generality --output runs/enzh/misses.md
+    lafn compare runs/preset/results.json runs/lever/results.json --metric generality
 
 Every subcommand but ``cache`` and the commands over a results file (``PLAIN``) takes ``-c CONFIG`` (a path or a shipped name)
 and the ``--data.* --model.* --locate.* --routing.* --trainer.* --cache_dir`` options of the config sections it reads
@@ -38,6 +39,7 @@ COMMANDS = {
     "match-report": "lafn_lightning.api.analysis:match_report",
     "plots": "lafn_lightning.api.analysis:plots",
     "miss-report": "lafn_lightning.api.analysis:miss_report",
+    "compare": "lafn_lightning.api.analysis:compare",
     "paraphrase": "lafn_lightning.api.corpus:paraphrase",
     "cache": "lafn_lightning.cli.cache:cache_command",
 }
@@ -48,6 +50,7 @@ SUMMARIES = {
     "evaluate": "edit what the cache lacks, then score Reliability/Generality/Locality/Portability",
     "match-report": "how often each subject matcher finds a group's subject (and falsely fires)",
     "miss-report": "split each miss of a metric per language: not routed / other group / other token / no answer",
+    "compare": "two evaluations of the same groups: scores per language, differences, bootstrap interval",
     "plots": "paper Figures 1 and 4 (factual neurons per layer, neuron-set differences); --results: scores per language",
     "paraphrase": "write the locating corpus: paraphrases of each edit question by an instruct model",
     "plan": "size a run before starting it: predicted peak memory, FLOPs, steps and hours",
@@ -55,7 +58,7 @@ SUMMARIES = {
 }
 #: commands over files, not a config: positional arguments and ``--option`` from the function's
 #: signature and the Args section of its docstring (no ``-c CONFIG``)
-PLAIN = ("miss-report",)
+PLAIN = ("miss-report", "compare")
 #: LightningCLI subcommands this project does not offer (editing is ``fit``; scoring is ``evaluate``)
 NOT_OFFERED = ("validate", "test", "predict")
 #: parameters of an API function that the command line does not set

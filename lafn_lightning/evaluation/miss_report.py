@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from .protocol import VIEW_TITLES, cell_extra, cell_sites
+from .protocol import VIEW_TITLES, cell_extra, cell_sites, default_setting
 
 __all__ = ["CATEGORIES", "classify", "miss_split", "format_markdown", "include_for_mode"]
 
@@ -56,11 +56,6 @@ def include_for_mode(mode: str | None) -> Callable[[str, str], bool]:
     if mode == "cross-lingual":
         return lambda run, lang: run != lang
     return lambda run, lang: True
-
-
-def _pick_setting(records: list[Mapping[str, Any]], view: str, metric: str) -> str:
-    seen = {c[1] for r in records for c in r["cells"] if c[0] == view and c[2] == metric}
-    return "all_cached" if "all_cached" in seen else "edit_one_test_one"
 
 
 def miss_split(
@@ -95,7 +90,7 @@ def miss_split(
         "sites", "subject_end"}`` of up to ``examples`` F1 misses per category.
     """
     records = list(records)
-    setting = setting or _pick_setting(records, view, metric)
+    setting = setting or default_setting(records, view, metric)
     order = list(languages) if languages is not None else []
     counts: dict[str, dict[str, dict]] = {s: {} for s in SCORES}
     unrecorded = {s: 0 for s in SCORES}

@@ -36,6 +36,7 @@ __all__ = [
     "ProgressLog",
     "progress_file",
     "read_progress",
+    "default_setting",
 ]
 
 SETTINGS: tuple[str, ...] = ("edit_one_test_one", "all_cached", "pre_edit")
@@ -166,6 +167,13 @@ def cell_sites(cell: Sequence) -> tuple[list | None, int | None]:
     exact form does not occur, or not recorded)."""
     extra = cell_extra(cell)
     return extra.get("sites"), extra.get("subject_end")
+
+
+def default_setting(records: Iterable[Mapping[str, Any]], view: str, metric: str) -> str:
+    """The setting a report over ``records`` reads by default: ``all_cached`` where the records have
+    cells of ``view`` and ``metric`` in it, else ``edit_one_test_one``."""
+    seen = {c[1] for r in records for c in r["cells"] if c[0] == view and c[2] == metric}
+    return "all_cached" if "all_cached" in seen else "edit_one_test_one"
 
 
 def cell_extra(cell: Sequence) -> Mapping:
