@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 
+from lafn_lightning.api.analysis import compare
 from lafn_lightning.cli import main
 from lafn_lightning.evaluation.compare import compare_runs, format_markdown
 from lafn_lightning.evaluation.protocol import aggregate
@@ -115,3 +116,16 @@ def test_command_line_refuses_bad_input(tmp_path, capsys):
             main(["compare", *argv])
         assert exit_.value.code == 2
         assert message in capsys.readouterr().err
+
+
+def test_a_side_evaluated_in_parts(tmp_path, capsys):
+    base = _write(tmp_path / "preset" / "results.json", _records(BASE))
+    first = _write(tmp_path / "lever_a" / "results.json", _records({g: OTHER[g] for g in ("g0", "g1")}))
+    second = _write(tmp_path / "lever_b" / "results.json", _records({"g2": OTHER["g2"]}))
+    whole = compare_runs(_records(BASE), _records(OTHER), languages=LANGS, resamples=0)
+    result = compare(base, f"{first},{second}", resamples=0)
+    assert result["groups"] == 3 and result["delta"] == whole["delta"]
+    assert "lever_a+ against preset" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["compare", base, f"{first},{first}"])
+    assert "both score group g0" in capsys.readouterr().err

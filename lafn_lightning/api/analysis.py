@@ -237,14 +237,15 @@ def compare(base: str, other: str, metric: str = "generality", setting: str | No
     the metric's F1 and EM of both, their difference, and a 95 % paired bootstrap interval of the
     averaged difference over the groups both scored.
 
-    Reads the progress files of both results files (``lafn evaluate --output RESULTS`` writes
+    Reads the progress files of the results files (``lafn evaluate --output RESULTS`` writes
     RESULTS with suffix .progress.jsonl; a running evaluation's file can be read) and prints a
     markdown table. Only the groups scored in both count (the others are listed); the interval
-    resamples whole groups: :mod:`lafn_lightning.evaluation.compare`.
+    resamples whole groups: :mod:`lafn_lightning.evaluation.compare`. A side evaluated in parts
+    (e.g. groups 40-47 and 48-55) is given as its results files joined by commas.
 
     Args:
-        base: the results JSON file of the reference evaluation.
-        other: the results JSON file of the evaluation compared with it (differences are other - base).
+        base: the results JSON file(s) of the reference evaluation (comma-separated).
+        other: the results JSON file(s) of the evaluation compared with it (differences are other - base).
         metric: reliability, generality, locality or portability.
         setting: all_cached or edit_one_test_one (default: all_cached where base has it, else edit_one_test_one).
         view: teacher_forced or generation.
@@ -256,7 +257,7 @@ def compare(base: str, other: str, metric: str = "generality", setting: str | No
     _check_cells(metric, setting, view)
     if resamples < 0:
         raise ValueError(f"resamples={resamples}: 0 (no interval) or more")
-    (h_base, r_base), (h_other, r_other) = _read_results(base), _read_results(other)
+    (h_base, r_base), (h_other, r_other) = _read_parts(base), _read_parts(other)
     modes = (h_base.get("mode"), h_other.get("mode"))
     if modes[0] != modes[1]:
         raise ValueError(f"{base} is a {modes[0]} evaluation and {other} a {modes[1]} one: compare evaluations of one mode")
@@ -272,10 +273,33 @@ def compare(base: str, other: str, metric: str = "generality", setting: str | No
     return result
 
 
+def _read_parts(results: str) -> tuple[dict, list[dict]]:
+    """``(header, records)`` of one evaluation given as comma-separated results files (its parts):
+    the first part's header; every part of one mode, no group scored in two parts."""
+    header, records, seen = None, [], {}
+    for part in [p.strip() for p in results.split(",") if p.strip()]:
+        h, recs = _read_results(part)
+        if header is not None and h.get("mode") != header.get("mode"):
+            raise ValueError(f"{part} is a {h.get('mode')} evaluation and {results.split(',')[0]} a "
+                             f"{header.get('mode')} one: the parts of a side must be of one mode")
+        header = header or h
+        for rec in recs:
+            key = (rec["run"], rec["group_id"])
+            if key in seen:
+                raise ValueError(f"{part} and {seen[key]} both score group {key[1]} ({key[0]}): give each group once per side")
+            seen[key] = part
+        records += recs
+    if header is None:
+        raise ValueError(f"{results!r}: no results file")
+    return header, records
+
+
 def _run_name(results: str) -> str:
-    """A short name of a results file for a table's columns: its folder's name (runs/x/results.json -> x)."""
-    path = Path(results)
-    return (path.parent.name or path.stem) if path.stem == "results" else path.stem
+    """A short name of a results file for a table's columns: its folder's name (runs/x/results.json -> x);
+    of comma-separated parts, the first part's name and ``+`` (x+)."""
+    path = Path(results.split(",")[0].strip())
+    name = (path.parent.name or path.stem) if path.stem == "results" else path.stem
+    return name + "+" if "," in results.strip(", ") else name
 
 
 def _write_report(output: str, data: dict, markdown: str) -> None:
