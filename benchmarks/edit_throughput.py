@@ -43,7 +43,7 @@ import lightning as L
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from lafn_lightning.api.settings import resolve_config
+from lafn_lightning.api.settings import resolve_config, resolve_config_args
 from lafn_lightning.editing.sizing import matmul_peak
 
 
@@ -102,7 +102,7 @@ class MeterCallback(L.Callback):
 def _cli(base: list[str], *extra: str):
     from lafn_lightning.api.settings import LafnCLI
 
-    return LafnCLI([*base, *extra], run=False)
+    return LafnCLI(resolve_config_args([*base, *extra]), run=False)   # -c presets/... by name, as in lafn
 
 
 def baseline(base: list[str], index: int, cache_dir: Path, meter: StepMeter) -> int:

@@ -42,7 +42,7 @@ import torch
 import yaml
 from edit_throughput import MeterCallback, StepMeter, matmul_peak   # this folder: one meter and peak for both
 
-from lafn_lightning.api.settings import LafnCLI, resolve_config
+from lafn_lightning.api.settings import LafnCLI, resolve_config, resolve_config_args
 
 
 
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
                 "--data.languages", args.languages, "--trainer.max_steps", str(args.steps),
                 "--cache_dir", str(out / "cache"), "--trainer.logger", "false",
                 "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-                "--trainer.default_root_dir", str(out), *argv[cut + 1:]]
+                "--trainer.default_root_dir", str(out), *resolve_config_args(argv[cut + 1:])]
     try:
         cli = LafnCLI(fit_args, run=False)
         clock = _StepClock(flops=args.flops)
