@@ -72,9 +72,8 @@ class LafnEditModule(L.LightningModule):
             largest checkpointed part that fits. Chosen at fit start and printed.
         memory_budget_gb: the memory a step may use for ``max_rows: auto``; None: the device's
             free memory (GPU) or half the RAM (CPU, shared by the processes of the host).
-        part_tokens: ``max_rows: auto``: at most this many running tokens per forward; None: 2048
-            on a CPU (where checkpointed parts of that size are faster than one large graph) and
-            no limit on a GPU.
+        part_tokens: ``max_rows: auto``: at most this many running tokens per forward; None: 8192
+            on a CPU (:data:`.sizing.CPU_PART_TOKENS`) and no limit on a GPU.
         drop_converged: a language whose mean target loss is below ``stop_loss`` leaves the
             group's forward (its rows are not run) until the group's next full step: every
             ``full_every`` steps of the group, and always before it may stop, all its languages

@@ -235,10 +235,12 @@ def auto_max_rows(arch: Architecture, shape: StepShape, first_layer: int, budget
     return lo
 
 
-#: ``model.part_tokens: null`` on a CPU: at most this many running tokens per forward. 16 groups x
-#: 12 languages on the demo backbone (bf16, 2 cores): 38 s per step in checkpointed parts of 64 rows
-#: (about 2,000 tokens) against 62 s in one graph, at 5.6 instead of 12.0 GB (docs/results.md).
-CPU_PART_TOKENS = 2048
+#: ``model.part_tokens: null`` on a CPU: at most this many running tokens per forward. On the demo
+#: backbone (2 cores, AVX512-BF16) one graph of up to about 6,000 tokens is faster than checkpointed
+#: parts of 2,048 (each part's forward and LM head run again in the backward), and 16 groups x 12
+#: languages in bf16 (15,400 tokens) take 38 s per step in parts of 8,192 tokens against 48 s in
+#: parts of 2,048 (docs/scale.md).
+CPU_PART_TOKENS = 8192
 
 
 def default_part_tokens(device_type: str) -> int | None:
