@@ -261,7 +261,7 @@ def test_backbone_configs_share_the_base_trainer():
         assert list(settings.model["layers"]) == layers and settings.model["lr"] == 0.5
     twelve = Settings.from_config("demo", "presets/twelve_languages")   # the measured setting, no extra flag
     assert twelve.trainer["max_steps"] == 120 and twelve.data["languages"] is None
-    assert list(twelve.model["layers"]) == [5, 6, 7, 8] and twelve.locate["beta"] == 0.1
+    assert list(twelve.model["layers"]) == [10, 11, 12, 13] and twelve.locate["beta"] == 0.1
 
 
 def test_docs_and_configs_carry_no_development_log():
