@@ -40,11 +40,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     import lafn_lightning.callbacks.neuron_locator as locator
 
-    def all_neurons(model, adapter, layers, tokenizer, corpus, **kwargs):
+    def all_neurons(model, adapter, layers, tokenizer, corpora, **kwargs):
         mask = torch.ones(len(layers), adapter.d_ff, dtype=torch.bool)
-        return mask, {lang: mask for lang in corpus}
+        return [(mask, {lang: mask for lang in corpus}) for corpus in corpora]
 
-    locator.locate_group = all_neurons
+    locator.locate_groups = all_neurons
     argv = ["-c", resolve_config("demo"), "--data.groups", args.groups, "--data.languages", args.languages,
             "--model.dtype", args.dtype, "--trainer.max_steps", str(args.steps), "--cache_dir", args.out,
             "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",

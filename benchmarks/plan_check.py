@@ -44,11 +44,11 @@ def child(argv: list[str]) -> None:
     import lafn_lightning.callbacks.neuron_locator as locator
     from lafn_lightning.api.settings import LafnCLI, resolve_config_args
 
-    def all_neurons(model, adapter, layers, tokenizer, corpus, **kwargs):
+    def all_neurons(model, adapter, layers, tokenizer, corpora, **kwargs):
         mask = torch.ones(len(layers), adapter.d_ff, dtype=torch.bool)
-        return mask, {lang: mask for lang in corpus}
+        return [(mask, {lang: mask for lang in corpus}) for corpus in corpora]
 
-    locator.locate_group = all_neurons
+    locator.locate_groups = all_neurons
 
     class Clock(L.Callback):
         def __init__(self):

@@ -3,7 +3,8 @@ import torch
 from torch import nn
 
 from lafn_lightning.backbone.ffn import adapter_for
-from lafn_lightning.editing.locate import agnostic_neurons, count_activations, language_neurons, locate_group, random_like
+from lafn_lightning.editing.locate import (agnostic_neurons, count_activations, count_activations_of_sets, language_neurons,
+                                          locate_group, locate_groups, random_like)
 
 
 class _Cfg:
@@ -94,3 +95,36 @@ def test_strategies_all_and_random():
     r1, r2 = random_like(big, seed=1), random_like(big, seed=2)
     assert r1.sum(-1).tolist() == [100, 100] and not torch.equal(r1, r2)
     assert torch.equal(r1, random_like(big, seed=1))
+
+
+class TwoLayerLM(OneHotLM):
+    """OneHotLM with a second layer above, which counts its calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = type("Cfg", (), {"num_hidden_layers": 2})()
+        self.layers.append(_Layer())
+        self.calls_above = 0
+        self.layers[1].register_forward_pre_hook(lambda *_: setattr(self, "calls_above", self.calls_above + 1))
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.layers[1](self.layers[0](self.embed(input_ids)))
+
+
+def test_sets_share_forwards_count_alone_and_stop_after_the_top_edited_layer():
+    model, tok = TwoLayerLM(), CharTokenizer()
+    adapter = adapter_for(model)
+    sets = [["aaab", "bc", "a"], ["dddd", "dbaa"], [], ["c"]]
+    alone = [count_activations(model, adapter, [0], tok, s) if s else torch.zeros(1, 4, dtype=torch.long) for s in sets]
+    model.calls_above = 0
+    shared = count_activations_of_sets(model, adapter, [0], tok, sets, batch_size=4)   # 6 texts: 2 mixed forwards
+    assert [c.tolist() for c in shared] == [c.tolist() for c in alone]
+    assert alone[0].tolist() == [[4, 2, 1, 0]] and alone[3].tolist() == [[0, 0, 1, 0]]
+    assert model.calls_above == 0                       # layer 1 is above the edited layer 0: never run
+    count_activations_of_sets(model, adapter, [1, 0], tok, sets)
+    assert model.calls_above > 0                        # ... and runs when it is edited
+    corpora = [{"en": sets[0], "zh": sets[1]}, {"en": sets[3], "zh": sets[0]}]
+    together = locate_groups(model, adapter, [0], tok, corpora, beta=0.0)
+    for corpus, (mask, per_lang) in zip(corpora, together):
+        want, want_lang = locate_group(model, adapter, [0], tok, corpus, beta=0.0)
+        assert torch.equal(mask, want) and all(torch.equal(per_lang[k], want_lang[k]) for k in corpus)

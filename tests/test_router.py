@@ -600,6 +600,30 @@ def test_background_facts_count_distinct_other_facts_that_spell_the_whole_subjec
     assert counts == {"ali": 2, "marlo": 1, "thomas": 0}
 
 
+def test_the_question_index_finds_exactly_the_questions_that_spell_a_subject():
+    # The n-gram index only looks candidates up: what it counts must equal the definition,
+    # lexical_support(question, forms, edges=True) >= share, over every question.
+    from lafn_lightning.data import default_dataset, load_groups
+    from lafn_lightning.routing.build import background_fact_questions
+    from lafn_lightning.routing.lexical import QuestionGramIndex, background_facts
+    groups = load_groups(default_dataset(), select=list(range(0, 150, 10)))   # 12 languages, 4 scripts
+    forms = {g.group_id: list(g.subjects) for g in groups}
+    questions = list(background_fact_questions()[::400])
+    for k, g in enumerate(groups):   # mentions: whole, one word short, respelled ending, in another script's frame
+        en, zh, th = g.edits["en"].subject, g.edits["zh"].subject, g.edits["th"].subject
+        questions += [(10**6 + k, f"Who made {en}?"), (10**6 + k, f"{zh}是谁的作品？"), (2 * 10**6 + k, f"ใครสร้าง {th}"),
+                      (3 * 10**6 + k, f"Where is {en.split()[0]}?"), (4 * 10**6 + k, f"Was ist {en[:-2]}xy?")]
+    index = QuestionGramIndex(questions)
+    want = {}
+    for share in (0.5, 0.7, 1.0):
+        want[share] = {gid: len({fact for fact, q in questions if lexical_support(q, fs, edges=True) >= share})
+                       for gid, fs in forms.items()}
+        assert background_facts(forms, index, share=share) == want[share]
+        assert background_facts(forms, questions, share=share) == want[share]
+    assert min(want[1.0].values()) >= 1                                      # each "Who made {en}?"
+    assert sum(want[0.5].values()) > sum(want[0.7].values()) > sum(want[1.0].values())   # partial mentions count
+
+
 @pytest.mark.parametrize("lookup", ["index", "lexical"])
 def test_a_common_subject_fires_only_where_its_state_agrees(lookup):
     # "Ali" (a cached edit) inside "Muhammad Ali": spelled exactly, but the state at the mention is

@@ -23,12 +23,13 @@ from typing import Any, Iterable, Mapping
 from ..backbone.fingerprint import fingerprint
 from ..backbone.loading import load_backbone
 from ..cache import CacheError, EditCache
+from ..cache.manifest import stored_routing
 from ..data import EditGroup, default_dataset, normalize_language, write_jsonl
 from ..evaluation.protocol import (MODES, PROGRESS_VERSION, SETTINGS, ProgressLog, _json_numbers, _markdown,
                                    _matrix_markdown, _section, aggregate, score_group, _MODE_ALIASES)
 from ..files import atomic_write, check_writable
 from ..inference.edited_model import EditedModel
-from ..routing.keys import KEYS_FILE, KeyStore
+from ..routing.keys import KEYS_FILE
 from ..routing.settings import ACCEPTANCE_SETTINGS, READ_HINT
 from ..text.matching import MATCHERS
 from .edit import edit_dataset
@@ -262,11 +263,10 @@ def _report_routing(routing, runs: list[_Run]) -> None:
     keys (one line), and say once per cache which recorded acceptance settings it replaces for
     this evaluation."""
     for run in runs:
-        path = run.cache_dir / KEYS_FILE
-        if not path.is_file():
+        stored = stored_routing(run.cache_dir)
+        if stored is None:
             continue   # the routed model says what is missing
-        stored = KeyStore.read_routing(path)
-        used = routing.over(stored, where=f"router keys {path}", hint=READ_HINT)
+        used = routing.over(stored, where=f"router keys {run.cache_dir / KEYS_FILE}", hint=READ_HINT)
         changed = [f"routing.{k}={getattr(used, k)!r} (recorded: {getattr(stored, k)!r})"
                    for k in ACCEPTANCE_SETTINGS if getattr(used, k) != getattr(stored, k)]
         if changed:

@@ -54,6 +54,13 @@ class Hooks(AbstractContextManager):
         self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
         return self
 
+    def stop_after(self, module: nn.Module) -> "Hooks":
+        """End the forward once ``module`` has run (after the hooks registered on it before this
+        one): :class:`StopForward`, which :func:`forward_until_stop` catches. The layers above never run."""
+        def stop(_output):
+            raise StopForward
+        return self.on_output(module, stop)
+
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
@@ -61,6 +68,24 @@ class Hooks(AbstractContextManager):
 
     def __exit__(self, *exc) -> None:
         self.remove()
+
+
+class StopForward(Exception):
+    """Raised by a hook to end a forward early (:meth:`Hooks.stop_after`, :func:`forward_until_stop`)."""
+
+
+def forward_until_stop(model: nn.Module, **inputs):
+    """``model(**inputs)``, or None where a hook raised :class:`StopForward` on the way.
+
+        with Hooks() as hooks:
+            hooks.on_output(act_fn_of_layer_5, record)
+            hooks.stop_after(act_fn_of_layer_5)       # layers 6.. and the LM head never run
+            forward_until_stop(model, input_ids=ids)
+    """
+    try:
+        return model(**inputs)
+    except StopForward:
+        return None
 
 
 def add_at_positions(x: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, values: torch.Tensor) -> torch.Tensor:

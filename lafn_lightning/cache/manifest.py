@@ -296,18 +296,25 @@ def _key_file(cache_dir: str | os.PathLike) -> Path | None:
     return path if path.exists() else None
 
 
-def _check_routing(cache_dir: Path, routing) -> None:
-    """Refuse ``routing`` whose key settings differ from those of the cache's router keys."""
+def stored_routing(cache_dir: str | os.PathLike):
+    """The routing settings recorded with the cache's router keys, or None when it has none;
+    an unreadable key file is refused (:class:`CacheError`, one line)."""
     from ..routing.keys import KeyStore
 
     path = _key_file(cache_dir)
     if path is None:
-        return
+        return None
     try:
-        stored = KeyStore.read_routing(path)
+        return KeyStore.read_routing(path)
     except Exception as e:  # noqa: BLE001 - safetensors/JSON errors: the file is damaged
         raise CacheError(f"router key file {path} is unreadable: {e}") from None
-    routing.over(stored, where=f"the router keys of edit cache {cache_dir}", hint="use another cache_dir")
+
+
+def _check_routing(cache_dir: Path, routing) -> None:
+    """Refuse ``routing`` whose key settings differ from those of the cache's router keys."""
+    stored = stored_routing(cache_dir)
+    if stored is not None:
+        routing.over(stored, where=f"the router keys of edit cache {cache_dir}", hint="use another cache_dir")
 
 
 def manifest_settings(manifest: dict) -> dict | None:

@@ -6,9 +6,8 @@ import zlib
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from tqdm.auto import tqdm
 
-from lafn_lightning.editing.locate import STRATEGIES, locate_group
+from lafn_lightning.editing.locate import STRATEGIES, locate_groups
 
 
 class NeuronLocator(L.Callback):
@@ -37,10 +36,11 @@ class NeuronLocator(L.Callback):
         layers = pl_module.layers
         lang_totals = {lang: torch.zeros(len(layers)) for lang in dm.languages}
         groups = [dm.groups[k] for k in dm.mine]  # this process's shard of the edit batch
-        for k, group in zip(dm.mine, tqdm(groups, desc="locating neurons", disable=len(groups) < 2 or trainer.global_rank != 0)):
-            mask, per_lang = locate_group(model, pl_module.adapter, layers, pl_module.tokenizer, dm.locating_corpus(group),
-                                          beta=self.beta, strategy=self.strategy,
-                                          seed=self.seed + zlib.crc32(group.group_id.encode()))
+        rank_zero_info(f"[lafn] locating neurons of {len(groups)} group(s)")
+        located = locate_groups(model, pl_module.adapter, layers, pl_module.tokenizer,
+                                [dm.locating_corpus(g) for g in groups], beta=self.beta, strategy=self.strategy,
+                                seeds=[self.seed + zlib.crc32(g.group_id.encode()) for g in groups])
+        for k, group, (mask, per_lang) in zip(dm.mine, groups, located):
             if not mask.any():
                 rank_zero_info(f"[lafn] {group.group_id}: no language-agnostic neuron at beta={self.beta} in layers {layers}; "
                                "the group cannot be edited (try a lower locate.beta)")

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from ..backbone.fingerprint import fingerprint
 from ..backbone.ffn import adapter_for
-from ..backbone.hooks import Hooks
+from ..backbone.hooks import Hooks, StopForward, forward_until_stop
 from ..data.packaged import read_zsre_train as packaged_zsre_train
 from ..editing.prompts import join_prompt_target
 
@@ -35,10 +35,6 @@ def read_zsre_train(language: str, limit: int | None = None) -> list[tuple[str, 
 
 def default_stats_dir() -> Path:
     return Path(os.environ.get("LAFN_STATS_DIR", Path.home() / ".cache" / "lafn_lightning" / "stats"))
-
-
-class _Stop(Exception):
-    pass
 
 
 def _key(model, layer: int, language: str, n_samples: int, text_digest: str, module: str = "down") -> dict:
@@ -103,7 +99,7 @@ def _compute(model, tokenizer, layers, texts, batch_size, progress, language, mo
             prod = (k.T @ k).to("cpu", torch.float64)
             sums[layer] = sums[layer] + prod if layer in sums else prod
             if layer == layers[-1]:
-                raise _Stop
+                raise StopForward
         return fn
 
     batches = range(0, len(texts), batch_size)
@@ -122,8 +118,5 @@ def _compute(model, tokenizer, layers, texts, batch_size, progress, language, mo
             m = enc["attention_mask"].bool() & ~torch.isin(enc["input_ids"], special)
             mask_now["m"] = m.to(device)
             count += int(m.sum())
-            try:
-                model(input_ids=ids, attention_mask=enc["attention_mask"].to(device), use_cache=False)
-            except _Stop:
-                pass
+            forward_until_stop(model, input_ids=ids, attention_mask=enc["attention_mask"].to(device), use_cache=False)
     return {layer: (s / max(count, 1)).float() for layer, s in sums.items()}, count

@@ -24,7 +24,7 @@ import numpy as np
 from ..text.folding import ngram_fold as fold
 from ..text.scripts import mostly_unspaced
 
-__all__ = ["fold", "parse_tiers", "lexical_support", "end_supports", "edges_spelled", "SubjectGramIndex", "background_facts",
+__all__ = ["fold", "parse_tiers", "lexical_support", "end_supports", "edges_spelled", "SubjectGramIndex", "QuestionGramIndex", "background_facts",
            "COMMON_SHARE"]
 
 #: the share of a subject (both ends) that a background question must spell to count for
@@ -376,12 +376,73 @@ class SubjectGramIndex:
         return {g: (both.get(g, 0.0), v) for g, v in one.items()}
 
 
-def background_facts(forms: Mapping[str, Iterable[str]], questions: Iterable[tuple[int, str]], *,
+class QuestionGramIndex:
+    """Questions indexed by their folded character n-grams, for finding the questions that spell a
+    subject (:func:`background_facts`) without scanning them all: a subject's n-grams look up the
+    questions holding them (one ``np.bincount``), and only those holding ``share`` of them are
+    checked exactly (both ends, :func:`_ends_spelled`). The n-grams of each n are indexed at the
+    first subject of that n (2: subjects written without spaces, 3: the others).
+
+        index = QuestionGramIndex([(1, "Who was Ali Khan?"), (2, "Where is Alicante?")])
+        index.facts_spelling("Ali", 0.7)     # {1}
+    """
+
+    def __init__(self, questions: Iterable[tuple[int, str]]) -> None:
+        pairs = list(questions)
+        self.facts = [fact for fact, _ in pairs]
+        self.folded = [fold(q) for _, q in pairs]
+        self._postings: dict[int, tuple[dict[str, int], np.ndarray, np.ndarray]] = {}
+
+    def __len__(self) -> int:
+        return len(self.folded)
+
+    def _index(self, n: int) -> tuple[dict[str, int], np.ndarray, np.ndarray]:
+        """``(n-gram -> row, offsets, question ids)``: row r's questions are ``ids[offsets[r]:offsets[r + 1]]``."""
+        if n not in self._postings:
+            vocab: dict[str, int] = {}
+            grams, owners = [], []
+            for i, q in enumerate(self.folded):
+                row = [vocab.setdefault(x, len(vocab)) for x in _grams.__wrapped__(q, n)]
+                grams.extend(row)
+                owners.extend([i] * len(row))
+            grams_a = np.asarray(grams, dtype=np.int64)
+            order = np.argsort(grams_a, kind="stable")
+            offsets = np.zeros(len(vocab) + 1, dtype=np.int64)
+            np.cumsum(np.bincount(grams_a, minlength=len(vocab)), out=offsets[1:])
+            self._postings[n] = (vocab, offsets, np.asarray(owners, dtype=np.int64)[order])
+        return self._postings[n]
+
+    def spelling(self, subject: str, share: float) -> list[int]:
+        """The questions (positions) with ``lexical_support(question, [subject], edges=True) >= share``."""
+        fs = fold(subject)
+        if not fs:
+            return []
+        n = 2 if mostly_unspaced(fs) else 3
+        g = _grams(fs, n)
+        need = _need(len(g), share)
+        if need > len(g):
+            return []
+        vocab, offsets, ids = self._index(n)
+        rows = [vocab[x] for x in g if x in vocab]
+        if len(rows) < need:
+            return []
+        hits = np.bincount(np.concatenate([ids[offsets[r]:offsets[r + 1]] for r in rows]), minlength=len(self.folded))
+        spec = _edge_spec(fs)
+        return [i for i in np.flatnonzero(hits >= max(need, 1)).tolist()
+                if _ends_spelled(spec, f" {self.folded[i]}", _grams(self.folded[i], n)) == len(spec)]
+
+    def facts_spelling(self, subject: str, share: float) -> set[int]:
+        """The fact ids of :meth:`spelling`."""
+        return {self.facts[i] for i in self.spelling(subject, share)}
+
+
+def background_facts(forms: Mapping[str, Iterable[str]], questions: Iterable[tuple[int, str]] | QuestionGramIndex, *,
                      share: float = COMMON_SHARE, own: Mapping[str, int] | None = None) -> dict[str, int]:
     """Group -> how many distinct background facts have a question that spells one of the group's
     ``forms`` (subjects, aliases) with both ends and at least ``share`` of its n-grams
     (:func:`end_supports`). ``questions``: ``(fact id, question)`` pairs about *other* facts (e.g.
-    every language of the packaged zsRE training lines, ``routing.build.background_fact_questions``);
+    every language of the packaged zsRE training lines, ``routing.build.background_fact_questions``),
+    or a :class:`QuestionGramIndex` of them (built once, reused by every call);
     ``own``: a group's own fact id, never counted (a group that is itself a background fact).
     A subject spelled by many other facts' questions ("Canada", "Ali" in "Muhammad Ali") is not
     specific to its edit: the router then needs its state to agree (``Router(common_from=)``).
@@ -390,18 +451,14 @@ def background_facts(forms: Mapping[str, Iterable[str]], questions: Iterable[tup
     ...                  [(1, "When did Muhammad Ali win?"), (2, "Who was Ali Khan?"), (2, "Ali Khan?")])
     {'g': 2, 'h': 0}
     """
-    forms = {g: tuple(f) for g, f in forms.items()}
-    ix = SubjectGramIndex(share, edges=True)
-    for g, f in forms.items():
-        if f:
-            ix.add(g, f)
+    index = questions if isinstance(questions, QuestionGramIndex) else QuestionGramIndex(questions)
     own = own or {}
-    facts: dict[str, set[int]] = {g: set() for g in forms}
-    for fact, q in questions:
-        for g in ix.supports(q):
-            if own.get(g) != fact:
-                facts[g].add(fact)
-    return {g: len(v) for g, v in facts.items()}
+    out = {}
+    for g, fs in forms.items():
+        facts = set().union(*(index.facts_spelling(f, share) for f in dict.fromkeys(fs) if f))
+        facts.discard(own.get(g))
+        out[g] = len(facts)
+    return out
 
 
 def parse_tiers(extra: Iterable[Sequence[float]], lexical_min: float, lexical_threshold: float | None

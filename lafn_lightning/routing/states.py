@@ -15,12 +15,9 @@ import torch
 from torch import nn
 
 from ..backbone.ffn import adapter_for
+from ..backbone.hooks import StopForward, forward_until_stop
 
 __all__ = ["encode_with_offsets", "token_states", "ids_states", "normalize"]
-
-
-class _Stop(Exception):
-    pass
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
@@ -71,14 +68,12 @@ def ids_states(model: nn.Module, rows: Sequence[Sequence[int]], layers: int | Se
                 x = args[0] if args else kwargs["hidden_states"]
                 got[layer] = x.detach()
                 if layer == top:
-                    raise _Stop
+                    raise StopForward
             return hook
 
         handles = [blocks[l].register_forward_pre_hook(grab(l), with_kwargs=True) for l in wanted]
         try:
-            model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
-        except _Stop:
-            pass
+            forward_until_stop(model, input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
         finally:
             for h in handles:
                 h.remove()
