@@ -621,6 +621,8 @@ def test_the_question_index_finds_exactly_the_questions_that_spell_a_subject():
         assert background_facts(forms, index, share=share) == want[share]
         assert background_facts(forms, questions, share=share) == want[share]
     assert min(want[1.0].values()) >= 1                                      # each "Who made {en}?"
+    with pytest.raises(ValueError, match="share > 0"):                            # every question would count
+        background_facts(forms, index, share=0.0)
     assert sum(want[0.5].values()) > sum(want[0.7].values()) > sum(want[1.0].values())   # partial mentions count
 
 

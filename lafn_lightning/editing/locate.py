@@ -33,14 +33,14 @@ def count_activations_of_sets(model, adapter: FFNAdapter, layers, tokenizer, tex
         counts = count_activations_of_sets(model, adapter, [5, 6], tok, [["Q1", "P1"], ["Q2"]])   # 2 x [2, d_ff]
     """
     layers = list(layers)
-    counts = [torch.zeros(len(layers), adapter.d_ff, dtype=torch.long) for _ in text_sets]
+    counts = torch.zeros(len(text_sets), len(layers), adapter.d_ff, dtype=torch.long)
     flat = [(k, t) for k, texts in enumerate(text_sets) for t in texts]
     if not flat:
-        return counts
+        return list(counts)
     device = next(model.parameters()).device
     lengths = [len(ids) for ids in tokenizer([t for _, t in flat])["input_ids"]]
     order = sorted(range(len(flat)), key=lambda i: lengths[i])
-    top = adapter.activation_module(model, layers[max(range(len(layers)), key=lambda j: layers[j])])
+    top = adapter.activation_module(model, max(layers))
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
         enc = tokenizer([flat[i][1] for i in rows], return_tensors="pt", padding=True, return_special_tokens_mask=True)
@@ -57,11 +57,9 @@ def count_activations_of_sets(model, adapter: FFNAdapter, layers, tokenizer, tex
                 hooks.on_output(adapter.activation_module(model, layer), make(j))
             hooks.stop_after(top)
             forward_until_stop(model, input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device))
-        for r, i in enumerate(rows):
-            c = counts[flat[i][0]]
-            for j in range(len(layers)):
-                c[j] += seen[j][r]
-    return counts
+        owners = torch.tensor([flat[i][0] for i in rows])
+        counts.index_add_(0, owners, torch.stack([seen[j] for j in range(len(layers))], 1))
+    return list(counts)
 
 
 def language_neurons(counts: torch.Tensor, beta: float) -> torch.Tensor:

@@ -413,7 +413,10 @@ class QuestionGramIndex:
         return self._postings[n]
 
     def spelling(self, subject: str, share: float) -> list[int]:
-        """The questions (positions) with ``lexical_support(question, [subject], edges=True) >= share``."""
+        """The questions (positions) with ``lexical_support(question, [subject], edges=True) >= share``
+        (``share`` > 0, as for :class:`SubjectGramIndex`)."""
+        if not share > 0:
+            raise ValueError(f"QuestionGramIndex.spelling needs share > 0 (else every question spells it), got {share}")
         fs = fold(subject)
         if not fs:
             return []
@@ -428,7 +431,7 @@ class QuestionGramIndex:
             return []
         hits = np.bincount(np.concatenate([ids[offsets[r]:offsets[r + 1]] for r in rows]), minlength=len(self.folded))
         spec = _edge_spec(fs)
-        return [i for i in np.flatnonzero(hits >= max(need, 1)).tolist()
+        return [i for i in np.flatnonzero(hits >= need).tolist()
                 if _ends_spelled(spec, f" {self.folded[i]}", _grams(self.folded[i], n)) == len(spec)]
 
     def facts_spelling(self, subject: str, share: float) -> set[int]:
